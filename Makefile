@@ -1,0 +1,35 @@
+# `make train`: create .venv, install, pretrain the tiny T5 on the embedded corpus.
+# `make test`:  create .venv, install with test extras, run the whole test suite.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PIP := $(VENV)/bin/pip install -q --disable-pip-version-check -c requirements/lock.txt
+ARGS ?=
+
+.PHONY: install install-test train test vocab span-stats clean
+
+$(VENV)/.installed: setup.py requirements/lock.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+train: install
+	$(VENV)/bin/python -m t5x_lite.train --gin_file=gin/t5_tiny_span.gin $(ARGS)
+
+test: install-test
+	$(VENV)/bin/python -m pytest -q tests $(ARGS)
+
+vocab: install
+	$(VENV)/bin/python -m t5x_lite.data.build_vocab
+
+span-stats: install
+	$(VENV)/bin/python -m t5x_lite.data.span_stats
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

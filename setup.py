@@ -1,0 +1,31 @@
+"""t5x_lite: pretrain, fine-tune, post-train and evaluate Transformers in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name='t5x_lite',
+    version='0.1.0',
+    description='Pretrain, fine-tune, post-train and evaluate Transformer language models '
+                'in JAX/Flax, TPU-first and tested on CPU.',
+    python_requires='>=3.11',
+    packages=setuptools.find_packages(include=['t5x_lite', 't5x_lite.*', 'tasks', 'tasks.*']),
+    package_data={'t5x_lite.data': ['vocab/*.model']},
+    install_requires=[
+        'jax>=0.10.2,<0.11',
+        'flax>=0.12.8,<0.13',
+        'optax>=0.2.8,<0.3',
+        'orbax-checkpoint>=0.12.8,<0.13',
+        'seqio>=0.0.20,<0.1',
+        'tensorflow>=2.21,<2.22',
+        'tensorflow-text>=2.21,<2.22',
+        'tensorflow-datasets>=4.9.10,<5',
+        'sentencepiece>=0.2.0,<0.3',
+        'gin-config>=0.5.0,<0.6',
+        'tqdm>=4.66',
+        'numpy>=2.0',
+    ],
+    extras_require={
+        # Reference implementations for the parity tests (CPU wheel of torch).
+        'test': ['pytest>=8', 'torch==2.13.0', 'transformers>=5,<6'],
+    },
+)

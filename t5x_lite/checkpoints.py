@@ -1,0 +1,141 @@
+"""Orbax checkpoints: periodic save, keep the last K, resume from the latest
+undamaged one, and params-only initialisation from another run.
+
+A checkpoint `checkpoints/<step>/` holds two items: `state` (the train-state
+pytree, sharded arrays as they are on the mesh) and `meta` (JSON: step, data
+position, and a fingerprint of every array so damaged files are detected on
+restore instead of being trained on).
+"""
+
+import logging
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from t5x_lite.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@jax.jit
+def fingerprint(tree: Any) -> list[jax.Array]:
+  """A position-sensitive uint32 checksum of each array in `tree`."""
+  def one(x):
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.random.key_data(x)
+    if x.dtype.itemsize == 4:
+      bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    elif x.dtype.itemsize == 2:
+      bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    else:
+      bits = x.astype(jnp.uint32)
+    bits = bits.reshape(-1)
+    weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + 1
+    return jnp.sum(bits * weights, dtype=jnp.uint32)
+  return [one(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def _fingerprint_list(tree: Any) -> list[int]:
+  return [int(v) for v in jax.device_get(fingerprint(tree))]
+
+
+class Checkpointer:
+  """Saves and restores train-state pytrees under `<model_dir>/checkpoints`."""
+
+  def __init__(self, model_dir: str, save_period: int, keep: Optional[int] = 3,
+               async_save: bool = True):
+    self.directory = os.path.join(os.path.abspath(model_dir), 'checkpoints')
+    self.save_period = save_period
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save))
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    return step % self.save_period == 0 or self.manager.reached_preemption(step)
+
+  def save(self, step: int, state: Any, data_position: int) -> None:
+    """Starts saving `state` (asynchronously where orbax supports it)."""
+    meta = {'step': int(step), 'data_position': int(data_position),
+            'fingerprint': _fingerprint_list(state)}
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+  def restore_latest(self, abstract_state: Any) -> Optional[tuple[Any, dict]]:
+    """Restores the newest undamaged checkpoint onto the shardings in
+    `abstract_state` (a tree of jax.ShapeDtypeStruct with .sharding).
+
+    Returns (state, meta), or None when there is no checkpoint. A damaged
+    checkpoint is reported and the previous one is used.
+    """
+    steps = self.all_steps()
+    for step in reversed(steps):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        state, meta = restored['state'], restored['meta']
+        if meta.get('fingerprint') != _fingerprint_list(state):
+          raise ValueError('array contents do not match the fingerprint saved with them')
+        return state, meta
+      except Exception as e:  # pylint: disable=broad-except
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.warning('checkpoint %s/%d is damaged (%s); trying the previous one.',
+                    self.directory, step, reason[:300])
+    if steps:
+      raise UserError(f'every checkpoint in {self.directory} is damaged (steps {steps}); '
+                      'move that directory away to start over, or restore it from a backup.')
+    return None
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _resolve_step_dir(path: str) -> str:
+  """Accepts a step directory, a `checkpoints/` directory or a model dir."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, 'state')):
+    return path
+  ckpt_dir = os.path.join(path, 'checkpoints') if os.path.isdir(
+      os.path.join(path, 'checkpoints')) else path
+  steps = sorted(int(d) for d in os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) and all(
+      d.isdigit() for d in os.listdir(ckpt_dir)) else []
+  if not steps:
+    raise UserError(f'no checkpoint found at INITIAL_CHECKPOINT_PATH={path}; give a '
+                    "'<model_dir>/checkpoints/<step>' directory written by t5x_lite.")
+  return os.path.join(ckpt_dir, str(steps[-1]))
+
+
+def restore_params(path: str, abstract_params: Any) -> Any:
+  """Loads only the parameters of a checkpoint (fine-tuning from a pretrained
+  run): optimizer state, step and data position are not taken."""
+  step_dir = _resolve_step_dir(path)
+  abstract = {'params': abstract_params}
+  try:
+    restored = ocp.PyTreeCheckpointer().restore(
+        os.path.join(step_dir, 'state'),
+        args=ocp.args.PyTreeRestore(
+            item=abstract,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True))
+  except (ValueError, KeyError) as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise UserError(f'checkpoint {step_dir} does not fit the model ({first[:300]}); '
+                    'check that the model gin matches the one that wrote it.') from None
+  got = jax.tree_util.tree_map(lambda x: np.shape(x), restored['params'])
+  want = jax.tree_util.tree_map(lambda x: x.shape, abstract_params)
+  if got != want:
+    raise UserError(f'checkpoint {step_dir} has parameter shapes that do not fit the model; '
+                    'check that the model gin matches the one that wrote it.')
+  return restored['params']

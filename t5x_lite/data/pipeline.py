@@ -1,0 +1,88 @@
+"""From a registered seqio task (or mixture) to this host's stream of batches.
+
+source → task preprocessors → feature converter → batches of this host's share
+of the global batch, deterministic for a seed, resumable at a batch position.
+"""
+
+import dataclasses
+from typing import Iterator, Mapping, Optional
+
+import jax
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from t5x_lite.errors import UserError
+
+# TensorFlow is here only to read data: keep it off the accelerators.
+tf.config.set_visible_devices([], 'GPU')
+
+
+def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
+  import tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the built-in tasks)
+  try:
+    return seqio.get_mixture_or_task(name)
+  except ValueError:
+    known = sorted(seqio.TaskRegistry.names()) + sorted(seqio.MixtureRegistry.names())
+    raise UserError(f"no seqio task or mixture named '{name}'; registered: "
+                    f"{', '.join(known)} (register yours in a module and `import` it in gin).") from None
+
+
+def with_vocabulary(task: seqio.Task | seqio.Mixture,
+                    vocabulary: Optional[seqio.Vocabulary]) -> seqio.Task:
+  """The task with every output feature's vocabulary replaced by `vocabulary`."""
+  if vocabulary is None:
+    return task
+  if not isinstance(task, seqio.Task):
+    raise UserError(f"a vocabulary override applies to a task, but '{task.name}' is a mixture; "
+                    'register the mixture over tasks built with your vocabulary instead.')
+  features = {k: dataclasses.replace(f, vocabulary=vocabulary)
+              for k, f in task.output_features.items()}
+  return task.replace(output_features=features)
+
+
+def output_vocab_size(task: seqio.Task | seqio.Mixture,
+                      vocabulary: Optional[seqio.Vocabulary] = None) -> int:
+  if vocabulary is not None:
+    return vocabulary.vocab_size
+  return max(f.vocabulary.vocab_size for f in task.output_features.values())
+
+
+def get_dataset(mixture_or_task_name: str,
+                task_feature_lengths: Mapping[str, int],
+                batch_size: int,
+                *,
+                split: str = 'train',
+                shuffle: bool = True,
+                seed: Optional[int] = 0,
+                pack: bool = True,
+                num_epochs: Optional[int] = None,
+                vocabulary: Optional[seqio.Vocabulary] = None,
+                feature_converter_cls=seqio.EncDecFeatureConverter,
+                shard_id: Optional[int] = None,
+                num_shards: Optional[int] = None) -> tf.data.Dataset:
+  """This host's share of each global batch, as a tf.data.Dataset of numpy-able dicts.
+
+  `batch_size` is the global batch size; each of `num_shards` hosts (default:
+  the JAX processes) gets `batch_size // num_shards` examples of its own shard.
+  A resumed run continues with `.skip(data_position)`.
+  """
+  num_shards = jax.process_count() if num_shards is None else num_shards
+  shard_id = jax.process_index() if shard_id is None else shard_id
+  if batch_size % num_shards:
+    raise UserError(f'batch size {batch_size} is not divisible by the {num_shards} hosts; '
+                    'set BATCH_SIZE to a multiple of the host count.')
+  task = with_vocabulary(get_task_or_mixture(mixture_or_task_name), vocabulary)
+  ds = task.get_dataset(
+      dict(task_feature_lengths), split=split, shuffle=shuffle, seed=seed,
+      num_epochs=num_epochs, use_cached=False,
+      shard_info=seqio.ShardInfo(index=shard_id, num_shards=num_shards))
+  ds = feature_converter_cls(pack=pack)(ds, dict(task_feature_lengths))
+  ds = ds.batch(batch_size // num_shards, drop_remainder=True)
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def as_numpy(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
+  return ds.as_numpy_iterator()

@@ -1,0 +1,82 @@
+"""Command-line handling shared by the entry points: `--gin_file` (repeatable),
+`--gin.NAME=VALUE` overrides, and one-line errors for user mistakes."""
+
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+import gin
+
+from t5x_lite.errors import UserError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+USAGE = ('usage: python -m t5x_lite.{name} --gin_file=FILE.gin [--gin_file=MORE.gin ...] '
+         "[--gin.NAME=VALUE ...]   e.g. --gin.MODEL_DIR=\"'/tmp/run'\" --gin.TRAIN_STEPS=100")
+
+
+def parse_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Splits argv into gin files and gin bindings."""
+  files, bindings = [], []
+  args = list(argv)
+  while args:
+    arg = args.pop(0)
+    name, has_value, value = arg.partition('=')
+    if name in ('--gin_file', '--gin_bindings') and not has_value:
+      if not args:
+        raise UserError(f'{name} needs a value.')
+      value = args.pop(0)
+    if name == '--gin_file':
+      files.append(value)
+    elif name == '--gin_bindings':
+      bindings.append(value)
+    elif name.startswith('--gin.') and has_value:
+      bindings.append(f'{name[len("--gin."):]} = {value}')
+    else:
+      raise UserError(f"unknown argument '{arg}'; expected --gin_file=... or --gin.NAME=VALUE.")
+  if not files:
+    raise UserError('no --gin_file given; e.g. --gin_file=gin/t5_tiny_span.gin.')
+  return files, bindings
+
+
+def find_gin_file(path: str) -> str:
+  for base in ('', os.getcwd(), REPO_ROOT):
+    candidate = os.path.join(base, path)
+    if os.path.isfile(candidate):
+      return candidate
+  raise UserError(f"gin file '{path}' not found (looked in {os.getcwd()} and {REPO_ROOT}); "
+                  'check the --gin_file path.')
+
+
+def one_line(e: Exception) -> str:
+  """Gin's multi-line 'message / In file X, line N / binding' as one line."""
+  lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
+  if not lines:
+    return type(e).__name__
+  return lines[0] + (f" ({'; '.join(lines[1:])})" if len(lines) > 1 else '')
+
+
+def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
+  """Parses gin files (each may `include` configs/...) and then the overrides."""
+  for search_path in (os.getcwd(), REPO_ROOT):
+    gin.add_config_file_search_path(search_path)
+  paths = [find_gin_file(f) for f in files]
+  try:
+    gin.parse_config_files_and_bindings(paths, bindings, finalize_config=False)
+  except (ValueError, KeyError, SyntaxError, ImportError, AttributeError, TypeError) as e:
+    raise UserError(f'gin: {one_line(e)}') from None
+
+
+def run(main: Callable[[Sequence[str]], None], name: str) -> None:
+  """Runs an entry point; a UserError prints one line and exits with status 2."""
+  logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
+  argv = sys.argv[1:]
+  if any(a in ('-h', '--help') for a in argv):
+    print(USAGE.format(name=name))
+    return
+  try:
+    main(argv)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)

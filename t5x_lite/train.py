@@ -1,0 +1,220 @@
+"""Training entry point.
+
+    python -m t5x_lite.train --gin_file=gin/t5_tiny_span.gin [--gin.TRAIN_STEPS=...]
+
+Re-running the same command resumes from the latest checkpoint in MODEL_DIR.
+SIGTERM (a preempted VM) saves a checkpoint before exiting.
+"""
+
+import json
+import os
+import resource
+import signal
+import time
+from typing import Any, Mapping, Optional, Sequence
+
+import gin
+import jax
+import numpy as np
+import optax
+import seqio
+import tqdm
+
+from t5x_lite import checkpoints
+from t5x_lite import gin_utils
+from t5x_lite import trainer as trainer_lib
+from t5x_lite.data import pipeline
+from t5x_lite.errors import UserError
+from t5x_lite.partitioning import Partitioner
+
+
+class MetricsWriter:
+  """metrics.jsonl plus TensorBoard events under MODEL_DIR/train, process 0 only."""
+
+  def __init__(self, model_dir: str, resume_step: int):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(model_dir, 'metrics.jsonl')
+    if not self.enabled:
+      return
+    self._drop_rows_after(resume_step)
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    self._tf = tf
+    self._tb = tf.summary.create_file_writer(os.path.join(model_dir, 'train'))
+
+  def _drop_rows_after(self, step: int) -> None:
+    """Rows logged after the checkpoint we resume from are repeated; drop them."""
+    if not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      rows = [line for line in f if line.strip() and json.loads(line).get('step', 0) <= step]
+    with open(self.path, 'w') as f:
+      f.writelines(rows)
+
+  def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    with open(self.path, 'a') as f:
+      f.write(json.dumps({'step': step, **metrics}) + '\n')
+    with self._tb.as_default(step=step):
+      for k, v in metrics.items():
+        self._tf.summary.scalar(k, v)
+    self._tb.flush()
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_vocab(model: Any, vocab_size: int) -> None:
+  model_vocab = model.config.vocab_size
+  if vocab_size > model_vocab:
+    raise UserError(f'the task vocabulary has {vocab_size} ids (sentinels included) but the '
+                    f'model has vocab_size={model_vocab}; set the model config vocab_size '
+                    f'to at least {vocab_size} (a multiple of 128 is fastest).')
+
+
+def train(*,
+          model: Any,
+          optimizer: optax.GradientTransformation,
+          mixture_or_task_name: str,
+          task_feature_lengths: Mapping[str, int],
+          batch_size: int,
+          train_steps: int,
+          model_dir: str,
+          checkpoint_period: int = 1000,
+          keep_checkpoints: Optional[int] = 3,
+          initial_checkpoint_path: Optional[str] = None,
+          seed: int = 0,
+          log_every: int = 10,
+          partitioner: Optional[Partitioner] = None,
+          vocabulary: Optional[seqio.Vocabulary] = None,
+          pack: bool = True,
+          async_checkpointing: bool = True,
+          config_str: Optional[str] = None,
+          progress_bar: bool = True) -> dict[str, float]:
+  """Trains to `train_steps` total steps, resuming from MODEL_DIR if it has a checkpoint.
+
+  Returns the last logged metrics.
+  """
+  model_dir = os.path.abspath(model_dir)
+  is_main = jax.process_index() == 0
+  say = print if is_main else (lambda *a, **k: None)
+  say(f'MODEL_DIR: {model_dir}')
+  os.makedirs(model_dir, exist_ok=True)
+
+  import tasks  # pylint: disable=g-import-not-at-top
+  tasks.check_data_available(mixture_or_task_name)  # stops at once when data is missing
+  task = pipeline.with_vocabulary(pipeline.get_task_or_mixture(mixture_or_task_name), vocabulary)
+  _check_vocab(model, pipeline.output_vocab_size(task, vocabulary))
+  partitioner = partitioner or Partitioner()
+  partitioner.check_batch_size(batch_size)
+
+  lengths = dict(task_feature_lengths)
+  ds = pipeline.get_dataset(mixture_or_task_name, lengths, batch_size, seed=seed, pack=pack,
+                            vocabulary=vocabulary)
+  batch_shapes = {k: jax.ShapeDtypeStruct((batch_size,) + tuple(v.shape[1:]), v.dtype.as_numpy_dtype)
+                  for k, v in ds.element_spec.items()}
+  trainer = trainer_lib.Trainer(model, optimizer, partitioner, batch_shapes)
+  ckpt = checkpoints.Checkpointer(model_dir, checkpoint_period, keep_checkpoints,
+                                  async_save=async_checkpointing)
+  restored = ckpt.restore_latest(trainer.abstract_state().to_dict())
+  if restored is not None:
+    state = trainer_lib.TrainState.from_dict(restored[0])
+    data_position = restored[1]['data_position']
+    say(f'resumed from {ckpt.directory}/{int(state.step)} (data position {data_position})')
+  else:
+    params = None
+    if initial_checkpoint_path:
+      params = checkpoints.restore_params(initial_checkpoint_path, trainer.abstract_params)
+      say(f'initialised params from {initial_checkpoint_path}')
+    state = trainer.init_state(seed, params)
+    data_position = 0
+  start_step = int(state.step)
+  n_params = sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_params))
+  say(f'model: {n_params:,} params; mesh {dict(partitioner.mesh.shape)}; '
+      f'batch {batch_size} x {lengths}')
+  if config_str is not None and is_main:
+    with open(os.path.join(model_dir, 'config.gin'), 'w') as f:
+      f.write(config_str)
+
+  writer = MetricsWriter(model_dir, start_step)
+  if start_step >= train_steps:
+    say(f'already at step {start_step} >= TRAIN_STEPS={train_steps}; nothing to do.')
+    ckpt.close()
+    return {}
+
+  batches = pipeline.as_numpy(ds.skip(data_position))
+  compile_seconds = trainer.compile()
+  say(f'compiled the train step in {compile_seconds:.1f}s')
+  step_fn = trainer.train_step
+  tokens_per_batch = batch_size * (lengths['inputs'] + lengths['targets'])
+
+  preemption = _Preemption()
+  history, last_metrics = [], {}
+  bar = tqdm.tqdm(total=train_steps, initial=start_step, disable=not (progress_bar and is_main),
+                  dynamic_ncols=True, desc='train')
+  interval_start, interval_steps = time.perf_counter(), 0
+  step = start_step
+  try:
+    while step < train_steps:
+      batch = partitioner.shard_batch(next(batches))
+      state, metrics = step_fn(state, batch)
+      step += 1
+      data_position += 1
+      history.append(metrics)
+      interval_steps += 1
+      bar.update(1)
+      if step == start_step + 1 or step % log_every == 0 or step == train_steps:
+        metrics = trainer_lib.mean_metrics(history)  # the only host sync in the loop
+        elapsed = time.perf_counter() - interval_start
+        metrics['seconds_per_step'] = elapsed / interval_steps
+        metrics['tokens_per_second'] = tokens_per_batch * interval_steps / elapsed
+        writer.write(step, metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}",
+                        tok_s=f"{metrics['tokens_per_second']:,.0f}")
+        last_metrics, history = metrics, []
+        interval_start, interval_steps = time.perf_counter(), 0
+      if preemption.requested or ckpt.should_save(step) or step == train_steps:
+        ckpt.save(step, state.to_dict(), data_position)
+      if preemption.requested:
+        ckpt.wait()
+        bar.close()
+        say(f'SIGTERM: saved checkpoint {ckpt.directory}/{step}; re-run the same command to resume.')
+        raise SystemExit(143)
+  finally:
+    preemption.restore()
+    bar.close()
+    ckpt.close()
+  peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  say(f"done: step {step}, loss {last_metrics.get('loss', float('nan')):.4f}, "
+      f"{last_metrics.get('tokens_per_second', 0):,.0f} tokens/s, "
+      f"{last_metrics.get('seconds_per_step', 0):.3f} s/step, peak RSS {peak_rss / 2**30:.2f} GiB")
+  return last_metrics
+
+
+def main(argv: Sequence[str]) -> None:
+  files, bindings = gin_utils.parse_flags(argv)
+  gin_utils.parse_gin(files, bindings)
+  configured = gin.get_configurable(train)
+  try:
+    configured(config_str=gin.config_str())
+  except ValueError as e:
+    if 'gin.REQUIRED' in str(e) or 'REQUIRED' in str(e).splitlines()[0]:
+      raise UserError(f'gin: {gin_utils.one_line(e)}; bind it in a gin file or '
+                      'with --gin.NAME=VALUE.') from None
+    raise
+
+
+if __name__ == '__main__':
+  import t5x_lite.train as train_module  # pylint: disable=g-import-not-at-top
+  gin_utils.run(train_module.main, 'train')

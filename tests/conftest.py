@@ -1,0 +1,56 @@
+"""Shared helpers: run the train entry point in a subprocess on a very small T5."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(REPO), 'shared', 'data')
+
+# A T5.1.1 small enough that a step takes milliseconds, on the embedded corpus.
+SMALL_T5 = [
+    '--gin_file=gin/t5_tiny_span.gin',
+    '--gin.encoder_decoder.T5Config.emb_dim=32',
+    '--gin.encoder_decoder.T5Config.num_heads=2',
+    '--gin.encoder_decoder.T5Config.head_dim=16',
+    '--gin.encoder_decoder.T5Config.mlp_dim=64',
+    '--gin.encoder_decoder.T5Config.num_encoder_layers=2',
+    '--gin.encoder_decoder.T5Config.num_decoder_layers=2',
+    "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}",
+    '--gin.BATCH_SIZE=8',
+    '--gin.train_script.train.log_every=1',
+    '--gin.train_script.train.progress_bar=False',
+]
+
+
+def train_cmd(model_dir, *extra):
+  return [sys.executable, '-m', 't5x_lite.train', *SMALL_T5,
+          f"--gin.MODEL_DIR='{model_dir}'", *extra]
+
+
+def run_env(devices=1):
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['TF_CPP_MIN_LOG_LEVEL'] = '3'
+  return env
+
+
+def run_train(model_dir, *extra, devices=1, check=True):
+  proc = subprocess.run(train_cmd(model_dir, *extra), cwd=REPO, env=run_env(devices),
+                        capture_output=True, text=True, timeout=600)
+  if check and proc.returncode != 0:
+    raise AssertionError(f'train failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-5000:]}')
+  return proc
+
+
+def read_metrics(model_dir):
+  with open(os.path.join(model_dir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture
+def repo():
+  return REPO

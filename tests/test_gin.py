@@ -1,0 +1,132 @@
+"""Every gin file parses and builds its objects; user mistakes give one clear line."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import gin
+import jax
+import pytest
+
+from conftest import REPO, run_env
+from t5x_lite import gin_utils
+from t5x_lite.errors import UserError
+
+GIN_FILES = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, 'gin', '*.gin')))
+
+# (vocab, emb, heads, head_dim, mlp, layers) of T5.1.1 and its parameter count
+# (embedding + untied output layer + 2 x 12 layers + relative position biases).
+T5_BASE_PARAMS = 247_577_856
+
+
+def _build(path, *bindings):
+  gin.clear_config()
+  gin_utils.parse_gin([path], list(bindings))
+  return {name: gin.query_parameter(f'train_script.train.{name}').scoped_configurable_fn()
+          for name in ('model', 'optimizer', 'partitioner')}
+
+
+def _num_params(model, lengths=(8, 4)):
+  batch = model.dummy_batch(2, *lengths)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), batch)
+  import flax.linen as nn
+  return sum(x.size for x in jax.tree_util.tree_leaves(nn.unbox(shapes)['params']))
+
+
+def test_gin_files_exist():
+  assert {'gin/t5_tiny_span.gin', 'gin/t5_small_span.gin', 'gin/t5_base_span.gin'} <= set(GIN_FILES)
+
+
+@pytest.mark.parametrize('path', GIN_FILES)
+def test_every_gin_file_builds(path):
+  objs = _build(path)
+  cfg = objs['model'].config
+  assert cfg.vocab_size % 128 == 0
+  assert gin.query_parameter('MODEL_DIR') and gin.query_parameter('TRAIN_STEPS') > 0
+  lengths = gin.query_parameter('TASK_FEATURE_LENGTHS')
+  assert set(lengths) == {'inputs', 'targets'}
+  assert objs['partitioner'].mesh.size == jax.device_count()
+  assert hasattr(objs['optimizer'], 'update')
+
+
+def test_t5_base_is_t5_1_1_base():
+  objs = _build('gin/t5_base_span.gin')
+  cfg = objs['model'].config
+  assert (cfg.vocab_size, cfg.emb_dim, cfg.num_heads, cfg.head_dim, cfg.mlp_dim,
+          cfg.num_encoder_layers, cfg.num_decoder_layers) == (32128, 768, 12, 64, 2048, 12, 12)
+  assert (cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance) == (32, 128)
+  assert not cfg.logits_via_embedding
+  assert gin.query_parameter('TASK_FEATURE_LENGTHS') == {'inputs': 512, 'targets': 114}
+  assert gin.query_parameter('BATCH_SIZE') == 128
+  assert gin.query_parameter('MIXTURE_OR_TASK_NAME') == 'c4_v220_span_corruption'
+  assert _num_params(objs['model']) == T5_BASE_PARAMS
+  schedule = gin.query_parameter('optimizers.adafactor.learning_rate').scoped_configurable_fn()
+  assert float(schedule(0)) == pytest.approx(0.01)
+  assert float(schedule(10_000)) == pytest.approx(0.01)
+  assert float(schedule(40_000)) == pytest.approx(1 / 200)
+
+
+def test_model_sizes():
+  sizes = {}
+  for name in ('tiny', 'small', 'base', 'large', 'xl'):
+    gin.clear_config()
+    gin_utils.parse_gin([f'configs/models/t5_1_1_{name}.gin'], [])
+    sizes[name] = gin.query_parameter('encoder_decoder.T5Config.emb_dim')
+  assert sizes == {'tiny': 128, 'small': 512, 'base': 768, 'large': 1024, 'xl': 2048}
+
+
+def test_overrides_and_repeated_gin_files(tmp_path):
+  extra = tmp_path / 'extra.gin'
+  extra.write_text('BATCH_SIZE = 16\n')
+  gin.clear_config()
+  gin_utils.parse_gin(['gin/t5_tiny_span.gin', str(extra)], ['TRAIN_STEPS = 7'])
+  assert gin.query_parameter('BATCH_SIZE') == 16
+  assert gin.query_parameter('TRAIN_STEPS') == 7
+
+
+def test_parse_flags():
+  files, bindings = gin_utils.parse_flags(
+      ['--gin_file=a.gin', '--gin_file', 'b.gin', "--gin.MODEL_DIR='/x'", '--gin.SEED=3'])
+  assert files == ['a.gin', 'b.gin']
+  assert bindings == ["MODEL_DIR = '/x'", 'SEED = 3']
+  with pytest.raises(UserError, match='unknown argument'):
+    gin_utils.parse_flags(['--gin_file=a.gin', '--steps=3'])
+
+
+def _cli(*args, env=None):
+  return subprocess.run([sys.executable, '-m', 't5x_lite.train', *args], cwd=REPO,
+                        env=env or run_env(), capture_output=True, text=True, timeout=300)
+
+
+def _one_error_line(proc):
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+  assert len(errors) == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  return errors[0]
+
+
+def test_misspelt_binding_is_one_line():
+  line = _one_error_line(_cli('--gin_file=gin/t5_tiny_span.gin',
+                              '--gin.encoder_decoder.T5Config.emb_dmi=64'))
+  assert "'emb_dmi'" in line and 'T5Config' in line
+
+
+def test_misspelt_binding_in_file_names_the_file(tmp_path):
+  bad = tmp_path / 'bad.gin'
+  bad.write_text("include 'gin/t5_tiny_span.gin'\ntrain_script.train.batch_sise = 3\n")
+  line = _one_error_line(_cli(f'--gin_file={bad}'))
+  assert 'batch_sise' in line and 'bad.gin' in line and 'line 2' in line
+
+
+def test_missing_gin_file_is_one_line():
+  line = _one_error_line(_cli('--gin_file=gin/no_such_file.gin'))
+  assert 'no_such_file.gin' in line
+
+
+def test_missing_c4_stops_at_once(tmp_path):
+  env = run_env()
+  env['TFDS_DATA_DIR'] = str(tmp_path)
+  line = _one_error_line(_cli('--gin_file=gin/t5_base_span.gin',
+                              f"--gin.MODEL_DIR='{tmp_path / 'run'}'", env=env))
+  assert str(tmp_path) in line and 'c4' in line.lower() and 't5_tiny_span.gin' in line

@@ -1,0 +1,113 @@
+"""End to end through `python -m t5x_lite.train`: outputs, loss falls, exact
+resume after SIGKILL, checkpoint on SIGTERM, 8 fake devices = 1 device."""
+
+import os
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import read_metrics, run_env, run_train, train_cmd, REPO
+
+STEPS = 8
+RUN = [f'--gin.TRAIN_STEPS={STEPS}', '--gin.CHECKPOINT_PERIOD=3']
+
+
+def _final_state(model_dir):
+  path = os.path.join(model_dir, 'checkpoints', str(STEPS), 'state')
+  return ocp.PyTreeCheckpointer().restore(path)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  model_dir = str(tmp_path_factory.mktemp('uninterrupted'))
+  run_train(model_dir, *RUN)
+  return model_dir
+
+
+def test_outputs_and_loss_falls(tmp_path):
+  model_dir = str(tmp_path)
+  proc = run_train(model_dir, '--gin.TRAIN_STEPS=40', '--gin.CHECKPOINT_PERIOD=20')
+  assert f'MODEL_DIR: {model_dir}' in proc.stdout
+  rows = read_metrics(model_dir)
+  assert [r['step'] for r in rows] == list(range(1, 41))
+  for key in ('loss', 'accuracy', 'learning_rate', 'tokens_per_second', 'seconds_per_step'):
+    assert all(np.isfinite(r[key]) for r in rows), key
+  assert rows[0]['learning_rate'] == pytest.approx(0.01)
+  assert rows[-1]['loss'] < 0.75 * rows[0]['loss']
+  assert sorted(os.listdir(os.path.join(model_dir, 'checkpoints'))) == ['20', '40']
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(os.path.join(model_dir, 'train')))
+  config = open(os.path.join(model_dir, 'config.gin')).read()
+  assert 'emb_dim = 32' in config and 'TRAIN_STEPS = 40' in config
+  again = run_train(model_dir, '--gin.TRAIN_STEPS=40')
+  assert 'nothing to do' in again.stdout
+
+
+def _wait_for_step(proc, model_dir, step, timeout=300):
+  deadline = time.time() + timeout
+  path = os.path.join(model_dir, 'metrics.jsonl')
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      raise AssertionError(f'train exited early: {proc.returncode}')
+    if os.path.exists(path):
+      done = [l for l in open(path).read().splitlines() if l.strip()]
+      if done and len(done) >= step:
+        return
+    time.sleep(0.02)
+  raise AssertionError('timed out waiting for training progress')
+
+
+def _assert_same_run(model_dir, reference_dir):
+  a, b = _final_state(model_dir), _final_state(reference_dir)
+  leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  assert len(leaves_a) == len(leaves_b)
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  last, ref_last = read_metrics(model_dir)[-1], read_metrics(reference_dir)[-1]
+  assert last['step'] == ref_last['step'] == STEPS
+  assert last['loss'] == ref_last['loss']
+  assert [r['step'] for r in read_metrics(model_dir)] == list(range(1, STEPS + 1))
+
+
+def test_sigkill_and_resume_is_bit_exact(tmp_path, uninterrupted):
+  model_dir = str(tmp_path)
+  for kill_after in (2, 5):  # before the first checkpoint, and between two
+    proc = subprocess.Popen(train_cmd(model_dir, *RUN), cwd=REPO, env=run_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_step(proc, model_dir, kill_after)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  proc = run_train(model_dir, *RUN)
+  assert 'resumed from' in proc.stdout
+  _assert_same_run(model_dir, uninterrupted)
+
+
+def test_sigterm_saves_then_resumes_exactly(tmp_path, uninterrupted):
+  model_dir = str(tmp_path)
+  proc = subprocess.Popen(train_cmd(model_dir, *RUN), cwd=REPO, env=run_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  _wait_for_step(proc, model_dir, 4)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 143, err[-3000:]
+  assert 'SIGTERM: saved checkpoint' in out
+  saved = int(out.split('SIGTERM: saved checkpoint')[1].split()[0].rsplit('/', 1)[1].rstrip(';'))
+  assert 4 <= saved < STEPS
+  assert str(saved) in os.listdir(os.path.join(model_dir, 'checkpoints'))
+  resumed = run_train(model_dir, *RUN)
+  assert f'/{saved} (data position {saved})' in resumed.stdout
+  _assert_same_run(model_dir, uninterrupted)
+
+
+def test_eight_fake_devices_match_one(tmp_path):
+  one, eight = str(tmp_path / 'one'), str(tmp_path / 'eight')
+  run_train(one, '--gin.TRAIN_STEPS=3', devices=1)
+  proc = run_train(eight, '--gin.TRAIN_STEPS=3', devices=8)
+  assert "mesh {'data': 8, 'model': 1}" in proc.stdout
+  for a, b in zip(read_metrics(one), read_metrics(eight), strict=True):
+    assert b['loss'] == pytest.approx(a['loss'], rel=1e-5)
+    assert b['accuracy'] == pytest.approx(a['accuracy'], rel=1e-5)
