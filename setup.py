@@ -21,6 +21,7 @@ setuptools.setup(
         'tensorflow-datasets>=4.9.10,<5',
         'sentencepiece>=0.2.0,<0.3',
         'gin-config>=0.5.0,<0.6',
+        'tensorboard>=2.20,<2.22',
         'tqdm>=4.66',
         'numpy>=2.0',
     ],

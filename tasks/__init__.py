@@ -1,0 +1,28 @@
+"""seqio Task registrations. Importing `tasks` registers:
+
+- `embedded_span_corruption`: T5 span corruption over the embedded corpus
+  (the stdlib documentation; always available; splits train / validation).
+- `c4_v220_span_corruption`: T5 span corruption over TFDS `c4/en:3.1.0` (the
+  name keeps T5's task name). Needs the data prepared in $TFDS_DATA_DIR (or
+  ~/tensorflow_datasets); nothing is ever downloaded, and a missing dataset is
+  a `UserError` at once.
+
+Both use the embedded 8k vocabulary (+100 sentinels); plug in another with
+`task.replace(output_features=...)` or build your own task with
+`register_span_corruption_task`.
+
+Recipe, your own corpus:
+
+    import tasks
+    tasks.register_span_corruption_task(
+        'my_corpus_span', paths='/data/my_corpus/*.jsonl', file_format='jsonl',
+        text_key='text', validation_paths='/data/my_corpus/valid.jsonl')
+
+then train with MIXTURE_OR_TASK_NAME = 'my_corpus_span'.
+"""
+
+from tasks.span import C4_TFDS_NAME
+from tasks.span import check_data_available
+from tasks.span import register_span_corruption_task
+from tasks.span import span_corruption_output_features
+from tasks.span import span_corruption_preprocessors

@@ -1,0 +1,121 @@
+"""Span-corruption tasks: embedded corpus, C4, and local files."""
+
+import functools
+
+import seqio
+
+from t5x_lite.data import preprocessors
+from t5x_lite.data import sources
+from t5x_lite.data import vocab as vocab_lib
+from t5x_lite.errors import UserError
+
+C4_TFDS_NAME = 'c4/en:3.1.0'
+C4_MISSING_HINT = (
+    'prepare c4/en 3.x with tfds into TFDS_DATA_DIR (e.g. `tfds build c4/en '
+    '--data_dir=$TFDS_DATA_DIR`, a large download), or use '
+    'gin/t5_tiny_span.gin to pretrain on the embedded corpus.')
+
+
+def span_corruption_output_features(vocabulary=None):
+  """inputs / targets features, EOS added, sharing one vocabulary."""
+  vocabulary = vocabulary or vocab_lib.embedded_vocabulary()
+  return {
+      'inputs': seqio.Feature(vocabulary=vocabulary, add_eos=True,
+                              required=False),
+      'targets': seqio.Feature(vocabulary=vocabulary, add_eos=True),
+  }
+
+
+def span_corruption_preprocessors():
+  """text -> targets -> tokens -> span corruption -> EOS."""
+  return [
+      functools.partial(seqio.preprocessors.rekey,
+                        key_map={'inputs': None, 'targets': 'text'}),
+      seqio.preprocessors.tokenize,
+      preprocessors.span_corruption,
+      seqio.preprocessors.append_eos_after_trim,
+  ]
+
+
+def _add(name, source, vocabulary=None):
+  seqio.TaskRegistry.add(
+      name,
+      source=source,
+      preprocessors=span_corruption_preprocessors(),
+      output_features=span_corruption_output_features(vocabulary),
+      metric_fns=[])
+
+
+def register_span_corruption_task(name, paths, file_format='text',
+                                  text_key='text', vocabulary=None,
+                                  validation_paths=None):
+  """Registers a T5 span-corruption task over local files.
+
+  Args:
+    name: the task name (use it as MIXTURE_OR_TASK_NAME).
+    paths: training file(s): a path, a glob, or a list of them.
+    file_format: 'text': ONE DOCUMENT PER LINE (empty lines skipped);
+      'jsonl': one JSON object per line, the document is field `text_key`.
+    text_key: JSONL field holding the text.
+    vocabulary: a seqio vocabulary with sentinels (default: the embedded one).
+    validation_paths: optional file(s) for the 'validation' split.
+
+  Returns:
+    The registered seqio.Task (re-registering a name replaces it).
+
+  Raises:
+    UserError: a path matches no file, or the format is unknown. A malformed
+      JSONL line raises UserError (file and line) when the dataset is built.
+  """
+  split_to_paths = {'train': paths}
+  if validation_paths is not None:
+    split_to_paths['validation'] = validation_paths
+  if file_format == 'text':
+    source = sources.text_file_source(split_to_paths)
+  elif file_format == 'jsonl':
+    source = sources.jsonl_file_source(split_to_paths, text_key=text_key)
+  else:
+    raise UserError(
+        f"Unknown file_format {file_format!r} for task {name}; use 'text' or "
+        "'jsonl'.")
+  seqio.TaskRegistry.remove(name)
+  _add(name, source, vocabulary)
+  return seqio.get_mixture_or_task(name)
+
+
+def _tasks_of(name):
+  try:
+    task_or_mixture = seqio.get_mixture_or_task(name)
+  except ValueError:
+    raise UserError(
+        f'Unknown task or mixture {name!r}; import the module that registers '
+        "it (e.g. `tasks`) or fix MIXTURE_OR_TASK_NAME.") from None
+  if isinstance(task_or_mixture, seqio.Mixture):
+    return list(task_or_mixture.tasks)
+  return [task_or_mixture]
+
+
+def check_data_available(task_or_mixture_name):
+  """Raises UserError if any data a task or mixture reads is missing.
+
+  Call it before building models or compiling steps; a no-op for tasks whose
+  data is always present (the embedded corpus) or already checked (files).
+  """
+  for task in _tasks_of(task_or_mixture_name):
+    source = task.source
+    if isinstance(source, sources.PreparedTfdsDataSource):
+      source.check_available()
+    elif isinstance(source, seqio.TfdsDataSource):
+      tfds_name = source.tfds_dataset.name
+      data_dir = sources.tfds_data_dir(source.tfds_dataset.data_dir)
+      if tfds_name and not sources.tfds_prepared_dirs(tfds_name, data_dir):
+        raise UserError(
+            f'TFDS dataset {tfds_name} for task {task.name} not found in data '
+            f'dir {data_dir}; prepare it with tfds into TFDS_DATA_DIR.')
+
+
+_add('embedded_span_corruption', sources.embedded_source())
+_add('c4_v220_span_corruption',
+     sources.PreparedTfdsDataSource(
+         C4_TFDS_NAME, splits=('train', 'validation'),
+         missing_hint=C4_MISSING_HINT))

@@ -1,0 +1,126 @@
+"""Registered tasks: embedded corpus, C4 (missing data), user file recipe."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import seqio
+
+import tasks
+from t5x_lite.errors import UserError
+
+LENGTHS = {'inputs': 512, 'targets': 114}
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), 'shared', 'data', 'text')
+C4_JSONL = os.path.join(SHARED, 'c4', 'c4_en_train_first1000.jsonl')
+SHAKESPEARE = os.path.join(SHARED, 'tinyshakespeare', 'input.txt')
+
+
+def take(task, n, split='train', seed=None, lengths=LENGTHS):
+  ds = task.get_dataset(lengths, split=split, shuffle=False, seed=seed)
+  return list(ds.take(n).as_numpy_iterator())
+
+
+def check_examples(examples, vocab_size=8100):
+  assert examples
+  for ex in examples:
+    assert set(ex) == {'inputs', 'targets'}
+    assert ex['inputs'].dtype == np.int32 and ex['targets'].dtype == np.int32
+    assert 0 < len(ex['inputs']) <= 512 and 0 < len(ex['targets']) <= 114
+    assert ex['inputs'][-1] == 1 and ex['targets'][-1] == 1
+    assert ex['targets'][0] == vocab_size - 1
+    assert ex['inputs'].max() < vocab_size
+
+
+def test_embedded_task_features_and_determinism():
+  task = seqio.get_mixture_or_task('embedded_span_corruption')
+  assert task.output_features['targets'].vocabulary.vocab_size == 8100
+  examples = take(task, 8, seed=0)
+  check_examples(examples)
+  assert all(len(e['inputs']) == 512 and len(e['targets']) == 114
+             for e in examples)
+  again = take(task, 8, seed=0)
+  other = take(task, 8, seed=1)
+  assert all((a['inputs'] == b['inputs']).all()
+             for a, b in zip(examples, again))
+  assert any(len(a['inputs']) != len(b['inputs']) or
+             (a['inputs'] != b['inputs']).any()
+             for a, b in zip(examples, other))
+  check_examples(take(task, 2, split='validation', seed=0))
+  tasks.check_data_available('embedded_span_corruption')  # a no-op
+
+
+def test_enc_dec_feature_converter_packs():
+  task = seqio.get_mixture_or_task('embedded_span_corruption')
+  ds = task.get_dataset(LENGTHS, split='train', shuffle=False, seed=0)
+  converter = seqio.EncDecFeatureConverter(pack=True)
+  batch = next(converter(ds, LENGTHS).as_numpy_iterator())
+  for key in ('encoder_input_tokens', 'encoder_segment_ids',
+              'encoder_positions', 'decoder_target_tokens',
+              'decoder_input_tokens', 'decoder_loss_weights',
+              'decoder_segment_ids', 'decoder_positions'):
+    assert key in batch
+  assert batch['encoder_input_tokens'].shape == (512,)
+  assert batch['decoder_target_tokens'].shape == (114,)
+  assert batch['decoder_input_tokens'][0] == 0  # shifted right, BOS = pad
+
+
+def test_c4_missing_data_fails_at_once(tmp_path, monkeypatch):
+  monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path))
+  with pytest.raises(UserError) as e:
+    tasks.check_data_available('c4_v220_span_corruption')
+  message = str(e.value)
+  assert '\n' not in message
+  for part in (str(tmp_path), 'c4/en', 'TFDS_DATA_DIR', 't5_tiny_span.gin'):
+    assert part in message
+  task = seqio.get_mixture_or_task('c4_v220_span_corruption')
+  with pytest.raises(UserError, match='not found in data dir'):
+    task.get_dataset(LENGTHS, split='train')
+  assert not os.listdir(tmp_path)  # nothing downloaded or written
+
+
+def test_check_data_available_unknown_name():
+  with pytest.raises(UserError, match='no_such_task'):
+    tasks.check_data_available('no_such_task')
+
+
+@pytest.mark.skipif(not os.path.exists(SHAKESPEARE), reason='no shared data')
+def test_user_recipe_text_file():
+  task = tasks.register_span_corruption_task(
+      'test_shakespeare_span', SHAKESPEARE, file_format='text',
+      validation_paths=SHAKESPEARE)
+  examples = take(task, 4, seed=0)
+  check_examples(examples)
+  assert len(examples[0]['inputs']) == 512
+  vocab = task.output_features['inputs'].vocabulary
+  assert 'Citizen' in vocab.decode(examples[0]['inputs'].tolist())
+  check_examples(take(task, 1, split='validation', seed=0))
+
+
+@pytest.mark.skipif(not os.path.exists(C4_JSONL), reason='no shared data')
+def test_user_recipe_jsonl_file():
+  task = tasks.register_span_corruption_task(
+      'test_c4_jsonl_span', [C4_JSONL], file_format='jsonl', text_key='text')
+  check_examples(take(task, 4, seed=0))
+  with pytest.raises(UserError, match="'body'"):
+    tasks.register_span_corruption_task(
+        'test_c4_jsonl_bad_key', C4_JSONL, file_format='jsonl',
+        text_key='body').get_dataset(LENGTHS, split='train')
+
+
+def test_user_recipe_errors(tmp_path):
+  missing = str(tmp_path / 'missing.txt')
+  with pytest.raises(UserError) as e:
+    tasks.register_span_corruption_task('test_missing', missing)
+  assert missing in str(e.value)
+  with pytest.raises(UserError, match='file_format'):
+    tasks.register_span_corruption_task('test_fmt', missing, file_format='csv')
+
+  bad = tmp_path / 'bad.jsonl'
+  bad.write_text(json.dumps({'text': 'fine ' * 20}) + '\n\n{"text": oops\n')
+  task = tasks.register_span_corruption_task(
+      'test_bad_jsonl', str(bad), file_format='jsonl')
+  with pytest.raises(UserError) as e:
+    task.get_dataset(LENGTHS, split='train')
+  assert str(bad) in str(e.value) and 'line 3' in str(e.value)
