@@ -20,6 +20,10 @@ GIN_FILES = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO
 T5_BASE_PARAMS = 247_577_856
 
 
+def _macro(name):
+  return gin.query_parameter(f'{name}/gin.macro.value')
+
+
 def _build(path, *bindings):
   gin.clear_config()
   gin_utils.parse_gin([path], list(bindings))
@@ -43,8 +47,8 @@ def test_every_gin_file_builds(path):
   objs = _build(path)
   cfg = objs['model'].config
   assert cfg.vocab_size % 128 == 0
-  assert gin.query_parameter('MODEL_DIR') and gin.query_parameter('TRAIN_STEPS') > 0
-  lengths = gin.query_parameter('TASK_FEATURE_LENGTHS')
+  assert _macro('MODEL_DIR') and _macro('TRAIN_STEPS') > 0
+  lengths = _macro('TASK_FEATURE_LENGTHS')
   assert set(lengths) == {'inputs', 'targets'}
   assert objs['partitioner'].mesh.size == jax.device_count()
   assert hasattr(objs['optimizer'], 'update')
@@ -57,9 +61,9 @@ def test_t5_base_is_t5_1_1_base():
           cfg.num_encoder_layers, cfg.num_decoder_layers) == (32128, 768, 12, 64, 2048, 12, 12)
   assert (cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance) == (32, 128)
   assert not cfg.logits_via_embedding
-  assert gin.query_parameter('TASK_FEATURE_LENGTHS') == {'inputs': 512, 'targets': 114}
-  assert gin.query_parameter('BATCH_SIZE') == 128
-  assert gin.query_parameter('MIXTURE_OR_TASK_NAME') == 'c4_v220_span_corruption'
+  assert _macro('TASK_FEATURE_LENGTHS') == {'inputs': 512, 'targets': 114}
+  assert _macro('BATCH_SIZE') == 128
+  assert _macro('MIXTURE_OR_TASK_NAME') == 'c4_v220_span_corruption'
   assert _num_params(objs['model']) == T5_BASE_PARAMS
   schedule = gin.query_parameter('optimizers.adafactor.learning_rate').scoped_configurable_fn()
   assert float(schedule(0)) == pytest.approx(0.01)
@@ -81,8 +85,8 @@ def test_overrides_and_repeated_gin_files(tmp_path):
   extra.write_text('BATCH_SIZE = 16\n')
   gin.clear_config()
   gin_utils.parse_gin(['gin/t5_tiny_span.gin', str(extra)], ['TRAIN_STEPS = 7'])
-  assert gin.query_parameter('BATCH_SIZE') == 16
-  assert gin.query_parameter('TRAIN_STEPS') == 7
+  assert _macro('BATCH_SIZE') == 16
+  assert _macro('TRAIN_STEPS') == 7
 
 
 def test_parse_flags():

@@ -1,0 +1,358 @@
+"""Flax linen building blocks shared by the model zoo.
+
+Every parameter is created through `nn.with_logical_partitioning` with names
+from this small set, and key activations carry logical constraints:
+
+  batch, length, embed, heads, kv, joined_kv, mlp, vocab, relpos_buckets
+
+Shapes in einsum strings use one letter per axis:
+  B batch, T query length, S key length, D embed, N heads, H head dim,
+  F mlp, V vocab.
+
+Masks are boolean `[B, 1, T, S]` arrays (True = may attend); they become
+additive biases once per stack with `mask_to_bias`.
+"""
+
+import functools
+import operator
+from typing import Any, Callable, Optional, Sequence, Union
+
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+DType = Any
+Initializer = Callable[..., Array]
+
+# Large negative logit for masked positions; finite so that a fully masked row
+# gives a uniform softmax instead of NaN.
+MASK_LOGIT = -1e10
+
+LOGICAL_AXIS_NAMES = ('batch', 'length', 'embed', 'heads', 'kv', 'joined_kv',
+                      'mlp', 'vocab', 'relpos_buckets', 'layers')
+
+default_kernel_init = nn.initializers.variance_scaling(
+    1.0, 'fan_in', 'truncated_normal')
+attention_kernel_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
+relpos_init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform')
+
+
+def canonicalize_dtype(dtype: Union[str, DType]) -> jnp.dtype:
+  """'bfloat16' / jnp.bfloat16 / np.dtype -> np.dtype."""
+  return jnp.dtype(dtype)
+
+
+def constrain(x: Array, names: Sequence[str]) -> Array:
+  """Logical sharding constraint (a no-op without mesh and rules)."""
+  return nn.with_logical_constraint(x, tuple(names))
+
+
+def _activation(name_or_fn: Union[str, Callable]) -> Callable:
+  if name_or_fn == 'linear':
+    return lambda x: x
+  if isinstance(name_or_fn, str):
+    return getattr(nn, name_or_fn)
+  return name_or_fn
+
+
+# -----------------------------------------------------------------------------
+# Parameterised layers.
+# -----------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+  """T5 layer norm: scale only, no mean subtraction, no bias."""
+  epsilon: float = 1e-6
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param(
+        'scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+        (x.shape[-1],), canonicalize_dtype(self.param_dtype))
+    x = x.astype(jnp.float32)
+    y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) +
+                          self.epsilon)
+    dtype = canonicalize_dtype(self.dtype)
+    return y.astype(dtype) * scale.astype(dtype)
+
+
+class Embed(nn.Module):
+  """Token embedding looked up by gather; `attend` gives tied logits."""
+  num_embeddings: int
+  features: int
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+  embedding_init: Initializer = nn.initializers.normal(stddev=1.0)
+
+  def setup(self):
+    self.embedding = self.param(
+        'embedding',
+        nn.with_logical_partitioning(self.embedding_init, ('vocab', 'embed')),
+        (self.num_embeddings, self.features),
+        canonicalize_dtype(self.param_dtype))
+
+  def __call__(self, tokens: Array) -> Array:
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(f'Embed expects integer token ids, got {tokens.dtype}.')
+    table = self.embedding.astype(canonicalize_dtype(self.dtype))
+    x = jnp.take(table, tokens, axis=0)
+    return constrain(x, ('batch', 'length', 'embed'))
+
+  def attend(self, x: Array) -> Array:
+    """[B,T,D] -> [B,T,V] float32 logits against the embedding table."""
+    logits = jnp.einsum('BTD,VD->BTV', x.astype(jnp.float32),
+                        self.embedding.astype(jnp.float32))
+    return constrain(logits, ('batch', 'length', 'vocab'))
+
+
+class DenseGeneral(nn.Module):
+  """Bias-free linear map contracting the last `num_contract` input axes.
+
+  The kernel has shape `in_dims + features` and logical names `kernel_axes`;
+  it is initialised as a 2D [fan_in, fan_out] matrix (as T5X does), so
+  fan-in based initialisers see the true fan-in.
+  """
+  features: Union[int, Sequence[int]]
+  kernel_axes: Sequence[str]
+  num_contract: int = 1
+  kernel_init: Initializer = default_kernel_init
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    features = ((self.features,) if isinstance(self.features, int) else
+                tuple(self.features))
+    in_dims = x.shape[x.ndim - self.num_contract:]
+    n_in, n_out = int(np.prod(in_dims)), int(np.prod(features))
+
+    def init(rng, shape, dtype):
+      return self.kernel_init(rng, (n_in, n_out), dtype).reshape(shape)
+
+    kernel = self.param(
+        'kernel', nn.with_logical_partitioning(init, tuple(self.kernel_axes)),
+        tuple(in_dims) + features, canonicalize_dtype(self.param_dtype))
+    dtype = canonicalize_dtype(self.dtype)
+    return jax.lax.dot_general(
+        x.astype(dtype), kernel.astype(dtype),
+        ((tuple(range(x.ndim - self.num_contract, x.ndim)),
+          tuple(range(self.num_contract))), ((), ())))
+
+
+class RelativePositionBias(nn.Module):
+  """T5 bucketed relative position bias, `[1, N, T, S]`.
+
+  Computed once per stack from the plain `arange` of the (packed) row, as T5X
+  does. Inside one packed segment this equals using per-segment positions
+  (positions advance by one inside a segment), and attention across segments
+  is masked, so the result is the same at a fraction of the cost.
+  """
+  num_heads: int
+  num_buckets: int = 32
+  max_distance: int = 128
+  bidirectional: bool = True
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @staticmethod
+  def bucket(relative_position: np.ndarray, bidirectional: bool,
+             num_buckets: int, max_distance: int) -> np.ndarray:
+    """Maps `key_pos - query_pos` to a bucket in [0, num_buckets)."""
+    ret = np.zeros_like(relative_position)
+    n = -relative_position
+    if bidirectional:
+      num_buckets //= 2
+      ret += (n < 0).astype(np.int32) * num_buckets
+      n = np.abs(n)
+    else:
+      n = np.maximum(n, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    val_if_large = max_exact + (
+        np.log(n.astype(np.float32) / max_exact + np.finfo(np.float32).eps) /
+        np.log(max_distance / max_exact) *
+        (num_buckets - max_exact)).astype(np.int32)
+    val_if_large = np.minimum(val_if_large, num_buckets - 1)
+    return ret + np.where(is_small, n, val_if_large)
+
+  @nn.compact
+  def __call__(self, qlen: int, klen: int) -> Array:
+    table = self.param(
+        'rel_embedding',
+        nn.with_logical_partitioning(relpos_init, ('heads', 'relpos_buckets')),
+        (self.num_heads, self.num_buckets),
+        canonicalize_dtype(self.param_dtype))
+    rel = np.arange(klen)[None, :] - np.arange(qlen)[:, None]
+    buckets = self.bucket(rel.astype(np.int32), self.bidirectional,
+                          self.num_buckets, self.max_distance)
+    bias = jnp.take(table.astype(canonicalize_dtype(self.dtype)),
+                    jnp.asarray(buckets), axis=1)  # [N, T, S]
+    return bias[None]
+
+
+class _Kernel(nn.Module):
+  """Holds one `kernel` param, so attention params read `query/kernel`."""
+  shape: Sequence[int]
+  axes: Sequence[str]
+  init: Initializer
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self) -> Array:
+    return self.param(
+        'kernel', nn.with_logical_partitioning(self.init, tuple(self.axes)),
+        tuple(self.shape), canonicalize_dtype(self.param_dtype))
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head dot-product attention with T5 conventions.
+
+  Kernels are stored 2D as in T5X checkpoints: q/k/v `[D, N*H]`
+  ('embed', 'joined_kv') and out `[N*H, D]` ('joined_kv', 'embed'). Logits
+  are not scaled by 1/sqrt(H): the query initialiser carries that factor.
+  Dropout on the attention weights is shared across queries, as in T5X.
+  """
+  num_heads: int
+  head_dim: int
+  dropout_rate: float = 0.0
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+  kernel_init: Initializer = attention_kernel_init
+
+  def _kernel(self, name: str, shape, axes, init) -> Array:
+    kernel = _Kernel(shape, tuple(axes), init, self.param_dtype, name=name)()
+    return kernel.astype(canonicalize_dtype(self.dtype))
+
+  @nn.compact
+  def __call__(self,
+               inputs_q: Array,
+               inputs_kv: Array,
+               mask_bias: Optional[Array] = None,
+               position_bias: Optional[Array] = None,
+               deterministic: bool = True) -> Array:
+    """[B,T,D] attending to [B,S,D] -> [B,T,D].
+
+    `mask_bias` ([B,1,T,S]) and `position_bias` ([1,N,T,S]) are additive
+    logit biases, built once per stack and added here so that no
+    [B,N,T,S] bias is ever materialised outside the logits.
+    """
+    dtype = canonicalize_dtype(self.dtype)
+    n, h, d = self.num_heads, self.head_dim, inputs_q.shape[-1]
+    depth_scaling = np.sqrt(h).astype(np.float32)
+
+    def query_init(*args):
+      return self.kernel_init(*args) / depth_scaling
+
+    in_axes = ('embed', 'joined_kv')
+    wq = self._kernel('query', (d, n * h), in_axes, query_init)
+    wk = self._kernel('key', (d, n * h), in_axes, self.kernel_init)
+    wv = self._kernel('value', (d, n * h), in_axes, self.kernel_init)
+    wo = self._kernel('out', (n * h, d), ('joined_kv', 'embed'),
+                      self.kernel_init)
+
+    heads = ('batch', 'length', 'heads', 'kv')
+    xq, xkv = inputs_q.astype(dtype), inputs_kv.astype(dtype)
+    q = constrain(jnp.einsum('BTD,DNH->BTNH', xq, wq.reshape(d, n, h)), heads)
+    k = constrain(jnp.einsum('BSD,DNH->BSNH', xkv, wk.reshape(d, n, h)), heads)
+    v = constrain(jnp.einsum('BSD,DNH->BSNH', xkv, wv.reshape(d, n, h)), heads)
+
+    logits = jnp.einsum('BTNH,BSNH->BNTS', q, k).astype(jnp.float32)
+    for bias in (mask_bias, position_bias):
+      if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    if not deterministic and self.dropout_rate > 0.0:
+      weights = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(
+          weights, deterministic=False)
+    x = jnp.einsum('BNTS,BSNH->BTNH', weights, v)
+    x = constrain(x, heads)
+    out = jnp.einsum('BTNH,NHD->BTD', x, wo.reshape(n, h, d))
+    return constrain(out, ('batch', 'length', 'embed'))
+
+
+class GatedMlp(nn.Module):
+  """T5 MLP: product of `len(activations)` input projections, then `wo`.
+
+  Param names follow T5X: `wi` for one activation, else `wi_0, wi_1, ...`.
+  """
+  mlp_dim: int
+  activations: Sequence[Union[str, Callable]] = ('gelu', 'linear')
+  dropout_rate: float = 0.0
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+  kernel_init: Initializer = default_kernel_init
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    dense = functools.partial(DenseGeneral, kernel_init=self.kernel_init,
+                              dtype=self.dtype, param_dtype=self.param_dtype)
+    hidden = []
+    for i, act in enumerate(self.activations):
+      name = 'wi' if len(self.activations) == 1 else f'wi_{i}'
+      y = dense(self.mlp_dim, kernel_axes=('embed', 'mlp'), name=name)(x)
+      hidden.append(_activation(act)(y))
+    y = functools.reduce(operator.mul, hidden)
+    y = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(
+        y, deterministic=deterministic)
+    y = constrain(y, ('batch', 'length', 'mlp'))
+    out = dense(x.shape[-1], kernel_axes=('mlp', 'embed'), name='wo')(y)
+    return constrain(out, ('batch', 'length', 'embed'))
+
+
+# -----------------------------------------------------------------------------
+# Masks. Boolean [B, 1, T, S]; True means "may attend".
+# -----------------------------------------------------------------------------
+def make_attention_mask(query_input: Array,
+                        key_input: Array,
+                        pairwise_fn: Callable = jnp.logical_and) -> Array:
+  """[B,T], [B,S] -> [B,1,T,S] from a pairwise function (default: both valid)."""
+  mask = pairwise_fn(query_input[:, :, None], key_input[:, None, :])
+  return mask[:, None].astype(bool)
+
+
+def make_causal_mask(length: int) -> Array:
+  """[1,1,T,T] lower-triangular mask (a query sees itself and the past)."""
+  idx = jnp.arange(length)
+  return (idx[None, :] <= idx[:, None])[None, None]
+
+
+def combine_masks(*masks: Optional[Array]) -> Optional[Array]:
+  """Logical AND of the given masks (None entries are skipped)."""
+  masks = [m for m in masks if m is not None]
+  if not masks:
+    return None
+  return functools.reduce(jnp.logical_and, masks)
+
+
+def make_decoder_mask(decoder_target_tokens: Array,
+                      decoder_causal_attention: Optional[Array] = None,
+                      decoder_segment_ids: Optional[Array] = None) -> Array:
+  """Decoder self-attention mask as in T5X.
+
+  Causal AND padding, where valid positions are `decoder_target_tokens > 0`
+  (so a leading BOS=0 in the decoder inputs is not masked), AND same-segment
+  when packed. Where `decoder_causal_attention` is 1 (a prefix-LM "inputs"
+  span), attention is bidirectional within that span.
+  """
+  valid = decoder_target_tokens > 0
+  causal = make_causal_mask(decoder_target_tokens.shape[-1])
+  if decoder_causal_attention is not None:
+    prefix = make_attention_mask(decoder_causal_attention > 0,
+                                 decoder_causal_attention > 0)
+    causal = jnp.logical_or(causal, prefix)
+  mask = combine_masks(causal, make_attention_mask(valid, valid))
+  if decoder_segment_ids is not None:
+    mask = combine_masks(
+        mask,
+        make_attention_mask(decoder_segment_ids, decoder_segment_ids,
+                            jnp.equal))
+  return mask
+
+
+def mask_to_bias(mask: Optional[Array], dtype: DType = jnp.float32):
+  """Boolean mask -> additive bias (0 where allowed, MASK_LOGIT elsewhere)."""
+  if mask is None:
+    return None
+  return jnp.where(mask, 0.0, MASK_LOGIT).astype(canonicalize_dtype(dtype))

@@ -1,0 +1,374 @@
+"""T5.1.1 encoder-decoder: config, flax network and Model wrapper.
+
+The network matches T5X's `t5_1_1` network and Hugging Face's
+`T5ForConditionalGeneration(feed_forward_proj='gated-gelu')`: pre-norm
+residual blocks with RMS norm, no biases, a bucketed relative position bias
+per stack, gated-GELU MLPs, and a shared token embedding.
+
+Parameter tree (T5X names; kernels are [in, out]):
+
+  token_embedder/embedding                         [V, D]
+  encoder/relpos_bias/rel_embedding                [N, buckets]
+  encoder/layers_{i}/pre_attention_layer_norm/scale
+  encoder/layers_{i}/attention/{query,key,value}/kernel   [D, N*H]
+  encoder/layers_{i}/attention/out/kernel          [N*H, D]
+  encoder/layers_{i}/pre_mlp_layer_norm/scale
+  encoder/layers_{i}/mlp/{wi_0,wi_1}/kernel        [D, F]
+  encoder/layers_{i}/mlp/wo/kernel                 [F, D]
+  encoder/encoder_norm/scale
+  decoder/relpos_bias/rel_embedding
+  decoder/layers_{i}/pre_self_attention_layer_norm/scale
+  decoder/layers_{i}/self_attention/...            (as attention above)
+  decoder/layers_{i}/pre_cross_attention_layer_norm/scale
+  decoder/layers_{i}/encoder_decoder_attention/...
+  decoder/layers_{i}/pre_mlp_layer_norm/scale
+  decoder/layers_{i}/mlp/...
+  decoder/decoder_norm/scale
+  decoder/logits_dense/kernel                      [D, V]  (untied only)
+"""
+
+import dataclasses
+from typing import Any, Mapping, Optional, Sequence, Tuple, Union
+
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5x_lite import layers
+from t5x_lite import losses
+
+Array = jax.Array
+Batch = Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """T5.1.1 hyperparameters (defaults: T5.1.1-small-like sizes)."""
+  vocab_size: int = 32128
+  emb_dim: int = 512
+  num_heads: int = 8
+  head_dim: int = 64
+  mlp_dim: int = 2048
+  num_encoder_layers: int = 8
+  num_decoder_layers: int = 8
+  dropout_rate: float = 0.0
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  mlp_activations: Sequence[str] = ('gelu', 'linear')
+  logits_via_embedding: bool = False
+  dtype: Any = 'float32'  # activations / compute
+  param_dtype: Any = 'float32'
+
+  def __post_init__(self):
+    # Keep the config hashable when a list comes in (e.g. from gin).
+    object.__setattr__(self, 'mlp_activations', tuple(self.mlp_activations))
+
+
+def _dropout(cfg: T5Config, x: Array, deterministic: bool,
+             broadcast: bool = True) -> Array:
+  """T5X dropout: the mask is shared along the length axis by default."""
+  dims = (-2,) if broadcast else ()
+  return nn.Dropout(cfg.dropout_rate, broadcast_dims=dims)(
+      x, deterministic=deterministic)
+
+
+def _common(cfg: T5Config):
+  return dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+
+
+def _attention(cfg: T5Config, name: str) -> layers.MultiHeadAttention:
+  return layers.MultiHeadAttention(
+      num_heads=cfg.num_heads, head_dim=cfg.head_dim,
+      dropout_rate=cfg.dropout_rate, name=name, **_common(cfg))
+
+
+def _mlp(cfg: T5Config) -> layers.GatedMlp:
+  return layers.GatedMlp(
+      mlp_dim=cfg.mlp_dim, activations=cfg.mlp_activations,
+      dropout_rate=cfg.dropout_rate, name='mlp', **_common(cfg))
+
+
+def _relpos(cfg: T5Config, bidirectional: bool) -> layers.RelativePositionBias:
+  return layers.RelativePositionBias(
+      num_heads=cfg.num_heads,
+      num_buckets=cfg.relative_attention_num_buckets,
+      max_distance=cfg.relative_attention_max_distance,
+      bidirectional=bidirectional, name='relpos_bias', **_common(cfg))
+
+
+class EncoderLayer(nn.Module):
+  """Pre-norm self-attention block then MLP block."""
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x, mask_bias, position_bias, deterministic):
+    cfg = self.config
+    y = layers.RMSNorm(name='pre_attention_layer_norm', **_common(cfg))(x)
+    y = _attention(cfg, 'attention')(y, y, mask_bias, position_bias,
+                                     deterministic)
+    x = x + _dropout(cfg, y, deterministic)
+    y = layers.RMSNorm(name='pre_mlp_layer_norm', **_common(cfg))(x)
+    y = _mlp(cfg)(y, deterministic)
+    x = x + _dropout(cfg, y, deterministic)
+    return layers.constrain(x, ('batch', 'length', 'embed'))
+
+
+class DecoderLayer(nn.Module):
+  """Self-attention, cross-attention and MLP blocks, each pre-norm."""
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x, encoded, self_bias, position_bias, cross_bias,
+               deterministic):
+    cfg = self.config
+    y = layers.RMSNorm(name='pre_self_attention_layer_norm', **_common(cfg))(x)
+    y = _attention(cfg, 'self_attention')(y, y, self_bias, position_bias,
+                                          deterministic)
+    x = x + _dropout(cfg, y, deterministic)
+    y = layers.RMSNorm(name='pre_cross_attention_layer_norm', **_common(cfg))(x)
+    y = _attention(cfg, 'encoder_decoder_attention')(y, encoded, cross_bias,
+                                                     None, deterministic)
+    x = x + _dropout(cfg, y, deterministic)
+    y = layers.RMSNorm(name='pre_mlp_layer_norm', **_common(cfg))(x)
+    y = _mlp(cfg)(y, deterministic)
+    x = x + _dropout(cfg, y, deterministic)
+    return layers.constrain(x, ('batch', 'length', 'embed'))
+
+
+class Encoder(nn.Module):
+  """Embedding -> encoder layers -> final norm."""
+  config: T5Config
+  shared_embedding: nn.Module
+
+  @nn.compact
+  def __call__(self, tokens, mask_bias, deterministic):
+    cfg = self.config
+    length = tokens.shape[-1]
+    position_bias = _relpos(cfg, bidirectional=True)(length, length)
+    x = self.shared_embedding(tokens)
+    x = _dropout(cfg, x, deterministic)
+    for i in range(cfg.num_encoder_layers):
+      x = EncoderLayer(cfg, name=f'layers_{i}')(x, mask_bias, position_bias,
+                                                deterministic)
+    x = layers.RMSNorm(name='encoder_norm', **_common(cfg))(x)
+    return _dropout(cfg, x, deterministic, broadcast=False)
+
+
+class Decoder(nn.Module):
+  """Embedding -> decoder layers -> final norm -> float32 logits."""
+  config: T5Config
+  shared_embedding: nn.Module
+
+  @nn.compact
+  def __call__(self, encoded, tokens, self_bias, cross_bias, deterministic):
+    cfg = self.config
+    length = tokens.shape[-1]
+    position_bias = _relpos(cfg, bidirectional=False)(length, length)
+    y = self.shared_embedding(tokens)
+    y = _dropout(cfg, y, deterministic)
+    for i in range(cfg.num_decoder_layers):
+      y = DecoderLayer(cfg, name=f'layers_{i}')(
+          y, encoded, self_bias, position_bias, cross_bias, deterministic)
+    y = layers.RMSNorm(name='decoder_norm', **_common(cfg))(y)
+    y = _dropout(cfg, y, deterministic)
+    if cfg.logits_via_embedding:
+      logits = self.shared_embedding.attend(y) / np.sqrt(y.shape[-1])
+    else:
+      logits = layers.DenseGeneral(
+          cfg.vocab_size, kernel_axes=('embed', 'vocab'), dtype=jnp.float32,
+          param_dtype=cfg.param_dtype, name='logits_dense')(y)
+    return layers.constrain(logits, ('batch', 'length', 'vocab'))
+
+
+class Transformer(nn.Module):
+  """The T5.1.1 encoder-decoder network.
+
+  Masks follow T5X: padding is token id 0; decoder validity comes from
+  `decoder_target_tokens > 0` (so BOS=0 inputs are fine); with segment ids,
+  no attention crosses packed segments. `encoder_positions` and
+  `decoder_positions` are accepted for feature-converter compatibility;
+  the relative bias uses the row's arange, which is equivalent inside a
+  segment (see `layers.RelativePositionBias`).
+  """
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.token_embedder = layers.Embed(
+        num_embeddings=cfg.vocab_size, features=cfg.emb_dim, **_common(cfg))
+    self.encoder = Encoder(cfg, self.token_embedder)
+    self.decoder = Decoder(cfg, self.token_embedder)
+
+  def encode(self, encoder_input_tokens, encoder_segment_ids=None,
+             enable_dropout: bool = False):
+    """[B,L] tokens -> [B,L,D] encodings."""
+    valid = encoder_input_tokens > 0
+    mask = layers.make_attention_mask(valid, valid)
+    if encoder_segment_ids is not None:
+      mask = layers.combine_masks(mask, layers.make_attention_mask(
+          encoder_segment_ids, encoder_segment_ids, jnp.equal))
+    bias = layers.mask_to_bias(mask, self.config.dtype)
+    return self.encoder(encoder_input_tokens.astype(jnp.int32), bias,
+                        not enable_dropout)
+
+  def decode(self, encoded, encoder_input_tokens, decoder_input_tokens,
+             decoder_target_tokens, encoder_segment_ids=None,
+             decoder_segment_ids=None, enable_dropout: bool = False):
+    """Teacher-forced decoder pass -> [B,T,V] float32 logits."""
+    dtype = self.config.dtype
+    self_mask = layers.make_decoder_mask(
+        decoder_target_tokens, decoder_segment_ids=decoder_segment_ids)
+    cross_mask = layers.make_attention_mask(decoder_target_tokens > 0,
+                                            encoder_input_tokens > 0)
+    if encoder_segment_ids is not None:
+      if decoder_segment_ids is None:
+        raise ValueError('Packed batches need both encoder_segment_ids and '
+                         'decoder_segment_ids.')
+      cross_mask = layers.combine_masks(cross_mask, layers.make_attention_mask(
+          decoder_segment_ids, encoder_segment_ids, jnp.equal))
+    return self.decoder(encoded, decoder_input_tokens.astype(jnp.int32),
+                        layers.mask_to_bias(self_mask, dtype),
+                        layers.mask_to_bias(cross_mask, dtype),
+                        not enable_dropout)
+
+  def __call__(self,
+               encoder_input_tokens,
+               decoder_input_tokens,
+               decoder_target_tokens,
+               encoder_segment_ids=None,
+               decoder_segment_ids=None,
+               encoder_positions=None,
+               decoder_positions=None,
+               *,
+               enable_dropout: bool = False):
+    del encoder_positions, decoder_positions  # see class docstring
+    encoded = self.encode(encoder_input_tokens, encoder_segment_ids,
+                          enable_dropout)
+    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
+                       decoder_target_tokens, encoder_segment_ids,
+                       decoder_segment_ids, enable_dropout)
+
+
+_NETWORK_FEATURES = ('encoder_input_tokens', 'decoder_input_tokens',
+                     'decoder_target_tokens', 'encoder_segment_ids',
+                     'decoder_segment_ids', 'encoder_positions',
+                     'decoder_positions')
+
+
+class EncoderDecoderModel:
+  """Pure loss / logits / score functions over a T5 `Transformer`.
+
+  Loss normalisation (`loss_normalizing_factor`):
+    None or 'NUM_REAL_TARGET_TOKENS' (default): the weighted summed loss is
+      divided by the sum of `decoder_loss_weights` (tokens with non-zero
+      weight when weights are 0/1).
+    a float: divided by that constant (T5X's constant-factor mode).
+  """
+
+  def __init__(self,
+               config: T5Config,
+               z_loss: float = 1e-4,
+               label_smoothing: float = 0.0,
+               loss_normalizing_factor: Union[None, str, float] = None):
+    if isinstance(loss_normalizing_factor, str):
+      if loss_normalizing_factor != 'NUM_REAL_TARGET_TOKENS':
+        raise ValueError(
+            f'loss_normalizing_factor={loss_normalizing_factor!r} is not '
+            "supported; use None, 'NUM_REAL_TARGET_TOKENS' or a number.")
+      loss_normalizing_factor = None
+    self.config = config
+    self.module = Transformer(config)
+    self.z_loss = z_loss
+    self.label_smoothing = label_smoothing
+    self.loss_normalizing_factor = loss_normalizing_factor
+
+  # --- inputs ----------------------------------------------------------------
+  def dummy_batch(self, batch_size: int, input_length: int,
+                  target_length: int) -> dict:
+    """An int32 batch of ones with the EncDec feature names (for init)."""
+    enc = np.ones((batch_size, input_length), np.int32)
+    dec = np.ones((batch_size, target_length), np.int32)
+    return dict(encoder_input_tokens=enc, decoder_input_tokens=dec,
+                decoder_target_tokens=dec, decoder_loss_weights=dec)
+
+  @staticmethod
+  def _network_inputs(batch: Batch) -> dict:
+    missing = [k for k in _NETWORK_FEATURES[:3] if k not in batch]
+    if missing:
+      raise KeyError(f'Batch is missing features {missing}; has '
+                     f'{sorted(batch)}.')
+    return {k: batch[k] for k in _NETWORK_FEATURES if k in batch}
+
+  # --- functions -------------------------------------------------------------
+  def init(self, rng: Array, batch: Batch):
+    """Boxed variables (with logical partitioning metadata).
+
+    `batch` values may be arrays or shape/dtype structs; only shapes matter.
+    """
+    inputs = {}
+    for k, v in self._network_inputs(batch).items():
+      if not isinstance(v, (jax.Array, np.ndarray)):
+        v = jnp.ones(v.shape, v.dtype)
+      inputs[k] = v
+    params_rng, dropout_rng = jax.random.split(rng)
+    return self.module.init({'params': params_rng, 'dropout': dropout_rng},
+                            **inputs, enable_dropout=False)
+
+  def _apply(self, params, batch: Batch, dropout_rng=None) -> Array:
+    enable_dropout = dropout_rng is not None and self.config.dropout_rate > 0
+    rngs = {'dropout': dropout_rng} if enable_dropout else None
+    return self.module.apply({'params': params},
+                             **self._network_inputs(batch),
+                             enable_dropout=enable_dropout, rngs=rngs)
+
+  def logits(self, params, batch: Batch) -> Array:
+    """[B,T,V] float32 logits, dropout off."""
+    return self._apply(params, batch).astype(jnp.float32)
+
+  @staticmethod
+  def _weights(batch: Batch) -> Array:
+    weights = batch.get('decoder_loss_weights')
+    if weights is None:
+      weights = batch['decoder_target_tokens'] > 0
+    return jnp.asarray(weights, jnp.float32)
+
+  @staticmethod
+  def _num_examples(batch: Batch) -> Array:
+    """Rows, or packed segments (segment ids are 1..k per row) when packed."""
+    seg = batch.get('decoder_segment_ids')
+    if seg is None:
+      return jnp.asarray(batch['decoder_target_tokens'].shape[0], jnp.float32)
+    return jnp.sum(jnp.max(seg, axis=-1)).astype(jnp.float32)
+
+  def loss_fn(self, params, batch: Batch,
+              dropout_rng: Optional[Array]) -> Tuple[Array, dict]:
+    """(normalised loss, metrics). Dropout iff dropout_rng and rate > 0."""
+    logits = self._apply(params, batch, dropout_rng)
+    targets = batch['decoder_target_tokens']
+    weights = self._weights(batch)
+    loss_sum, z_loss_sum, weight_sum = losses.cross_entropy_with_logits(
+        logits, targets, weights, z_loss=self.z_loss,
+        label_smoothing=self.label_smoothing)
+    if self.loss_normalizing_factor is None:
+      denom = jnp.where(weight_sum > 0, weight_sum, 1.0)
+    else:
+      denom = jnp.asarray(self.loss_normalizing_factor, jnp.float32)
+    correct, _ = losses.weighted_accuracy(logits, targets, weights)
+    loss = loss_sum / denom
+    metrics = {
+        'loss': loss,
+        'cross_ent_loss': (loss_sum - z_loss_sum) / denom,
+        'z_loss': z_loss_sum / denom,
+        'accuracy': correct / jnp.where(weight_sum > 0, weight_sum, 1.0),
+        'num_tokens': weight_sum,
+        'num_examples': self._num_examples(batch),
+    }
+    return loss, metrics
+
+  def score(self, params, batch: Batch) -> Array:
+    """[B] sum over positions of weight * log p(target) (rank classification)."""
+    logits = self._apply(params, batch)
+    token_scores = losses.log_softmax_at_targets(
+        logits, batch['decoder_target_tokens'])
+    return jnp.sum(token_scores * self._weights(batch), axis=-1)
