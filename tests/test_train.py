@@ -37,7 +37,7 @@ def test_outputs_and_loss_falls(tmp_path):
   assert [r['step'] for r in rows] == list(range(1, 41))
   for key in ('loss', 'accuracy', 'learning_rate', 'tokens_per_second', 'seconds_per_step'):
     assert all(np.isfinite(r[key]) for r in rows), key
-  assert rows[0]['learning_rate'] == pytest.approx(0.01)
+  assert rows[0]['learning_rate'] == pytest.approx(1000 ** -0.5)  # WARMUP_STEPS = 1000
   assert rows[-1]['loss'] < 0.75 * rows[0]['loss']
   assert sorted(os.listdir(os.path.join(model_dir, 'checkpoints'))) == ['20', '40']
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(os.path.join(model_dir, 'train')))
@@ -47,18 +47,24 @@ def test_outputs_and_loss_falls(tmp_path):
   assert 'nothing to do' in again.stdout
 
 
-def _wait_for_step(proc, model_dir, step, timeout=300):
+def _wait_for(proc, done, timeout=300):
   deadline = time.time() + timeout
-  path = os.path.join(model_dir, 'metrics.jsonl')
   while time.time() < deadline:
     if proc.poll() is not None:
       raise AssertionError(f'train exited early: {proc.returncode}')
-    if os.path.exists(path):
-      done = [l for l in open(path).read().splitlines() if l.strip()]
-      if done and len(done) >= step:
-        return
-    time.sleep(0.02)
+    if done():
+      return
+    time.sleep(0.01)
   raise AssertionError('timed out waiting for training progress')
+
+
+def _logged_steps(model_dir):
+  path = os.path.join(model_dir, 'metrics.jsonl')
+  return len(open(path).read().splitlines()) if os.path.exists(path) else 0
+
+
+def _wait_for_step(proc, model_dir, step):
+  _wait_for(proc, lambda: _logged_steps(model_dir) >= step)
 
 
 def _assert_same_run(model_dir, reference_dir):
@@ -75,10 +81,13 @@ def _assert_same_run(model_dir, reference_dir):
 
 def test_sigkill_and_resume_is_bit_exact(tmp_path, uninterrupted):
   model_dir = str(tmp_path)
-  for kill_after in (2, 5):  # before the first checkpoint, and between two
+  first_checkpoint = os.path.join(model_dir, 'checkpoints', '3')
+  kill_points = [lambda: _logged_steps(model_dir) >= 2,  # before any checkpoint
+                 lambda: os.path.isdir(first_checkpoint)]  # right after one is final
+  for done in kill_points:
     proc = subprocess.Popen(train_cmd(model_dir, *RUN), cwd=REPO, env=run_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for_step(proc, model_dir, kill_after)
+    _wait_for(proc, done)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
   proc = run_train(model_dir, *RUN)
