@@ -4,6 +4,7 @@ resume after SIGKILL, checkpoint on SIGTERM, 8 fake devices = 1 device."""
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -11,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import read_metrics, run_env, run_train, train_cmd, REPO
+from conftest import read_metrics, run_env, run_train, train_cmd, REPO, SHARED_DATA, SMALL_T5
 
 STEPS = 8
 RUN = [f'--gin.TRAIN_STEPS={STEPS}', '--gin.CHECKPOINT_PERIOD=3']
@@ -120,3 +121,38 @@ def test_eight_fake_devices_match_one(tmp_path):
   for a, b in zip(read_metrics(one), read_metrics(eight), strict=True):
     assert b['loss'] == pytest.approx(a['loss'], rel=1e-5)
     assert b['accuracy'] == pytest.approx(a['accuracy'], rel=1e-5)
+
+
+def test_initial_checkpoint_path_starts_from_pretrained_params(tmp_path):
+  pretrained, finetuned = str(tmp_path / 'pretrained'), str(tmp_path / 'finetuned')
+  run_train(pretrained, '--gin.TRAIN_STEPS=30', '--gin.CHECKPOINT_PERIOD=30')
+  proc = run_train(finetuned, '--gin.TRAIN_STEPS=2',
+                   f"--gin.INITIAL_CHECKPOINT_PATH='{pretrained}'")
+  assert f'initialised params from {pretrained}' in proc.stdout
+  first_pretrained, first_finetuned = read_metrics(pretrained)[0], read_metrics(finetuned)[0]
+  assert first_finetuned['step'] == 1  # a new run: step and optimizer start afresh
+  # Same seed, so the same first batch: only the starting params differ.
+  assert first_finetuned['loss'] < first_pretrained['loss'] - 1.0
+
+
+def _readme_block(after):
+  text = open(os.path.join(REPO, 'README.md')).read()
+  return text.split(after, 1)[1].split('```', 2)[1].split('\n', 1)[1]
+
+
+def test_readme_own_corpus_recipe(tmp_path):
+  """The README's recipe, exactly as written, on a real JSONL sample."""
+  sample = os.path.join(SHARED_DATA, 'text', 'c4', 'c4_en_train_first1000.jsonl')
+  with open(sample) as f, open(tmp_path / 'my_corpus.jsonl', 'w') as out:
+    out.writelines(line for _, line in zip(range(300), f))
+  (tmp_path / 'my_tasks.py').write_text(_readme_block('Create\n`my_tasks.py`'))
+  (tmp_path / 'my_run.gin').write_text(_readme_block('and `my_run.gin`:'))
+  overrides = [a for a in SMALL_T5 if not a.startswith('--gin_file')]
+  proc = subprocess.run(
+      [sys.executable, '-m', 't5x_lite.train', '--gin_file=my_run.gin', *overrides,
+       '--gin.TRAIN_STEPS=3'], cwd=tmp_path, env=run_env(), capture_output=True, text=True,
+      timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  model_dir = str(tmp_path / 'runs' / 'my_corpus')
+  assert f'MODEL_DIR: {model_dir}' in proc.stdout
+  assert [r['step'] for r in read_metrics(model_dir)] == [1, 2, 3]
