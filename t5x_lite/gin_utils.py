@@ -41,11 +41,12 @@ def parse_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def find_gin_file(path: str) -> str:
-  for base in ('', os.getcwd(), REPO_ROOT):
+  places = list(dict.fromkeys((os.getcwd(), REPO_ROOT)))
+  for base in places:
     candidate = os.path.join(base, path)
     if os.path.isfile(candidate):
       return candidate
-  raise UserError(f"gin file '{path}' not found (looked in {os.getcwd()} and {REPO_ROOT}); "
+  raise UserError(f"gin file '{path}' not found (looked in {' and '.join(places)}); "
                   'check the --gin_file path.')
 
 
@@ -78,5 +79,6 @@ def run(main: Callable[[Sequence[str]], None], name: str) -> None:
   try:
     main(argv)
   except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
+    # Gin appends "In call to configurable ..." lines; the message is the first.
+    print(f'error: {str(e).strip().splitlines()[0]}', file=sys.stderr)
     sys.exit(2)

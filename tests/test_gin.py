@@ -107,6 +107,7 @@ def _one_error_line(proc):
   assert proc.returncode == 2, proc.stderr[-3000:]
   errors = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
   assert len(errors) == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  assert proc.stderr.rstrip().endswith(errors[0]), proc.stderr[-3000:]  # nothing after it
   return errors[0]
 
 
