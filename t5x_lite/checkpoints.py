@@ -1,24 +1,51 @@
 """Orbax checkpoints: periodic save, keep the last K, resume from the latest
 undamaged one, and params-only initialisation from another run.
 
-A checkpoint `checkpoints/<step>/` holds two items: `state` (the train-state
-pytree, sharded arrays as they are on the mesh) and `meta` (JSON: step, data
-position, and a fingerprint of every array so damaged files are detected on
-restore instead of being trained on).
+A checkpoint `checkpoints/<step>/` holds `state` (the train-state pytree,
+sharded arrays as they are on the mesh), `meta` (JSON: step, data position, and
+a fingerprint of every array so damaged files are detected on restore instead
+of being trained on) and, when given, `data`: each host's tf.data iterator, so
+a resumed run continues the input stream where it stopped without replaying it.
 """
 
+import dataclasses
 import logging
 import os
-from typing import Any, Optional
+import tempfile
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorflow as tf
 
 from t5x_lite.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+class DataIteratorHandler(ocp.CheckpointHandler):
+  """Saves / restores this host's tf.data iterator (tf.train.Checkpoint format)."""
+
+  def _prefix(self, directory) -> str:
+    return os.path.join(str(directory), f'process_{jax.process_index()}')
+
+  def save(self, directory, args: 'DataIterator'):
+    tf.train.Checkpoint(iterator=args.iterator).write(self._prefix(directory))
+
+  def restore(self, directory, args: 'DataIterator'):
+    tf.train.Checkpoint(iterator=args.iterator).read(self._prefix(directory)).assert_consumed()
+    return args.iterator
+
+  def metadata(self, directory):
+    return None
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True, for_restore=True)
+@dataclasses.dataclass
+class DataIterator(ocp.args.CheckpointArgs):
+  iterator: Any
 
 
 @jax.jit
@@ -51,6 +78,7 @@ class Checkpointer:
                async_save: bool = True):
     self.directory = os.path.join(os.path.abspath(model_dir), 'checkpoints')
     self.save_period = save_period
+    self._checkpointable_iterator = None
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -62,29 +90,60 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     return step % self.save_period == 0 or self.manager.reached_preemption(step)
 
-  def save(self, step: int, state: Any, data_position: int) -> None:
-    """Starts saving `state` (asynchronously where orbax supports it)."""
+  def save(self, step: int, state: Any, data_position: int,
+           data_iterator: Optional[tf.data.Iterator] = None) -> None:
+    """Starts saving `state` (asynchronously where orbax supports it).
+
+    `data_iterator`, positioned after `data_position` batches, is saved too;
+    an iterator that tf.data cannot checkpoint is left out with a warning (a
+    resumed run then replays the input pipeline up to `data_position`).
+    """
     meta = {'step': int(step), 'data_position': int(data_position),
             'fingerprint': _fingerprint_list(state)}
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    items = {'state': ocp.args.StandardSave(state)}
+    if data_iterator is not None and self._iterator_checkpointable(data_iterator):
+      items['data'] = DataIterator(data_iterator)
+    meta['data_iterator'] = 'data' in items
+    items['meta'] = ocp.args.JsonSave(meta)
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-  def restore_latest(self, abstract_state: Any) -> Optional[tuple[Any, dict]]:
+  def _iterator_checkpointable(self, iterator: tf.data.Iterator) -> bool:
+    """Whether tf.data can save this iterator (checked once, on a scratch dir)."""
+    if self._checkpointable_iterator is None:
+      with tempfile.TemporaryDirectory() as scratch:
+        try:
+          tf.train.Checkpoint(iterator=iterator).write(os.path.join(scratch, 'probe'))
+          self._checkpointable_iterator = True
+        except (tf.errors.OpError, ValueError, TypeError) as e:
+          log.warning('the input pipeline cannot be checkpointed (%s); a resumed run will '
+                      'replay it up to its data position instead.', str(e).splitlines()[0][:200])
+          self._checkpointable_iterator = False
+    return self._checkpointable_iterator
+
+  def restore_latest(self, abstract_state: Any,
+                     new_data_iterator: Optional[Callable[[], tf.data.Iterator]] = None
+                     ) -> Optional[tuple[Any, dict, Optional[tf.data.Iterator]]]:
     """Restores the newest undamaged checkpoint onto the shardings in
     `abstract_state` (a tree of jax.ShapeDtypeStruct with .sharding).
 
-    Returns (state, meta), or None when there is no checkpoint. A damaged
-    checkpoint is reported and the previous one is used.
+    Returns (state, meta, data iterator), or None when there is no checkpoint.
+    The iterator, made by `new_data_iterator` and set to the saved position, is
+    None when the checkpoint holds none. A damaged checkpoint is reported and
+    the previous one is used.
     """
     steps = self.all_steps()
     for step in reversed(steps):
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        state, meta = restored['state'], restored['meta']
+        meta = self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))['meta']
+        items = {'state': ocp.args.StandardRestore(abstract_state)}
+        if new_data_iterator is not None and meta.get('data_iterator'):
+          items['data'] = DataIterator(new_data_iterator())
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        state = restored['state']
         if meta.get('fingerprint') != _fingerprint_list(state):
           raise ValueError('array contents do not match the fingerprint saved with them')
-        return state, meta
+        return state, meta, restored['data'] if 'data' in items else None
       except Exception as e:  # pylint: disable=broad-except
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         log.warning('checkpoint %s/%d is damaged (%s); trying the previous one.',

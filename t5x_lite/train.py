@@ -126,18 +126,22 @@ def train(*,
   trainer = trainer_lib.Trainer(model, optimizer, partitioner, batch_shapes)
   ckpt = checkpoints.Checkpointer(model_dir, checkpoint_period, keep_checkpoints,
                                   async_save=async_checkpointing)
-  restored = ckpt.restore_latest(trainer.abstract_state().to_dict())
+  restored = ckpt.restore_latest(trainer.abstract_state().to_dict(), lambda: iter(ds))
   if restored is not None:
-    state = trainer_lib.TrainState.from_dict(restored[0])
-    data_position = restored[1]['data_position']
-    say(f'resumed from {ckpt.directory}/{int(state.step)} (data position {data_position})')
+    state, meta, data_iterator = trainer_lib.TrainState.from_dict(restored[0]), *restored[1:]
+    data_position = meta['data_position']
+    how = 'restored'
+    if data_iterator is None:  # the checkpoint has no iterator: replay the pipeline
+      data_iterator, how = iter(ds.skip(data_position)), 'replayed'
+    say(f'resumed from {ckpt.directory}/{int(state.step)} '
+        f'(data position {data_position}, input pipeline {how})')
   else:
     params = None
     if initial_checkpoint_path:
       params = checkpoints.restore_params(initial_checkpoint_path, trainer.abstract_params)
       say(f'initialised params from {initial_checkpoint_path}')
     state = trainer.init_state(seed, params)
-    data_position = 0
+    data_position, data_iterator = 0, iter(ds)
   start_step = int(state.step)
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_params))
   say(f'model: {n_params:,} params; mesh {dict(partitioner.mesh.shape)}; '
@@ -152,7 +156,6 @@ def train(*,
     ckpt.close()
     return {}
 
-  batches = pipeline.as_numpy(ds.skip(data_position))
   compile_seconds = trainer.compile()
   say(f'compiled the train step in {compile_seconds:.1f}s')
   step_fn = trainer.train_step
@@ -166,7 +169,7 @@ def train(*,
   step = start_step
   try:
     while step < train_steps:
-      batch = partitioner.shard_batch(next(batches))
+      batch = partitioner.shard_batch(pipeline.next_numpy(data_iterator))
       state, metrics = step_fn(state, batch)
       step += 1
       data_position += 1
@@ -184,7 +187,7 @@ def train(*,
         last_metrics, history = metrics, []
         interval_start, interval_steps = time.perf_counter(), 0
       if preemption.requested or ckpt.should_save(step) or step == train_steps:
-        ckpt.save(step, state.to_dict(), data_position)
+        ckpt.save(step, state.to_dict(), data_position, data_iterator)
       if preemption.requested:
         ckpt.wait()
         bar.close()

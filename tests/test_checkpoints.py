@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tensorflow as tf
 
 from t5x_lite import checkpoints
 from t5x_lite.errors import UserError
@@ -40,7 +41,8 @@ def test_round_trip_and_keep_last(tmp_path):
   ckpt.close()
   ckpt = checkpoints.Checkpointer(str(tmp_path), save_period=1, keep=2)
   assert ckpt.all_steps() == [2, 3]
-  state, meta = ckpt.restore_latest(_abstract(_state(0)))
+  state, meta, iterator = ckpt.restore_latest(_abstract(_state(0)))
+  assert iterator is None
   _assert_equal(state, _state(3))
   assert meta['step'] == 3 and meta['data_position'] == 30
   ckpt.close()
@@ -77,7 +79,7 @@ def test_damaged_latest_falls_back_to_previous(tmp_path, damage, caplog):
         data[i] ^= 0xFF
       open(path, 'wb').write(bytes(data))
   ckpt = checkpoints.Checkpointer(str(tmp_path), save_period=1, keep=3)
-  state, meta = ckpt.restore_latest(_abstract(_state(0)))
+  state, meta, _ = ckpt.restore_latest(_abstract(_state(0)))
   assert meta['step'] == 1
   _assert_equal(state, _state(1))
   assert any('checkpoints/2 is damaged' in r.getMessage() for r in caplog.records)
@@ -111,3 +113,38 @@ def test_restore_params_only(tmp_path):
     checkpoints.restore_params(str(tmp_path), wrong)
   with pytest.raises(UserError, match='no checkpoint found'):
     checkpoints.restore_params(str(tmp_path / 'nothing'), abstract_params)
+
+
+def _numbers(start):
+  ds = tf.data.Dataset.range(start, 1000).shuffle(50, seed=0).batch(4).prefetch(2)
+  return ds
+
+
+def test_data_iterator_is_saved_and_restored(tmp_path):
+  ds = _numbers(0)
+  iterator = iter(ds)
+  for _ in range(5):
+    next(iterator)
+  ckpt = checkpoints.Checkpointer(str(tmp_path), save_period=1)
+  ckpt.save(5, _state(5), data_position=5, data_iterator=iterator)
+  expected = [next(iterator).numpy() for _ in range(3)]
+  ckpt.close()
+  ckpt = checkpoints.Checkpointer(str(tmp_path), save_period=1)
+  _, meta, restored = ckpt.restore_latest(_abstract(_state(0)), lambda: iter(ds))
+  assert meta['data_iterator'] and meta['data_position'] == 5
+  np.testing.assert_array_equal([next(restored).numpy() for _ in range(3)], expected)
+  ckpt.close()
+
+
+def test_uncheckpointable_iterator_is_left_out(tmp_path, caplog):
+  ds = tf.data.Dataset.from_generator(lambda: iter(range(100)), output_signature=tf.TensorSpec((), tf.int64))
+  iterator = iter(ds)
+  next(iterator)
+  ckpt = checkpoints.Checkpointer(str(tmp_path), save_period=1)
+  ckpt.save(1, _state(1), data_position=1, data_iterator=iterator)
+  ckpt.close()
+  assert any('cannot be checkpointed' in r.getMessage() for r in caplog.records)
+  ckpt = checkpoints.Checkpointer(str(tmp_path), save_period=1)
+  _, meta, restored = ckpt.restore_latest(_abstract(_state(0)), lambda: iter(ds))
+  assert restored is None and not meta['data_iterator'] and meta['data_position'] == 1
+  ckpt.close()

@@ -109,7 +109,7 @@ def test_sigterm_saves_then_resumes_exactly(tmp_path, uninterrupted):
   assert 4 <= saved < STEPS
   assert str(saved) in os.listdir(os.path.join(model_dir, 'checkpoints'))
   resumed = run_train(model_dir, *RUN)
-  assert f'/{saved} (data position {saved})' in resumed.stdout
+  assert f'/{saved} (data position {saved}, input pipeline restored)' in resumed.stdout
   _assert_same_run(model_dir, uninterrupted)
 
 

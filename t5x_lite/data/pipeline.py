@@ -5,7 +5,7 @@ of the global batch, deterministic for a seed, resumable at a batch position.
 """
 
 import dataclasses
-from typing import Iterator, Mapping, Optional
+from typing import Mapping, Optional
 
 import jax
 import numpy as np
@@ -65,7 +65,8 @@ def get_dataset(mixture_or_task_name: str,
 
   `batch_size` is the global batch size; each of `num_shards` hosts (default:
   the JAX processes) gets `batch_size // num_shards` examples of its own shard.
-  A resumed run continues with `.skip(data_position)`.
+  A resumed run restores its iterator from the checkpoint (or `.skip`s to its
+  data position).
   """
   num_shards = jax.process_count() if num_shards is None else num_shards
   shard_id = jax.process_index() if shard_id is None else shard_id
@@ -84,5 +85,6 @@ def get_dataset(mixture_or_task_name: str,
   return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
-def as_numpy(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
-  return ds.as_numpy_iterator()
+def next_numpy(iterator: tf.data.Iterator) -> dict[str, np.ndarray]:
+  """The next batch as numpy arrays (the iterator stays checkpointable)."""
+  return {k: v.numpy() for k, v in next(iterator).items()}
