@@ -100,7 +100,6 @@ def train(*,
           vocabulary: Optional[seqio.Vocabulary] = None,
           pack: bool = True,
           async_checkpointing: bool = True,
-          config_str: Optional[str] = None,
           progress_bar: bool = True) -> dict[str, float]:
   """Trains to `train_steps` total steps, resuming from MODEL_DIR if it has a checkpoint.
 
@@ -117,6 +116,9 @@ def train(*,
   _check_vocab(model, pipeline.output_vocab_size(task, vocabulary))
   partitioner = partitioner or Partitioner()
   partitioner.check_batch_size(batch_size)
+  if checkpoint_period <= 0 or train_steps <= 0:
+    raise UserError(f'CHECKPOINT_PERIOD ({checkpoint_period}) and TRAIN_STEPS ({train_steps}) '
+                    'must be positive.')
 
   lengths = dict(task_feature_lengths)
   ds = pipeline.get_dataset(mixture_or_task_name, lengths, batch_size, seed=seed, pack=pack,
@@ -146,9 +148,10 @@ def train(*,
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_params))
   say(f'model: {n_params:,} params; mesh {dict(partitioner.mesh.shape)}; '
       f'batch {batch_size} x {lengths}')
-  if config_str is not None and is_main:
+  operative_config = gin.operative_config_str()  # empty when called without gin
+  if operative_config and is_main:
     with open(os.path.join(model_dir, 'config.gin'), 'w') as f:
-      f.write(config_str)
+      f.write(operative_config)
 
   writer = MetricsWriter(model_dir, start_step)
   if start_step >= train_steps:
@@ -209,7 +212,7 @@ def main(argv: Sequence[str]) -> None:
   gin_utils.parse_gin(files, bindings)
   configured = gin.get_configurable(train)
   try:
-    configured(config_str=gin.config_str())
+    configured()
   except ValueError as e:
     if 'gin.REQUIRED' in str(e) or 'REQUIRED' in str(e).splitlines()[0]:
       raise UserError(f'gin: {gin_utils.one_line(e)}; bind it in a gin file or '

@@ -135,3 +135,23 @@ def test_missing_c4_stops_at_once(tmp_path):
   line = _one_error_line(_cli('--gin_file=gin/t5_base_span.gin',
                               f"--gin.MODEL_DIR='{tmp_path / 'run'}'", env=env))
   assert str(tmp_path) in line and 'c4' in line.lower() and 't5_tiny_span.gin' in line
+
+
+def test_own_sentencepiece_vocabulary_by_gin(tmp_path):
+  """The README's VOCABULARY snippet: another SentencePiece model replaces the task's."""
+  from t5x_lite.data import pipeline, vocab
+  text = open(os.path.join(REPO, 'README.md')).read()
+  snippet = text.split('plugs in by gin:', 1)[1].split('```', 2)[1]
+  snippet = snippet.replace('/path/to/sentencepiece.model', vocab.EMBEDDED_VOCAB_PATH)
+  snippet = snippet.replace('extra_ids = 100', 'extra_ids = 50')
+  (tmp_path / 'vocab.gin').write_text(snippet)
+  gin.clear_config()
+  gin_utils.parse_gin(['gin/t5_tiny_span.gin', str(tmp_path / 'vocab.gin')], [])
+  own = _macro('VOCABULARY').scoped_configurable_fn()
+  assert own.vocab_size == 8050
+  ds = pipeline.get_dataset('embedded_span_corruption', {'inputs': 64, 'targets': 16}, 4,
+                            vocabulary=own)
+  batch = next(iter(ds))
+  tokens = batch['encoder_input_tokens'].numpy()
+  assert tokens.max() == 8049  # <extra_id_0> of the 50-sentinel vocabulary
+  assert batch['decoder_target_tokens'].numpy().max() <= 8049
