@@ -14,8 +14,9 @@ import pytest
 
 from conftest import read_metrics, run_env, run_train, train_cmd, REPO, SHARED_DATA, SMALL_T5
 
-STEPS = 8
-RUN = [f'--gin.TRAIN_STEPS={STEPS}', '--gin.CHECKPOINT_PERIOD=3']
+# Enough steps after each kill point that the signal lands before the run ends.
+STEPS = 60
+RUN = [f'--gin.TRAIN_STEPS={STEPS}', '--gin.CHECKPOINT_PERIOD=10']
 
 
 def _final_state(model_dir):
@@ -82,7 +83,7 @@ def _assert_same_run(model_dir, reference_dir):
 
 def test_sigkill_and_resume_is_bit_exact(tmp_path, uninterrupted):
   model_dir = str(tmp_path)
-  first_checkpoint = os.path.join(model_dir, 'checkpoints', '3')
+  first_checkpoint = os.path.join(model_dir, 'checkpoints', '10')
   kill_points = [lambda: _logged_steps(model_dir) >= 2,  # before any checkpoint
                  lambda: os.path.isdir(first_checkpoint)]  # right after one is final
   for done in kill_points:
@@ -100,13 +101,13 @@ def test_sigterm_saves_then_resumes_exactly(tmp_path, uninterrupted):
   model_dir = str(tmp_path)
   proc = subprocess.Popen(train_cmd(model_dir, *RUN), cwd=REPO, env=run_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  _wait_for_step(proc, model_dir, 4)
+  _wait_for_step(proc, model_dir, 15)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 143, err[-3000:]
   assert 'SIGTERM: saved checkpoint' in out
   saved = int(out.split('SIGTERM: saved checkpoint')[1].split()[0].rsplit('/', 1)[1].rstrip(';'))
-  assert 4 <= saved < STEPS
+  assert 15 <= saved < STEPS
   assert str(saved) in os.listdir(os.path.join(model_dir, 'checkpoints'))
   resumed = run_train(model_dir, *RUN)
   assert f'/{saved} (data position {saved}, input pipeline restored)' in resumed.stdout
