@@ -356,3 +356,161 @@ def mask_to_bias(mask: Optional[Array], dtype: DType = jnp.float32):
   if mask is None:
     return None
   return jnp.where(mask, 0.0, MASK_LOGIT).astype(canonicalize_dtype(dtype))
+
+
+# -----------------------------------------------------------------------------
+# Biased blocks (BERT family): LayerNorm with bias, Dense with bias, learned
+# absolute position tables and scaled attention with biases.
+#
+# One more logical name is used here:
+#   abspos  rows of a small learned table indexed by absolute position or by
+#           token type. No rule set maps it, so these tables are replicated.
+# -----------------------------------------------------------------------------
+class LayerNorm(nn.Module):
+  """Standard layer norm (mean and variance, then scale and bias), float32 math."""
+  epsilon: float = 1e-12
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    features = (x.shape[-1],)
+    param_dtype = canonicalize_dtype(self.param_dtype)
+    scale = self.param(
+        'scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+        features, param_dtype)
+    bias = self.param(
+        'bias', nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
+        features, param_dtype)
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(canonicalize_dtype(self.dtype))
+
+
+class Dense(nn.Module):
+  """`x @ kernel + bias` over the last axis; kernel [in, out], bias [out].
+
+  `kernel_axes` names the two kernel axes; the bias takes the output name.
+  """
+  features: int
+  kernel_axes: Sequence[Optional[str]]
+  kernel_init: Initializer = default_kernel_init
+  bias_init: Initializer = nn.initializers.zeros
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    axes = tuple(self.kernel_axes)
+    param_dtype = canonicalize_dtype(self.param_dtype)
+    kernel = self.param('kernel', nn.with_logical_partitioning(
+        self.kernel_init, axes), (x.shape[-1], self.features), param_dtype)
+    bias = self.param('bias', nn.with_logical_partitioning(
+        self.bias_init, axes[-1:]), (self.features,), param_dtype)
+    dtype = canonicalize_dtype(self.dtype)
+    y = jnp.einsum('...D,DF->...F', x.astype(dtype), kernel.astype(dtype))
+    return y + bias.astype(dtype)
+
+
+class PositionEmbed(nn.Module):
+  """A learned table `[num_embeddings, D]` ('abspos', 'embed') looked up by id.
+
+  Used for absolute positions and for token types (segments) in BERT.
+  """
+  num_embeddings: int
+  features: int
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+  embedding_init: Initializer = nn.initializers.normal(stddev=0.02)
+
+  @nn.compact
+  def __call__(self, ids: Array) -> Array:
+    table = self.param(
+        'embedding',
+        nn.with_logical_partitioning(self.embedding_init, ('abspos', 'embed')),
+        (self.num_embeddings, self.features),
+        canonicalize_dtype(self.param_dtype))
+    x = jnp.take(table.astype(canonicalize_dtype(self.dtype)),
+                 ids.astype(jnp.int32), axis=0)
+    return constrain(x, ('batch', 'length', 'embed'))
+
+
+class BiasedMultiHeadAttention(nn.Module):
+  """BERT-style attention: q/k/v/out projections with biases, 1/sqrt(H) scaling.
+
+  Params: `{query,key,value}/{kernel [D, N*H], bias [N*H]}` ('embed',
+  'joined_kv') and `out/{kernel [N*H, D], bias [D]}`. Dropout acts on the
+  attention probabilities, element-wise (as in BERT).
+  """
+  num_heads: int
+  head_dim: int
+  dropout_rate: float = 0.0
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+  kernel_init: Initializer = default_kernel_init
+
+  @nn.compact
+  def __call__(self,
+               inputs_q: Array,
+               inputs_kv: Array,
+               mask_bias: Optional[Array] = None,
+               deterministic: bool = True) -> Array:
+    """[B,T,D] attending to [B,S,D] -> [B,T,D]; `mask_bias` is [B,1,T|1,S]."""
+    dtype = canonicalize_dtype(self.dtype)
+    n, h, d = self.num_heads, self.head_dim, inputs_q.shape[-1]
+    dense = functools.partial(Dense, kernel_init=self.kernel_init,
+                              dtype=self.dtype, param_dtype=self.param_dtype)
+    in_axes = ('embed', 'joined_kv')
+    heads = ('batch', 'length', 'heads', 'kv')
+
+    def project(name, x):
+      y = dense(n * h, kernel_axes=in_axes, name=name)(x)
+      return constrain(y.reshape(y.shape[:-1] + (n, h)), heads)
+
+    q = project('query', inputs_q)
+    k = project('key', inputs_kv)
+    v = project('value', inputs_kv)
+    q = q / jnp.asarray(np.sqrt(h), dtype)
+    logits = jnp.einsum('BTNH,BSNH->BNTS', q, k).astype(jnp.float32)
+    if mask_bias is not None:
+      logits = logits + mask_bias.astype(jnp.float32)
+    weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    if not deterministic and self.dropout_rate > 0.0:
+      weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
+    x = constrain(jnp.einsum('BNTS,BSNH->BTNH', weights, v), heads)
+    x = x.reshape(x.shape[:-2] + (n * h,))
+    out = dense(d, kernel_axes=('joined_kv', 'embed'), name='out')(x)
+    return constrain(out, ('batch', 'length', 'embed'))
+
+
+class BiasedMlp(nn.Module):
+  """BERT MLP: `wo(act(wi(x)))`, both with biases; exact (erf) GELU by default."""
+  mlp_dim: int
+  activation: Union[str, Callable] = 'gelu_exact'
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+  kernel_init: Initializer = default_kernel_init
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    dense = functools.partial(Dense, kernel_init=self.kernel_init,
+                              dtype=self.dtype, param_dtype=self.param_dtype)
+    y = dense(self.mlp_dim, kernel_axes=('embed', 'mlp'), name='wi')(x)
+    y = constrain(bert_activation(self.activation)(y), ('batch', 'length', 'mlp'))
+    out = dense(x.shape[-1], kernel_axes=('mlp', 'embed'), name='wo')(y)
+    return constrain(out, ('batch', 'length', 'embed'))
+
+
+def gelu_exact(x: Array) -> Array:
+  """GELU with the erf (HF BERT's 'gelu'); `nn.gelu` defaults to the tanh form."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def bert_activation(name_or_fn: Union[str, Callable]) -> Callable:
+  """'gelu_exact' | 'gelu' (tanh approximation) | 'relu' | ... | a callable."""
+  if name_or_fn == 'gelu_exact':
+    return gelu_exact
+  return _activation(name_or_fn)

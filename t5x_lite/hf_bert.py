@@ -1,0 +1,147 @@
+"""Hugging Face BERT weights <-> t5x_lite `models.encoder` params.
+
+Works on plain `{name: numpy array}` state dicts, so torch is not needed here:
+with torch, `{k: v.numpy() for k, v in model.state_dict().items()}`; from a
+safetensors file, `safetensors.numpy.load_file(path)`. Names follow
+`BertForPreTraining`; a leading `bert.` is optional, so a `BertModel` state
+dict with the `cls.*` heads works too when the heads are present.
+HF stores linear weights as [out, in]; ours are [in, out].
+"""
+
+from typing import Mapping
+
+import numpy as np
+
+from t5x_lite.models.encoder import BertConfig
+
+
+def _layer_map(i: int) -> dict:
+  """Our path (tuple) -> HF name, for encoder layer i."""
+  ours, hf = ('encoder', f'layers_{i}'), f'encoder.layer.{i}'
+  m = {}
+  for name in ('query', 'key', 'value'):
+    m[ours + ('attention', name)] = f'{hf}.attention.self.{name}'
+  m[ours + ('attention', 'out')] = f'{hf}.attention.output.dense'
+  m[ours + ('post_attention_layer_norm',)] = f'{hf}.attention.output.LayerNorm'
+  m[ours + ('mlp', 'wi')] = f'{hf}.intermediate.dense'
+  m[ours + ('mlp', 'wo')] = f'{hf}.output.dense'
+  m[ours + ('post_mlp_layer_norm',)] = f'{hf}.output.LayerNorm'
+  return m
+
+
+def _module_map(config: BertConfig) -> dict:
+  """Our module path -> (HF module name, kind) for dense / norm modules."""
+  m = {('embedding_norm',): 'embeddings.LayerNorm', ('pooler',): 'pooler.dense'}
+  for i in range(config.num_layers):
+    m.update(_layer_map(i))
+  return m
+
+
+def _set(tree: dict, path, value):
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def from_hf_bert_state_dict(state_dict: Mapping[str, np.ndarray],
+                            config: BertConfig) -> dict:
+  """HF `BertForPreTraining` state dict -> our (unboxed) params pytree.
+
+  Raises KeyError naming missing tensors and ValueError on shape mismatch
+  (e.g. a config that does not fit the checkpoint).
+  """
+  sd = {}  # cls.predictions.decoder.bias is HF's alias of cls.predictions.bias
+  for k, v in state_dict.items():
+    sd[k[len('bert.'):] if k.startswith('bert.') else k] = np.asarray(v)
+  dtype = np.dtype(config.param_dtype)
+
+  def get(name, shape):
+    if name not in sd:
+      raise KeyError(f'HF BERT state dict has no {name!r}; it must come from '
+                     'BertForPreTraining (pretraining heads included).')
+    value = sd[name]
+    if value.shape != tuple(shape):
+      raise ValueError(f'{name}: shape {value.shape} does not match the config '
+                       f'({tuple(shape)}); check BertConfig against the '
+                       'checkpoint config.')
+    return value.astype(dtype)
+
+  d, v, f = config.emb_dim, config.vocab_size, config.mlp_dim
+  inner = config.num_heads * config.head_dim
+  params = {}
+  for ours, theirs, rows in (
+      ('token_embedder', 'word_embeddings', v),
+      ('position_embedder', 'position_embeddings', config.max_positions),
+      ('segment_embedder', 'token_type_embeddings', config.type_vocab_size)):
+    params[ours] = {'embedding': get(f'embeddings.{theirs}.weight', (rows, d))}
+
+  def dense_shape(path):
+    last = path[-1]
+    if last in ('query', 'key', 'value'):
+      return (d, inner)
+    return {'out': (inner, d), 'wi': (d, f), 'wo': (f, d)}.get(last, (d, d))
+
+  for path, hf in _module_map(config).items():
+    if 'LayerNorm' in hf:
+      _set(params, path, {'scale': get(f'{hf}.weight', (d,)),
+                          'bias': get(f'{hf}.bias', (d,))})
+    else:
+      n_in, n_out = dense_shape(path)
+      _set(params, path, {'kernel': get(f'{hf}.weight', (n_out, n_in)).T,
+                          'bias': get(f'{hf}.bias', (n_out,))})
+
+  pred = 'cls.predictions'
+  params['mlm_head'] = {
+      'transform': {'kernel': get(f'{pred}.transform.dense.weight', (d, d)).T,
+                    'bias': get(f'{pred}.transform.dense.bias', (d,))},
+      'layer_norm': {'scale': get(f'{pred}.transform.LayerNorm.weight', (d,)),
+                     'bias': get(f'{pred}.transform.LayerNorm.bias', (d,))},
+      'output_bias': get(f'{pred}.bias', (v,)),
+  }
+  if f'{pred}.decoder.weight' in sd:
+    tied = np.array_equal(sd[f'{pred}.decoder.weight'],
+                          sd['embeddings.word_embeddings.weight'])
+    if not tied:
+      raise ValueError('cls.predictions.decoder.weight differs from the word '
+                       'embeddings; our MLM head is tied to them.')
+  params['nsp_head'] = {
+      'kernel': get('cls.seq_relationship.weight', (2, d)).T,
+      'bias': get('cls.seq_relationship.bias', (2,))}
+  return params
+
+
+def to_hf_bert_state_dict(params, config: BertConfig) -> dict:
+  """Our params -> HF `BertForPreTraining` state dict of numpy arrays."""
+  p = {}
+
+  def flat(tree, prefix=()):
+    for k, val in tree.items():
+      if isinstance(val, Mapping):
+        flat(val, prefix + (k,))
+      else:
+        p[prefix + (k,)] = np.asarray(val)
+
+  flat(params)
+  sd = {}
+  for ours, theirs in (('token_embedder', 'word_embeddings'),
+                       ('position_embedder', 'position_embeddings'),
+                       ('segment_embedder', 'token_type_embeddings')):
+    sd[f'bert.embeddings.{theirs}.weight'] = p[(ours, 'embedding')]
+  for path, hf in _module_map(config).items():
+    if 'LayerNorm' in hf:
+      sd[f'bert.{hf}.weight'] = p[path + ('scale',)]
+      sd[f'bert.{hf}.bias'] = p[path + ('bias',)]
+    else:
+      sd[f'bert.{hf}.weight'] = p[path + ('kernel',)].T
+      sd[f'bert.{hf}.bias'] = p[path + ('bias',)]
+  head = ('mlm_head',)
+  sd['cls.predictions.transform.dense.weight'] = p[head + ('transform', 'kernel')].T
+  sd['cls.predictions.transform.dense.bias'] = p[head + ('transform', 'bias')]
+  sd['cls.predictions.transform.LayerNorm.weight'] = p[head + ('layer_norm', 'scale')]
+  sd['cls.predictions.transform.LayerNorm.bias'] = p[head + ('layer_norm', 'bias')]
+  sd['cls.predictions.bias'] = p[head + ('output_bias',)]
+  sd['cls.predictions.decoder.weight'] = sd['bert.embeddings.word_embeddings.weight']
+  sd['cls.predictions.decoder.bias'] = sd['cls.predictions.bias']
+  sd['cls.seq_relationship.weight'] = p[('nsp_head', 'kernel')].T
+  sd['cls.seq_relationship.bias'] = p[('nsp_head', 'bias')]
+  return sd
