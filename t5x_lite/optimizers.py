@@ -2,6 +2,7 @@
 
 from typing import Callable, Optional
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -53,11 +54,18 @@ def adafactor(learning_rate: Schedule | float = rsqrt_schedule(),
       momentum=momentum, weight_decay_rate=weight_decay_rate), learning_rate)
 
 
+def _matrices(params):
+  """Weight decay mask: kernels and embeddings, not biases or norm scales."""
+  return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+
+
 def adamw(learning_rate: Schedule | float, b1: float = 0.9, b2: float = 0.999,
           eps: float = 1e-6, weight_decay: float = 0.01,
           max_grad_norm: Optional[float] = 1.0) -> optax.GradientTransformation:
-  """AdamW with optional global-norm clipping (BERT's optimizer)."""
+  """AdamW with optional global-norm clipping (BERT's optimizer). As BERT,
+  biases and LayerNorm parameters are not decayed."""
   def make(learning_rate):
-    tx = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    tx = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                     mask=_matrices)
     return optax.chain(optax.clip_by_global_norm(max_grad_norm), tx) if max_grad_norm else tx
   return with_learning_rate_in_state(make, learning_rate)

@@ -7,6 +7,7 @@ SIGTERM (a preempted VM) saves a checkpoint before exiting.
 """
 
 import json
+import math
 import os
 import resource
 import signal
@@ -122,7 +123,8 @@ def train(*,
 
   lengths = dict(task_feature_lengths)
   ds = pipeline.get_dataset(mixture_or_task_name, lengths, batch_size, seed=seed, pack=pack,
-                            vocabulary=vocabulary)
+                            vocabulary=vocabulary,
+                            feature_converter_cls=model.FEATURE_CONVERTER_CLS)
   batch_shapes = {k: jax.ShapeDtypeStruct((batch_size,) + tuple(v.shape[1:]), v.dtype.as_numpy_dtype)
                   for k, v in ds.element_spec.items()}
   trainer = trainer_lib.Trainer(model, optimizer, partitioner, batch_shapes)
@@ -162,7 +164,9 @@ def train(*,
   compile_seconds = trainer.compile()
   say(f'compiled the train step in {compile_seconds:.1f}s')
   step_fn = trainer.train_step
-  tokens_per_batch = batch_size * (lengths['inputs'] + lengths['targets'])
+  # Tokens the model reads per step: every *input_tokens stream (encoder and decoder).
+  tokens_per_batch = sum(math.prod(v.shape) for k, v in batch_shapes.items()
+                         if k.endswith('input_tokens'))
 
   preemption = _Preemption()
   history, last_metrics = [], {}

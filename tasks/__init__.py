@@ -1,5 +1,7 @@
 """seqio Task registrations. Importing `tasks` registers:
 
+- `embedded_bert_pretraining`: BERT NSP pairs + 15% MLM (80/10/10) over the
+  embedded corpus, with the embedded WordPiece vocabulary.
 - `embedded_span_corruption`: T5 span corruption over the embedded corpus
   (the stdlib documentation; always available; splits train / validation).
 - `c4_v220_span_corruption`: T5 span corruption over TFDS `c4/en:3.1.0` (the
@@ -26,3 +28,5 @@ from tasks.span import check_data_available
 from tasks.span import register_span_corruption_task
 from tasks.span import span_corruption_output_features
 from tasks.span import span_corruption_preprocessors
+from tasks.bert import bert_output_features
+from tasks.bert import bert_preprocessors

@@ -39,17 +39,19 @@ def _num_params(model, lengths=(8, 4)):
 
 
 def test_gin_files_exist():
-  assert {'gin/t5_tiny_span.gin', 'gin/t5_small_span.gin', 'gin/t5_base_span.gin'} <= set(GIN_FILES)
+  assert {'gin/t5_tiny_span.gin', 'gin/t5_small_span.gin', 'gin/t5_base_span.gin',
+          'gin/bert_tiny_mlm.gin', 'gin/bert_base_mlm.gin'} <= set(GIN_FILES)
 
 
 @pytest.mark.parametrize('path', GIN_FILES)
 def test_every_gin_file_builds(path):
+  from t5x_lite.data import pipeline
   objs = _build(path)
   cfg = objs['model'].config
-  assert cfg.vocab_size % 128 == 0
+  task = pipeline.get_task_or_mixture(_macro('MIXTURE_OR_TASK_NAME'))
+  assert cfg.vocab_size >= pipeline.output_vocab_size(task)
   assert _macro('MODEL_DIR') and _macro('TRAIN_STEPS') > 0
-  lengths = _macro('TASK_FEATURE_LENGTHS')
-  assert set(lengths) == {'inputs', 'targets'}
+  assert 'inputs' in _macro('TASK_FEATURE_LENGTHS')
   assert objs['partitioner'].mesh.size == jax.device_count()
   assert hasattr(objs['optimizer'], 'update')
 

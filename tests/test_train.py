@@ -157,3 +157,18 @@ def test_readme_own_corpus_recipe(tmp_path):
   model_dir = str(tmp_path / 'runs' / 'my_corpus')
   assert f'MODEL_DIR: {model_dir}' in proc.stdout
   assert [r['step'] for r in read_metrics(model_dir)] == [1, 2, 3]
+
+
+def test_bert_tiny_trains_through_the_same_entry_point(tmp_path):
+  model_dir = str(tmp_path)
+  proc = subprocess.run(
+      [sys.executable, '-m', 't5x_lite.train', '--gin_file=gin/bert_tiny_mlm.gin',
+       f"--gin.MODEL_DIR='{model_dir}'", '--gin.TRAIN_STEPS=40', '--gin.WARMUP_STEPS=5',
+       "--gin.TASK_FEATURE_LENGTHS={'inputs': 64}", '--gin.BATCH_SIZE=16',
+       '--gin.train_script.train.log_every=1', '--gin.train_script.train.progress_bar=False'],
+      cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = read_metrics(model_dir)
+  assert {'mlm_loss', 'nsp_loss', 'mlm_accuracy', 'nsp_accuracy'} <= set(rows[-1])
+  assert rows[-1]['tokens_per_second'] > 0
+  assert rows[-1]['mlm_loss'] < 0.8 * rows[0]['mlm_loss']

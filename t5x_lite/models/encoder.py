@@ -42,6 +42,7 @@ import numpy as np
 
 from t5x_lite import layers
 from t5x_lite import losses
+from t5x_lite.data import feature_converters
 
 Array = jax.Array
 Batch = Mapping[str, Any]
@@ -221,6 +222,7 @@ class EncoderModel:
          + nsp_weight * mean NSP cross-entropy (when the batch has
          `next_sentence_label`).
   """
+  FEATURE_CONVERTER_CLS = feature_converters.EncoderFeatureConverter
 
   def __init__(self, config: BertConfig, z_loss: float = 0.0,
                nsp_weight: float = 1.0):

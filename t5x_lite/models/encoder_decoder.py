@@ -34,6 +34,7 @@ from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import seqio
 
 from t5x_lite import layers
 from t5x_lite import losses
@@ -265,6 +266,7 @@ class EncoderDecoderModel:
       weight when weights are 0/1).
     a float: divided by that constant (T5X's constant-factor mode).
   """
+  FEATURE_CONVERTER_CLS = seqio.EncDecFeatureConverter
 
   def __init__(self,
                config: T5Config,
