@@ -157,3 +157,30 @@ def test_own_sentencepiece_vocabulary_by_gin(tmp_path):
   tokens = batch['encoder_input_tokens'].numpy()
   assert tokens.max() == 8049  # <extra_id_0> of the 50-sentinel vocabulary
   assert batch['decoder_target_tokens'].numpy().max() <= 8049
+
+
+def test_own_wordpiece_vocabulary_by_gin(tmp_path):
+  """The README's BERT vocab.txt snippet, with a vocab.txt in BERT's own layout."""
+  from t5x_lite.data import pipeline, wordpiece
+  text = open(os.path.join(REPO, 'README.md')).read()
+  snippet = text.split('plugs in\nby gin:', 1)[1].split('```', 2)[1]
+  pieces = [l.strip() for l in open(wordpiece.EMBEDDED_WORDPIECE_PATH) if l.strip()]
+  unused = [f'[unused{i}]' for i in range(99)]  # BERT: [PAD], [unused0..98], [UNK], [CLS], ...
+  bert_layout = ['[PAD]'] + unused + ['[UNK]', '[CLS]', '[SEP]', '[MASK]'] + [
+      p for p in pieces if p not in ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')]
+  (tmp_path / 'vocab.txt').write_text('\n'.join(bert_layout) + '\n')
+  (tmp_path / 'vocab.gin').write_text(snippet.replace('/path/to/vocab.txt', str(tmp_path / 'vocab.txt')))
+  gin.clear_config()
+  gin_utils.parse_gin(['gin/bert_base_mlm.gin', str(tmp_path / 'vocab.gin')], [])
+  own = _macro('VOCABULARY').scoped_configurable_fn()
+  assert (own.pad_id, own.unk_id, own.cls_id, own.sep_id, own.mask_id) == (0, 100, 101, 102, 103)
+  ds = pipeline.get_dataset('embedded_bert_pretraining', {'inputs': 64}, 4, vocabulary=own,
+                            pack=False, feature_converter_cls=_build_model_converter())
+  batch = next(iter(ds))
+  tokens = batch['input_tokens'].numpy()
+  assert (tokens[:, 0] == 101).all()  # every pair starts with BERT's [CLS]
+  assert 103 in tokens and tokens.max() < own.vocab_size
+
+
+def _build_model_converter():
+  return _macro('MODEL').scoped_configurable_fn().FEATURE_CONVERTER_CLS
