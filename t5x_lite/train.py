@@ -16,7 +16,6 @@ from typing import Any, Mapping, Optional, Sequence
 
 import gin
 import jax
-import numpy as np
 import optax
 import seqio
 import tqdm

@@ -42,6 +42,7 @@ import numpy as np
 
 from t5x_lite import layers
 from t5x_lite import losses
+from t5x_lite.models import common
 from t5x_lite.data import feature_converters
 
 Array = jax.Array
@@ -255,14 +256,7 @@ class EncoderModel:
 
     `batch` values may be arrays or shape/dtype structs; only shapes matter.
     """
-    inputs = {}
-    for k, v in self._network_inputs(batch).items():
-      if not isinstance(v, (jax.Array, np.ndarray)):
-        v = jnp.ones(v.shape, v.dtype)
-      inputs[k] = v
-    params_rng, dropout_rng = jax.random.split(rng)
-    return self.module.init({'params': params_rng, 'dropout': dropout_rng},
-                            **inputs, enable_dropout=False)
+    return common.init_module(self.module, rng, self._network_inputs(batch))
 
   def _apply(self, params, batch: Batch,
              dropout_rng=None) -> Tuple[Array, Array]:

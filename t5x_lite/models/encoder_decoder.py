@@ -38,6 +38,7 @@ import seqio
 
 from t5x_lite import layers
 from t5x_lite import losses
+from t5x_lite.models import common
 
 Array = jax.Array
 Batch = Mapping[str, Any]
@@ -308,14 +309,7 @@ class EncoderDecoderModel:
 
     `batch` values may be arrays or shape/dtype structs; only shapes matter.
     """
-    inputs = {}
-    for k, v in self._network_inputs(batch).items():
-      if not isinstance(v, (jax.Array, np.ndarray)):
-        v = jnp.ones(v.shape, v.dtype)
-      inputs[k] = v
-    params_rng, dropout_rng = jax.random.split(rng)
-    return self.module.init({'params': params_rng, 'dropout': dropout_rng},
-                            **inputs, enable_dropout=False)
+    return common.init_module(self.module, rng, self._network_inputs(batch))
 
   def _apply(self, params, batch: Batch, dropout_rng=None) -> Array:
     enable_dropout = dropout_rng is not None and self.config.dropout_rate > 0
