@@ -9,7 +9,7 @@ setuptools.setup(
                 'in JAX/Flax, TPU-first and tested on CPU.',
     python_requires='>=3.11',
     packages=setuptools.find_packages(include=['t5x_lite', 't5x_lite.*', 'tasks', 'tasks.*']),
-    package_data={'t5x_lite.data': ['vocab/*.model']},
+    package_data={'t5x_lite.data': ['vocab/*.model', 'vocab/*.txt']},
     install_requires=[
         'jax>=0.10.2,<0.11',
         'flax>=0.12.8,<0.13',

@@ -28,9 +28,7 @@ import functools
 import os
 import time
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-
-import seqio  # pylint: disable=g-import-not-at-top
+import seqio
 import tensorflow as tf
 
 from t5x_lite.errors import UserError
