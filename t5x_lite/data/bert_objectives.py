@@ -55,11 +55,8 @@ prints the MLM and NSP statistics over the embedded corpus.
 """
 
 import argparse
-import os
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-
-import numpy as np  # pylint: disable=g-import-not-at-top
+import numpy as np
 import seqio
 import tensorflow as tf
 

@@ -12,11 +12,8 @@ sentinels and fills of 1.0 for full examples.
 """
 
 import argparse
-import os
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-
-import numpy as np  # pylint: disable=g-import-not-at-top
+import numpy as np
 import seqio
 import tensorflow as tf
 
