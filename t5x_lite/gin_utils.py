@@ -3,6 +3,7 @@
 
 import logging
 import os
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -67,6 +68,10 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
     gin.parse_config_files_and_bindings(paths, bindings, finalize_config=False)
   except (ValueError, KeyError, SyntaxError, ImportError, AttributeError, TypeError) as e:
     raise UserError(f'gin: {one_line(e)}') from None
+  unset = re.findall(r'^(\w+) = %gin\.REQUIRED$', gin.config_str(), flags=re.MULTILINE)
+  if unset:
+    raise UserError(f"gin: {', '.join(unset)} must be set (%gin.REQUIRED in the config); "
+                    f'bind each in a gin file or with --gin.{unset[0]}=VALUE.')
 
 
 def run(main: Callable[[Sequence[str]], None], name: str) -> None:

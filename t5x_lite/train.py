@@ -213,14 +213,7 @@ def train(*,
 def main(argv: Sequence[str]) -> None:
   files, bindings = gin_utils.parse_flags(argv)
   gin_utils.parse_gin(files, bindings)
-  configured = gin.get_configurable(train)
-  try:
-    configured()
-  except ValueError as e:
-    if 'gin.REQUIRED' in str(e) or 'REQUIRED' in str(e).splitlines()[0]:
-      raise UserError(f'gin: {gin_utils.one_line(e)}; bind it in a gin file or '
-                      'with --gin.NAME=VALUE.') from None
-    raise
+  gin.get_configurable(train)()
 
 
 if __name__ == '__main__':

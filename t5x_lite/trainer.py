@@ -43,8 +43,7 @@ class Trainer:
     self.tx = optimizer
     self.partitioner = partitioner
     self.batch_shapes = batch_shapes
-    init_batch = {k: jnp.ones(v.shape, v.dtype) for k, v in batch_shapes.items()}
-    self._init_variables = lambda rng: model.init(rng, init_batch)
+    self._init_variables = lambda rng: model.init(rng, batch_shapes)
     with partitioner.activate():
       boxed = jax.eval_shape(self._init_variables, jax.random.PRNGKey(0))
       self.param_shardings = partitioner.logical_shardings(boxed)['params']

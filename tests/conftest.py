@@ -5,7 +5,9 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
+from flax import linen as nn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), 'shared', 'data')
@@ -54,3 +56,24 @@ def read_metrics(model_dir):
 @pytest.fixture
 def repo():
   return REPO
+
+
+def assert_logical_names(model, batch, allowed, unnamed_last_axis=()):
+  """Every parameter has one logical name per axis, each from `allowed`.
+
+  Parameters whose path contains a string of `unnamed_last_axis` may leave
+  their last axis unnamed (replicated)."""
+  abstract = jax.eval_shape(model.init, jax.random.key(0), batch)
+  specs = nn.get_partition_spec(abstract)['params']
+  shapes = nn.unbox(abstract)['params']
+  flat_specs = jax.tree_util.tree_leaves_with_path(
+      specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  flat_shapes = jax.tree_util.tree_leaves(shapes)
+  assert len(flat_specs) == len(flat_shapes) > 0
+  for (path, spec), shape in zip(flat_specs, flat_shapes):
+    assert isinstance(spec, jax.sharding.PartitionSpec), path
+    assert len(spec) == len(shape.shape), path
+    names = tuple(spec)
+    if any(part in jax.tree_util.keystr(path) for part in unnamed_last_axis):
+      names = names[:-1]
+    assert all(name in allowed for name in names), (path, spec)

@@ -12,6 +12,8 @@ from t5x_lite import trainer
 from t5x_lite.models import encoder as enc
 from t5x_lite.partitioning import Partitioner
 
+from conftest import assert_logical_names
+
 TINY = enc.BertConfig(vocab_size=64, emb_dim=32, num_heads=2, head_dim=8,
                       mlp_dim=64, num_layers=2, max_positions=16,
                       dropout_rate=0.0, attention_dropout_rate=0.0)
@@ -93,20 +95,8 @@ def test_param_tree_names():
 
 def test_every_param_has_logical_names():
   model = enc.EncoderModel(TINY)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), model.dummy_batch(2, 4))
-  specs = nn.get_partition_spec(abstract)['params']
-  shapes = nn.unbox(abstract)['params']
-  flat_specs = jax.tree_util.tree_leaves_with_path(
-      specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-  flat_shapes = jax.tree_util.tree_leaves(shapes)
-  assert len(flat_specs) == len(flat_shapes) > 0
-  for (path, spec), shape in zip(flat_specs, flat_shapes):
-    assert isinstance(spec, jax.sharding.PartitionSpec), path
-    assert len(spec) == len(shape.shape), path
-    names = tuple(spec)
-    if 'nsp_head' in jax.tree_util.keystr(path):
-      names = names[:-1]  # the two classes are the one unnamed axis
-    assert all(name in ALLOWED for name in names), (path, spec)
+  # The NSP head's two classes are the one unnamed axis.
+  assert_logical_names(model, model.dummy_batch(2, 4), ALLOWED, unnamed_last_axis=('nsp_head',))
 
 
 def test_padding_does_not_change_valid_positions():

@@ -11,6 +11,8 @@ from flax import linen as nn
 from t5x_lite import losses
 from t5x_lite.models import encoder_decoder as ed
 
+from conftest import assert_logical_names
+
 TINY = ed.T5Config(vocab_size=64, emb_dim=32, num_heads=2, head_dim=8,
                    mlp_dim=64, num_encoder_layers=2, num_decoder_layers=2)
 ALLOWED = {'vocab', 'embed', 'heads', 'kv', 'joined_kv', 'mlp',
@@ -89,18 +91,7 @@ def test_param_count_formula_tiny(tied):
 
 def test_every_param_has_allowed_logical_names():
   model = ed.EncoderDecoderModel(TINY)
-  abstract = jax.eval_shape(model.init, jax.random.key(0),
-                            model.dummy_batch(2, 4, 3))
-  specs = nn.get_partition_spec(abstract)['params']
-  shapes = nn.unbox(abstract)['params']
-  flat_specs = jax.tree_util.tree_leaves_with_path(
-      specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-  flat_shapes = jax.tree_util.tree_leaves(shapes)
-  assert len(flat_specs) == len(flat_shapes) > 0
-  for (path, spec), shape in zip(flat_specs, flat_shapes):
-    assert isinstance(spec, jax.sharding.PartitionSpec), path
-    assert len(spec) == len(shape.shape), path
-    assert all(name in ALLOWED for name in spec), (path, spec)
+  assert_logical_names(model, model.dummy_batch(2, 4, 3), ALLOWED)
 
 
 def test_param_tree_uses_t5x_names():

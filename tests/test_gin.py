@@ -126,6 +126,12 @@ def test_misspelt_binding_in_file_names_the_file(tmp_path):
   assert 'batch_sise' in line and 'bad.gin' in line and 'line 2' in line
 
 
+def test_unset_required_macro_is_one_line():
+  line = _one_error_line(_cli('--gin_file=configs/models/t5_1_1_tiny.gin',
+                              '--gin_file=configs/runs/pretrain.gin', '--gin.TRAIN_STEPS=5'))
+  assert 'MODEL_DIR' in line and 'MIXTURE_OR_TASK_NAME' in line and 'TRAIN_STEPS' not in line
+
+
 def test_missing_gin_file_is_one_line():
   line = _one_error_line(_cli('--gin_file=gin/no_such_file.gin'))
   assert 'no_such_file.gin' in line
