@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from flax import linen as nn
-from t5x_lite import hf_bert
+from t5x_lite.hf import bert as hf_bert
 from t5x_lite.models import encoder as enc
 
 torch = pytest.importorskip('torch')
@@ -68,7 +68,7 @@ def test_logits_and_loss_match_hf():
   cfg = SMALL
   hf = random_hf_model(cfg)
   state = {k: v.numpy() for k, v in hf.state_dict().items()}
-  params = hf_bert.from_hf_bert_state_dict(state, cfg)
+  params = hf_bert.from_hf_state_dict(state, cfg)
   model = enc.EncoderModel(cfg)
   batch = padded_batch(cfg, np.random.default_rng(0))
 
@@ -107,13 +107,13 @@ def test_round_trip_to_hf_state_dict():
   model = enc.EncoderModel(cfg)
   params = nn.unbox(model.init(jax.random.key(3), model.dummy_batch(2, 8)))
   params = params['params']
-  state = hf_bert.to_hf_bert_state_dict(params, cfg)
+  state = hf_bert.to_hf_state_dict(params, cfg)
   hf = transformers.BertForPreTraining(hf_config(cfg)).eval()
   hf_names = set(hf.state_dict())
   assert set(state) <= hf_names, set(state) - hf_names
   hf.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()},
                      strict=False)
-  back = hf_bert.from_hf_bert_state_dict(
+  back = hf_bert.from_hf_state_dict(
       {k: v.numpy() for k, v in hf.state_dict().items()}, cfg)
   jax.tree_util.tree_map(np.testing.assert_array_equal, back,
                          jax.tree_util.tree_map(np.asarray, params))
@@ -123,7 +123,7 @@ def test_mismatched_config_is_reported():
   state = {k: v.numpy() for k, v in random_hf_model(SMALL).state_dict().items()}
   wrong = enc.BertConfig(**{**SMALL.__dict__, 'mlp_dim': 64})
   with pytest.raises(ValueError, match='intermediate.dense'):
-    hf_bert.from_hf_bert_state_dict(state, wrong)
+    hf_bert.from_hf_state_dict(state, wrong)
   del state['cls.seq_relationship.bias']
   with pytest.raises(KeyError, match='seq_relationship'):
-    hf_bert.from_hf_bert_state_dict(state, SMALL)
+    hf_bert.from_hf_state_dict(state, SMALL)

@@ -43,7 +43,7 @@ def _set(tree: dict, path, value):
   tree[path[-1]] = value
 
 
-def from_hf_bert_state_dict(state_dict: Mapping[str, np.ndarray],
+def from_hf_state_dict(state_dict: Mapping[str, np.ndarray],
                             config: BertConfig) -> dict:
   """HF `BertForPreTraining` state dict -> our (unboxed) params pytree.
 
@@ -110,7 +110,7 @@ def from_hf_bert_state_dict(state_dict: Mapping[str, np.ndarray],
   return params
 
 
-def to_hf_bert_state_dict(params, config: BertConfig) -> dict:
+def to_hf_state_dict(params, config: BertConfig) -> dict:
   """Our params -> HF `BertForPreTraining` state dict of numpy arrays."""
   p = {}
 

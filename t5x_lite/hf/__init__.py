@@ -1,0 +1,1 @@
+"""Hugging Face checkpoints <-> t5x_lite models, one module per family."""
