@@ -26,7 +26,8 @@ test: install-test
 	$(VENV)/bin/python -m pytest -q tests $(ARGS)
 
 vocab: install
-	$(VENV)/bin/python -m t5x_lite.data.build_vocab
+	$(VENV)/bin/python -m t5x_lite.data.build_vocab --model_type unigram
+	$(VENV)/bin/python -m t5x_lite.data.build_vocab --model_type bpe
 
 span-stats: install
 	$(VENV)/bin/python -m t5x_lite.data.span_stats

@@ -2,6 +2,12 @@
 
 - `embedded_bert_pretraining`: BERT NSP pairs + 15% MLM (80/10/10) over the
   embedded corpus, with the embedded WordPiece vocabulary.
+- `embedded_lm` / `embedded_prefix_lm`: GPT causal LM (documents + EOS,
+  concatenated, cut to the 'targets' length) and prefix LM (random split of
+  each chunk into 'inputs' / 'targets') over the embedded corpus, with the
+  embedded BPE vocabulary.
+- `embedded_bart_denoising`: BART sentence permutation + text infilling over
+  the embedded corpus, embedded BPE vocabulary.
 - `embedded_span_corruption`: T5 span corruption over the embedded corpus
   (the stdlib documentation; always available; splits train / validation).
 - `c4_v220_span_corruption`: T5 span corruption over TFDS `c4/en:3.1.0` (the
@@ -30,3 +36,5 @@ from tasks.span import span_corruption_output_features
 from tasks.span import span_corruption_preprocessors
 from tasks.bert import bert_output_features
 from tasks.bert import bert_preprocessors
+from tasks import lm
+from tasks import bart

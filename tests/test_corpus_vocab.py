@@ -96,6 +96,27 @@ def test_vocab_build_is_reproducible(tmp_path):
         '`python -m t5x_lite.data.build_vocab`')
 
 
+def test_bpe_vocab_keeps_whitespace_and_rebuilds_identically(tmp_path):
+  sp = spm.SentencePieceProcessor(model_file=vocab.EMBEDDED_BPE_VOCAB_PATH)
+  assert sp.get_piece_size() == 8000 and sp.bos_id() == -1
+  assert [sp.id_to_piece(i) for i in range(3)] == ['<pad>', '</s>', '<unk>']
+  # A BPE model (merges), unlike the unigram one.
+  from sentencepiece import sentencepiece_model_pb2 as pb  # pylint: disable=g-import-not-at-top
+  proto = pb.ModelProto.FromString(open(vocab.EMBEDDED_BPE_VOCAB_PATH, 'rb').read())
+  assert proto.trainer_spec.model_type == pb.TrainerSpec.BPE
+  text = 'def f(x):\n    return  x ** 2\n\n\u2603 done'
+  ids = sp.encode(text)
+  assert sp.decode(ids) == text
+  assert '\u2581\u2581\u2581\u2581' in sp.id_to_piece(ids)  # indentation is a piece
+  seq = vocab.embedded_bpe_vocabulary()
+  assert seq.vocab_size == 8100 and seq.decode(seq.encode(text)) == text
+  path = build_vocab.build(str(tmp_path / 'bpe.model'), model_type='bpe')
+  with open(path, 'rb') as a, open(vocab.EMBEDDED_BPE_VOCAB_PATH, 'rb') as b:
+    assert a.read() == b.read(), (
+        'shipped BPE vocabulary differs from a rebuild; run '
+        '`python -m t5x_lite.data.build_vocab --model_type bpe`')
+
+
 def test_missing_sentencepiece_model_is_a_user_error(tmp_path):
   missing = str(tmp_path / 'nope.model')
   with pytest.raises(UserError) as e:

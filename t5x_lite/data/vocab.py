@@ -5,6 +5,11 @@ The embedded model (`vocab/embedded_8k.model`, built by
 `EXTRA_IDS` = 100 sentinels on top, so `vocab_size` is 8100 and
 `<extra_id_0>` is id 8099, `<extra_id_1>` is 8098, ... exactly as in T5
 (pad=0, eos=1, unk=2). A model's vocab size must be at least `vocab_size`.
+
+The embedded BPE model (`vocab/embedded_bpe_8k.model`, `--model_type bpe`)
+has the same layout (8000 pieces + 100 extra ids, ids 0/1/2 as above) and
+keeps whitespace, so decoding gives back the (NFKC-normalised) text; the GPT
+and BART tasks use it (BART's [MASK] is `<extra_id_0>`, id 8099).
 """
 
 import functools
@@ -15,8 +20,9 @@ import seqio
 from t5x_lite.errors import UserError
 
 EXTRA_IDS = 100
-EMBEDDED_VOCAB_PATH = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), 'vocab', 'embedded_8k.model')
+_VOCAB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'vocab')
+EMBEDDED_VOCAB_PATH = os.path.join(_VOCAB_DIR, 'embedded_8k.model')
+EMBEDDED_BPE_VOCAB_PATH = os.path.join(_VOCAB_DIR, 'embedded_bpe_8k.model')
 
 
 def sentencepiece_vocabulary(path, extra_ids=EXTRA_IDS):
@@ -29,11 +35,21 @@ def sentencepiece_vocabulary(path, extra_ids=EXTRA_IDS):
   return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
 
 
+def _embedded(path, model_type):
+  if not os.path.exists(path):
+    raise UserError(
+        f'Embedded vocabulary missing at {path}; rebuild it with '
+        f'`python -m t5x_lite.data.build_vocab --model_type {model_type}`.')
+  return seqio.SentencePieceVocabulary(path, extra_ids=EXTRA_IDS)
+
+
 @functools.cache
 def embedded_vocabulary():
-  """The vocabulary trained on the embedded corpus (8000 + 100 sentinels)."""
-  if not os.path.exists(EMBEDDED_VOCAB_PATH):
-    raise UserError(
-        f'Embedded vocabulary missing at {EMBEDDED_VOCAB_PATH}; rebuild it with '
-        '`python -m t5x_lite.data.build_vocab`.')
-  return seqio.SentencePieceVocabulary(EMBEDDED_VOCAB_PATH, extra_ids=EXTRA_IDS)
+  """The unigram vocabulary trained on the embedded corpus (8000 + 100 sentinels)."""
+  return _embedded(EMBEDDED_VOCAB_PATH, 'unigram')
+
+
+@functools.cache
+def embedded_bpe_vocabulary():
+  """The BPE vocabulary trained on the embedded corpus (8000 + 100 extra ids)."""
+  return _embedded(EMBEDDED_BPE_VOCAB_PATH, 'bpe')

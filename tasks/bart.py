@@ -1,0 +1,48 @@
+"""BART denoising over the embedded corpus, with the embedded BPE vocabulary.
+
+Each document (cut into pieces of at most targets - 1 tokens) is noised with
+the paper's best combination, sentence permutation + text infilling (30% of
+tokens in Poisson(3) spans, each replaced by one [MASK] = `<extra_id_0>`), and
+the decoder reconstructs the original piece. Other schemes plug in by gin:
+`bart_noise.bart_denoise.schemes = [...]` (see `t5x_lite.data.bart_noise`).
+"""
+
+import functools
+
+import gin
+import seqio
+
+from t5x_lite.data import bart_noise
+from t5x_lite.data import lm
+from t5x_lite.data import sources
+from t5x_lite.data import vocab as vocab_lib
+
+
+def bart_output_features(vocabulary=None):
+  vocabulary = vocabulary or vocab_lib.embedded_bpe_vocabulary()
+  return {k: seqio.Feature(vocabulary=vocabulary, add_eos=True)
+          for k in ('inputs', 'targets')}
+
+
+def _denoise(dataset, sequence_length, output_features):
+  """`bart_noise.bart_denoise`, with the arguments a gin file binds, if any."""
+  try:
+    fn = gin.get_configurable(bart_noise.bart_denoise)
+  except ValueError:  # no gin file mentions it
+    fn = bart_noise.bart_denoise
+  return fn(dataset, sequence_length, output_features)
+
+
+seqio.TaskRegistry.add(
+    'embedded_bart_denoising',
+    source=sources.embedded_source(),
+    preprocessors=[
+        functools.partial(seqio.preprocessors.rekey,
+                          key_map={'inputs': None, 'targets': 'text'}),
+        seqio.preprocessors.tokenize,
+        lm.split_documents,
+        _denoise,
+        seqio.preprocessors.append_eos_after_trim,
+    ],
+    output_features=bart_output_features(),
+    metric_fns=[])
