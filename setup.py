@@ -27,6 +27,7 @@ setuptools.setup(
     ],
     extras_require={
         # Reference implementations for the parity tests (CPU wheel of torch).
-        'test': ['pytest>=8', 'torch==2.13.0', 'transformers>=5,<6'],
+        # importlib_resources: TFDS needs it to write the small datasets tests prepare.
+        'test': ['pytest>=8', 'torch==2.13.0', 'transformers>=5,<6', 'importlib_resources'],
     },
 )

@@ -2,6 +2,10 @@
 
 - `embedded_bert_pretraining`: BERT NSP pairs + 15% MLM (80/10/10) over the
   embedded corpus, with the embedded WordPiece vocabulary.
+- `wikipedia_bert_pretraining`: the same over TFDS `wikipedia/20230601.en`
+  (prepared in $TFDS_DATA_DIR; missing data is a `UserError` at once).
+  `tasks.bert.register_bert_books_wiki_mixture(paths)` adds your BooksCorpus
+  files and mixes the two at BERT's 2,500 : 800 (million words).
 - `embedded_lm` / `embedded_prefix_lm`: GPT causal LM (documents + EOS,
   concatenated, cut to the 'targets' length) and prefix LM (random split of
   each chunk into 'inputs' / 'targets') over the embedded corpus, with the
@@ -38,3 +42,4 @@ from tasks.bert import bert_output_features
 from tasks.bert import bert_preprocessors
 from tasks import lm
 from tasks import bart
+from tasks import bert

@@ -124,3 +124,52 @@ def test_user_recipe_errors(tmp_path):
   with pytest.raises(UserError) as e:
     task.get_dataset(LENGTHS, split='train')
   assert str(bad) in str(e.value) and 'line 3' in str(e.value)
+
+
+def _prepare_fake_wikipedia(data_dir):
+  """A prepared TFDS `wikipedia/20230601.en` of 12 small documents."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.core.dataset_builders import adhoc_builder  # pylint: disable=g-import-not-at-top
+  docs = [{'title': f'Article {i}',
+           'text': '\n\n'.join(f'Paragraph {j} of article {i} is about topic {i * j}.'
+                               for j in range(4))} for i in range(12)]
+  spec = {'title': tf.TensorSpec([], tf.string), 'text': tf.TensorSpec([], tf.string)}
+  ds = tf.data.Dataset.from_generator(lambda: iter(docs), output_signature=spec)
+  features = tfds.features.FeaturesDict({'title': tfds.features.Text(),
+                                         'text': tfds.features.Text()})
+  name, _, version = tasks.bert.WIKIPEDIA_TFDS_NAME.partition(':')
+  name, config = name.split('/')
+  adhoc_builder.store_as_tfds_dataset(name=name, version=version, config=config,
+                                      data_dir=str(data_dir), features=features,
+                                      split_datasets={'train': ds})
+
+
+def test_wikipedia_bert_task_and_books_wiki_mixture(tmp_path, monkeypatch):
+  monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'none'))
+  with pytest.raises(UserError, match='wikipedia/20230601.en:1.0.0 not found') as e:
+    tasks.check_data_available('wikipedia_bert_pretraining')
+  assert '\n' not in str(e.value)
+
+  _prepare_fake_wikipedia(tmp_path / 'tfds')
+  monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds'))
+  tasks.check_data_available('wikipedia_bert_pretraining')
+  task = seqio.get_mixture_or_task('wikipedia_bert_pretraining')
+  examples = take(task, 6, seed=0, lengths={'inputs': 64})
+  vocabulary = task.output_features['inputs'].vocabulary
+  for ex in examples:
+    assert ex['inputs'][0] == vocabulary.cls_id and ex['inputs'][-1] == vocabulary.sep_id
+    assert ex['loss_weights'].sum() >= 1
+  assert 'paragraph' in vocabulary.decode(examples[0]['targets'].tolist()).lower()
+
+  books = tmp_path / 'books.jsonl'
+  books.write_text(''.join(json.dumps({'text': f'Chapter {i} begins.\nIt goes on.\nIt ends.'}) + '\n'
+                           for i in range(10)))
+  mixture = tasks.bert.register_bert_books_wiki_mixture(str(books))
+  rates = {t.name: mixture.get_rate(t) for t in mixture.tasks}
+  assert rates == {'wikipedia_bert_pretraining': 2500.0,
+                   'bert_books_wiki_pretraining_bookcorpus': 800.0}
+  mixed = list(mixture.get_dataset({'inputs': 64}, shuffle=False, seed=0).take(40)
+               .as_numpy_iterator())
+  texts = [vocabulary.decode(ex['targets'].tolist()).lower() for ex in mixed]
+  assert any('chapter' in t for t in texts) and any('paragraph' in t for t in texts)
