@@ -67,7 +67,13 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
   try:
     gin.parse_config_files_and_bindings(paths, bindings, finalize_config=False)
   except (ValueError, KeyError, SyntaxError, ImportError, AttributeError, TypeError) as e:
-    raise UserError(f'gin: {one_line(e)}') from None
+    message = one_line(e)
+    missing = re.search(r"In file \"([^\"]+)\", line (\d+); include '([^']+)'", message)
+    if isinstance(e, TypeError) and missing:  # gin fails on an include it cannot find
+      where, line, name = missing.groups()
+      message = (f"{where}:{line} includes '{name}', which is not found (looked in "
+                 f'{os.getcwd()} and {REPO_ROOT}); fix the include path.')
+    raise UserError(f'gin: {message}') from None
   unset = re.findall(r'^(\w+) = %gin\.REQUIRED$', gin.config_str(), flags=re.MULTILINE)
   if unset:
     raise UserError(f"gin: {', '.join(unset)} must be set (%gin.REQUIRED in the config); "

@@ -40,7 +40,9 @@ def _num_params(model, lengths=(8, 4)):
 
 def test_gin_files_exist():
   assert {'gin/t5_tiny_span.gin', 'gin/t5_small_span.gin', 'gin/t5_base_span.gin',
-          'gin/bert_tiny_mlm.gin', 'gin/bert_base_mlm.gin'} <= set(GIN_FILES)
+          'gin/bert_tiny_mlm.gin', 'gin/bert_base_mlm.gin', 'gin/gpt_tiny_lm.gin',
+          'gin/gpt2_small_lm.gin', 'gin/bart_tiny_denoise.gin',
+          'gin/bart_base_denoise.gin'} <= set(GIN_FILES)
 
 
 @pytest.mark.parametrize('path', GIN_FILES)
@@ -51,7 +53,8 @@ def test_every_gin_file_builds(path):
   task = pipeline.get_task_or_mixture(_macro('MIXTURE_OR_TASK_NAME'))
   assert cfg.vocab_size >= pipeline.output_vocab_size(task)
   assert _macro('MODEL_DIR') and _macro('TRAIN_STEPS') > 0
-  assert 'inputs' in _macro('TASK_FEATURE_LENGTHS')
+  lengths = _macro('TASK_FEATURE_LENGTHS')
+  assert set(lengths) == set(task.output_features) & {'inputs', 'targets'}
   assert objs['partitioner'].mesh.size == jax.device_count()
   assert hasattr(objs['optimizer'], 'update')
 
@@ -130,6 +133,17 @@ def test_unset_required_macro_is_one_line():
   line = _one_error_line(_cli('--gin_file=configs/models/t5_1_1_tiny.gin',
                               '--gin_file=configs/runs/pretrain.gin', '--gin.TRAIN_STEPS=5'))
   assert 'MODEL_DIR' in line and 'MIXTURE_OR_TASK_NAME' in line and 'TRAIN_STEPS' not in line
+
+
+def test_missing_include_names_the_file_and_line(tmp_path):
+  config = tmp_path / 'broken.gin'
+  config.write_text("# a comment\ninclude 'configs/models/no_such_model.gin'\n")
+  gin.clear_config()
+  with pytest.raises(UserError) as e:
+    gin_utils.parse_gin([str(config)], [])
+  assert str(e.value) == (
+      f"gin: {config}:2 includes 'configs/models/no_such_model.gin', which is not found "
+      f'(looked in {os.getcwd()} and {REPO}); fix the include path.')
 
 
 def test_missing_gin_file_is_one_line():
