@@ -24,6 +24,8 @@ setuptools.setup(
         'tensorboard>=2.20,<2.22',
         'tqdm>=4.66',
         'numpy>=2.0',
+        'safetensors>=0.8.0,<0.9',
+        'ml_dtypes>=0.6.0',
     ],
     extras_require={
         # Reference implementations for the parity tests (CPU wheel of torch).

@@ -54,7 +54,7 @@ def test_every_gin_file_builds(path):
   assert cfg.vocab_size >= pipeline.output_vocab_size(task)
   assert _macro('MODEL_DIR') and _macro('TRAIN_STEPS') > 0
   lengths = _macro('TASK_FEATURE_LENGTHS')
-  assert set(lengths) == set(task.output_features) & {'inputs', 'targets'}
+  assert lengths and set(lengths) <= set(task.output_features)
   assert objs['partitioner'].mesh.size == jax.device_count()
   assert hasattr(objs['optimizer'], 'update')
 

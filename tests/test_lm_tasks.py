@@ -78,3 +78,22 @@ def test_bart_denoising_reconstructs_each_document_piece():
     # Infilling removes tokens: what is left is a sub-multiset of the original.
     assert len(noised) - np.sum(noised == mask) <= len(original)
   assert masked > 50
+
+
+def test_bart_noise_schemes_are_chosen_by_gin():
+  import gin  # pylint: disable=g-import-not-at-top
+  from t5x_lite import gin_utils  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  try:
+    gin_utils.parse_gin(['gin/bart_tiny_denoise.gin'],
+                        ["bart_noise.bart_denoise.schemes = ['document_rotation']"])
+    examples = take('embedded_bart_denoising', {'inputs': 128, 'targets': 128}, 20)
+  finally:
+    gin.clear_config()
+  rotated = 0
+  for ex in examples:
+    original, noised = ex['targets'][:-1].tolist(), ex['inputs'][:-1].tolist()
+    assert sorted(noised) == sorted(original)  # a rotation: nothing masked or dropped
+    k = next(k for k in range(len(original)) if original[k:] + original[:k] == noised)
+    rotated += k > 0
+  assert rotated >= 15

@@ -5,51 +5,11 @@ import numpy as np
 import pytest
 
 from flax import linen as nn
+from t5x_lite.hf import t5 as hf_t5
 from t5x_lite.models import encoder_decoder as ed
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
-
-
-def to_hf_state(params, cfg: ed.T5Config) -> dict:
-  """Our (unboxed) params -> {HF parameter name: numpy array}."""
-  p = jax.tree_util.tree_map(np.asarray, params)
-  sd = {'shared.weight': p['token_embedder']['embedding']}
-  if not cfg.logits_via_embedding:
-    sd['lm_head.weight'] = p['decoder']['logits_dense']['kernel'].T
-
-  def attention(prefix, a):
-    for ours, theirs in (('query', 'q'), ('key', 'k'), ('value', 'v'),
-                         ('out', 'o')):
-      sd[f'{prefix}.{theirs}.weight'] = a[ours]['kernel'].T
-
-  def mlp(prefix, m):
-    for name in ('wi_0', 'wi_1', 'wo'):
-      sd[f'{prefix}.DenseReluDense.{name}.weight'] = m[name]['kernel'].T
-
-  for stack, n in (('encoder', cfg.num_encoder_layers),
-                   ('decoder', cfg.num_decoder_layers)):
-    s = p[stack]
-    sd[f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight'] = (
-        s['relpos_bias']['rel_embedding'].T)
-    sd[f'{stack}.final_layer_norm.weight'] = s[f'{stack}_norm']['scale']
-    for i in range(n):
-      lyr, b = s[f'layers_{i}'], f'{stack}.block.{i}.layer'
-      if stack == 'encoder':
-        sd[f'{b}.0.layer_norm.weight'] = lyr['pre_attention_layer_norm']['scale']
-        attention(f'{b}.0.SelfAttention', lyr['attention'])
-        sd[f'{b}.1.layer_norm.weight'] = lyr['pre_mlp_layer_norm']['scale']
-        mlp(f'{b}.1', lyr['mlp'])
-      else:
-        sd[f'{b}.0.layer_norm.weight'] = (
-            lyr['pre_self_attention_layer_norm']['scale'])
-        attention(f'{b}.0.SelfAttention', lyr['self_attention'])
-        sd[f'{b}.1.layer_norm.weight'] = (
-            lyr['pre_cross_attention_layer_norm']['scale'])
-        attention(f'{b}.1.EncDecAttention', lyr['encoder_decoder_attention'])
-        sd[f'{b}.2.layer_norm.weight'] = lyr['pre_mlp_layer_norm']['scale']
-        mlp(f'{b}.2', lyr['mlp'])
-  return sd
 
 
 def build_hf(params, cfg: ed.T5Config):
@@ -65,7 +25,7 @@ def build_hf(params, cfg: ed.T5Config):
       decoder_start_token_id=0, pad_token_id=0)
   hf_cfg._attn_implementation = 'eager'
   model = transformers.T5ForConditionalGeneration(hf_cfg).eval()
-  state = to_hf_state(params, cfg)
+  state = hf_t5.to_hf_state_dict(params, cfg)
   with torch.no_grad():
     if not cfg.logits_via_embedding:
       # Some transformers versions tie lm_head to `shared` unconditionally;

@@ -159,16 +159,37 @@ def test_readme_own_corpus_recipe(tmp_path):
   assert [r['step'] for r in read_metrics(model_dir)] == [1, 2, 3]
 
 
-def test_bert_tiny_trains_through_the_same_entry_point(tmp_path):
-  model_dir = str(tmp_path)
+def _train_tiny(gin_file, model_dir, lengths, *extra):
   proc = subprocess.run(
-      [sys.executable, '-m', 't5x_lite.train', '--gin_file=gin/bert_tiny_mlm.gin',
+      [sys.executable, '-m', 't5x_lite.train', f'--gin_file={gin_file}',
        f"--gin.MODEL_DIR='{model_dir}'", '--gin.TRAIN_STEPS=40', '--gin.WARMUP_STEPS=5',
-       "--gin.TASK_FEATURE_LENGTHS={'inputs': 64}", '--gin.BATCH_SIZE=16',
-       '--gin.train_script.train.log_every=1', '--gin.train_script.train.progress_bar=False'],
+       f'--gin.TASK_FEATURE_LENGTHS={lengths}', '--gin.BATCH_SIZE=16',
+       '--gin.train_script.train.log_every=1', '--gin.train_script.train.progress_bar=False',
+       *extra],
       cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  rows = read_metrics(model_dir)
+  return read_metrics(model_dir)
+
+
+def test_bert_tiny_trains_through_the_same_entry_point(tmp_path):
+  rows = _train_tiny('gin/bert_tiny_mlm.gin', str(tmp_path), {'inputs': 64})
   assert {'mlm_loss', 'nsp_loss', 'mlm_accuracy', 'nsp_accuracy'} <= set(rows[-1])
   assert rows[-1]['tokens_per_second'] > 0
   assert rows[-1]['mlm_loss'] < 0.8 * rows[0]['mlm_loss']
+
+
+def test_gpt_tiny_trains_through_the_same_entry_point(tmp_path):
+  rows = _train_tiny('gin/gpt_tiny_lm.gin', str(tmp_path), {'targets': 64})
+  assert rows[-1]['tokens_per_second'] > 0
+  assert rows[-1]['loss'] < 0.8 * rows[0]['loss']
+
+
+def test_gpt_tiny_prefix_lm_and_bart_tiny_other_noise(tmp_path):
+  """Prefix LM through the GPT gin; BART with token masking + deletion by gin."""
+  rows = _train_tiny('gin/gpt_tiny_lm.gin', str(tmp_path / 'gpt'), {'inputs': 32, 'targets': 32},
+                     "--gin.MIXTURE_OR_TASK_NAME='embedded_prefix_lm'")
+  assert rows[-1]['loss'] < 0.8 * rows[0]['loss']
+  rows = _train_tiny('gin/bart_tiny_denoise.gin', str(tmp_path / 'bart'),
+                     {'inputs': 64, 'targets': 64},
+                     "--gin.bart_noise.bart_denoise.schemes=['token_masking', 'token_deletion']")
+  assert rows[-1]['loss'] < 0.8 * rows[0]['loss']

@@ -2,17 +2,102 @@
 
 Works on plain `{name: numpy array}` state dicts, so torch is not needed here:
 with torch, `{k: v.numpy() for k, v in model.state_dict().items()}`; from a
-safetensors file, `safetensors.numpy.load_file(path)`. Names follow
-`BertForPreTraining`; a leading `bert.` is optional, so a `BertModel` state
-dict with the `cls.*` heads works too when the heads are present.
+directory, `t5x_lite.hf.io.read_state_dict(path)`. Names follow
+`BertForPreTraining`; a leading `bert.` is optional. Checkpoints without some
+heads load as in HF: `BertForMaskedLM` has no pooler and no next-sentence
+head, `BertModel` has no MLM / NSP heads; a head that is absent altogether
+is initialised fresh (normal(initializer_range) kernels, zero biases, unit
+norms) with a warning naming it, so fine-tuning can start from the encoder.
 HF stores linear weights as [out, in]; ours are [in, out].
 """
 
+import logging
 from typing import Mapping
 
 import numpy as np
 
-from t5x_lite.models.encoder import BertConfig
+from t5x_lite.models.encoder import BertConfig, EncoderModel
+
+log = logging.getLogger(__name__)
+
+MODEL_CLS = EncoderModel
+
+# HF `hidden_act` -> ours (layers.bert_activation).
+_ACTIVATIONS = {'gelu': 'gelu_exact', 'gelu_new': 'gelu',
+                'gelu_pytorch_tanh': 'gelu', 'relu': 'relu', 'silu': 'silu',
+                'swish': 'silu'}
+
+# Heads a checkpoint may lack altogether: (name, HF tensor names).
+_HEADS = (
+    ('pooler', ('pooler.dense.weight', 'pooler.dense.bias')),
+    ('MLM head', ('cls.predictions.transform.dense.weight',
+                  'cls.predictions.transform.dense.bias',
+                  'cls.predictions.transform.LayerNorm.weight',
+                  'cls.predictions.transform.LayerNorm.bias',
+                  'cls.predictions.bias')),
+    ('next-sentence head', ('cls.seq_relationship.weight',
+                            'cls.seq_relationship.bias')),
+)
+
+
+def config_from_hf(hf_config: Mapping) -> BertConfig:
+  """HF BERT `config.json` (a dict) -> BertConfig (float32)."""
+  c = dict(hf_config)
+  position_type = c.get('position_embedding_type', 'absolute')
+  if position_type != 'absolute':
+    raise ValueError(f'position_embedding_type={position_type!r} is not '
+                     "supported; only 'absolute' BERT checkpoints load.")
+  act = c.get('hidden_act', 'gelu')
+  if act not in _ACTIVATIONS:
+    raise ValueError(f'hidden_act={act!r} is not supported; use one of '
+                     f'{sorted(_ACTIVATIONS)}.')
+  hidden, heads = c.get('hidden_size', 768), c.get('num_attention_heads', 12)
+  if hidden % heads:
+    raise ValueError(f'hidden_size={hidden} is not divisible by '
+                     f'num_attention_heads={heads}.')
+  return BertConfig(
+      vocab_size=c.get('vocab_size', 30522),
+      emb_dim=hidden,
+      num_heads=heads,
+      head_dim=hidden // heads,
+      mlp_dim=c.get('intermediate_size', 3072),
+      num_layers=c.get('num_hidden_layers', 12),
+      max_positions=c.get('max_position_embeddings', 512),
+      type_vocab_size=c.get('type_vocab_size', 2),
+      dropout_rate=float(c.get('hidden_dropout_prob', 0.1)),
+      attention_dropout_rate=float(c.get('attention_probs_dropout_prob', 0.1)),
+      layer_norm_eps=float(c.get('layer_norm_eps', 1e-12)),
+      activation=_ACTIVATIONS[act],
+      initializer_range=float(c.get('initializer_range', 0.02)))
+
+
+def _fresh_heads(sd: dict, config: BertConfig) -> None:
+  """Adds HF-style fresh tensors for heads absent from `sd`, with a warning."""
+  d, v = config.emb_dim, config.vocab_size
+  rng = np.random.default_rng(0)
+  fresh = {'pooler.dense.weight': (d, d), 'pooler.dense.bias': (d,),
+           'cls.predictions.transform.dense.weight': (d, d),
+           'cls.predictions.transform.dense.bias': (d,),
+           'cls.predictions.transform.LayerNorm.weight': (d,),
+           'cls.predictions.transform.LayerNorm.bias': (d,),
+           'cls.predictions.bias': (v,),
+           'cls.seq_relationship.weight': (2, d),
+           'cls.seq_relationship.bias': (2,)}
+  for head, names in _HEADS:
+    if any(name in sd for name in names):
+      continue
+    for name in names:
+      shape = fresh[name]
+      if name.endswith('LayerNorm.weight'):
+        sd[name] = np.ones(shape, np.float32)
+      elif name.endswith('weight'):
+        sd[name] = (config.initializer_range *
+                    rng.standard_normal(shape)).astype(np.float32)
+      else:
+        sd[name] = np.zeros(shape, np.float32)
+    log.warning('the BERT checkpoint has no %s; it is initialised fresh, as '
+                'Hugging Face does: train it before relying on its outputs.',
+                head)
 
 
 def _layer_map(i: int) -> dict:
@@ -47,18 +132,20 @@ def from_hf_state_dict(state_dict: Mapping[str, np.ndarray],
                             config: BertConfig) -> dict:
   """HF `BertForPreTraining` state dict -> our (unboxed) params pytree.
 
+  Heads absent altogether are initialised fresh (see the module docstring).
   Raises KeyError naming missing tensors and ValueError on shape mismatch
   (e.g. a config that does not fit the checkpoint).
   """
   sd = {}  # cls.predictions.decoder.bias is HF's alias of cls.predictions.bias
   for k, v in state_dict.items():
     sd[k[len('bert.'):] if k.startswith('bert.') else k] = np.asarray(v)
+  _fresh_heads(sd, config)
   dtype = np.dtype(config.param_dtype)
 
   def get(name, shape):
     if name not in sd:
       raise KeyError(f'HF BERT state dict has no {name!r}; it must come from '
-                     'BertForPreTraining (pretraining heads included).')
+                     'BertForPreTraining, BertForMaskedLM or BertModel.')
     value = sd[name]
     if value.shape != tuple(shape):
       raise ValueError(f'{name}: shape {value.shape} does not match the config '

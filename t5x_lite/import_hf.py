@@ -1,0 +1,91 @@
+"""Imports a Hugging Face checkpoint as a t5x_lite checkpoint plus model gin.
+
+    python -m t5x_lite.import_hf --hf_dir DIR --output_dir OUT [--dtype float32]
+
+DIR is a `save_pretrained` directory (config.json + safetensors or
+pytorch_model.bin, sharded or not) of a supported family (T5 / mT5, BERT,
+GPT-2, BART). Writes
+
+  OUT/checkpoint/  params, as `checkpoints.restore_params` reads them (orbax)
+  OUT/model.gin    the model configuration
+
+To fine-tune from it, in a run gin:
+
+  include 'configs/runs/pretrain.gin'
+  include 'OUT/model.gin'
+  INITIAL_CHECKPOINT_PATH = 'OUT/checkpoint'
+"""
+
+import argparse
+import logging
+import os
+import sys
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from t5x_lite import checkpoints
+from t5x_lite import hf
+from t5x_lite.errors import UserError
+
+
+def import_hf(hf_dir: str, output_dir: str, dtype: str = 'float32') -> str:
+  """Writes OUT/checkpoint and OUT/model.gin; returns a one-line summary."""
+  hf_dir, output_dir = os.path.abspath(hf_dir), os.path.abspath(output_dir)
+  try:
+    dtype = jnp.dtype(dtype).name
+  except TypeError:
+    raise UserError(f"--dtype {dtype!r} is not a dtype; use e.g. 'float32' or "
+                    "'bfloat16'.") from None
+  ckpt_dir = os.path.join(output_dir, 'checkpoint')
+  gin_path = os.path.join(output_dir, 'model.gin')
+  if os.path.exists(ckpt_dir):
+    raise UserError(f'{ckpt_dir} already exists; remove it or choose another '
+                    '--output_dir.')
+  model, params = hf.load(hf_dir, dtype=dtype)
+  state = {'params': jax.tree_util.tree_map(jnp.asarray, params)}
+  meta = {'step': 0, 'data_position': 0, 'source': hf_dir,
+          'fingerprint': [int(v) for v in checkpoints.fingerprint(state)]}
+  os.makedirs(output_dir, exist_ok=True)
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    ckptr.save(ckpt_dir, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+  with open(gin_path, 'w') as f:
+    f.write(f'# Imported from {hf_dir} by t5x_lite.import_hf.\n')
+    f.write(hf.gin_text(model))
+  count = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+  return (f'imported {type(model).__name__} ({type(model.config).__name__}, '
+          f'{count:,} params, {dtype}) from {hf_dir}: checkpoint {ckpt_dir}, '
+          f'gin {gin_path}')
+
+
+def main(argv: Sequence[str]) -> None:
+  """Parses the flags, imports, prints the summary line."""
+  parser = argparse.ArgumentParser(
+      prog='python -m t5x_lite.import_hf',
+      description='Hugging Face checkpoint -> t5x_lite checkpoint + model gin.')
+  parser.add_argument('--hf_dir', required=True,
+                      help='save_pretrained directory (config.json + weights)')
+  parser.add_argument('--output_dir', required=True,
+                      help='writes OUT/checkpoint and OUT/model.gin')
+  parser.add_argument('--dtype', default='float32', help='param dtype')
+  args = parser.parse_args(argv)
+  print(import_hf(args.hf_dir, args.output_dir, args.dtype))
+
+
+def run(argv: Sequence[str]) -> None:
+  """`main`, with a UserError printed as one line and exit status 2."""
+  logging.basicConfig(level=logging.WARNING,
+                      format='%(levelname)s %(name)s: %(message)s')
+  try:
+    main(argv)
+  except UserError as e:
+    print(f'error: {str(e).strip().splitlines()[0]}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  run(sys.argv[1:])

@@ -1,0 +1,386 @@
+"""BART encoder-decoder: config, flax network and Model wrapper.
+
+The network matches Hugging Face's `BartForConditionalGeneration`: a token
+embedding shared by both stacks and the tied LM head (plus a
+`final_logits_bias`), learned absolute positions per stack (looked up at
+`position + position_offset`), a LayerNorm after the embeddings of each stack,
+post-LayerNorm blocks with biased, 1/sqrt(head_dim)-scaled attention and a
+biased MLP (exact GELU by default), and no final layer norm.
+
+Parameter tree (kernels are [in, out]; D emb_dim, V vocab, F mlp_dim,
+N*H heads * head_dim, P max_positions + position_offset):
+
+  token_embedder/embedding                              [V, D]  (vocab, embed)
+  final_logits_bias                                     [V]     (vocab)
+  encoder/position_embedder/embedding                   [P, D]  (abspos, embed)
+  encoder/embedding_norm/{scale,bias}                   [D]     (embed)
+  encoder/layers_{i}/attention/{query,key,value}/kernel [D, N*H], bias [N*H]
+  encoder/layers_{i}/attention/out/kernel               [N*H, D], bias [D]
+  encoder/layers_{i}/post_attention_layer_norm/{scale,bias}
+  encoder/layers_{i}/mlp/wi/kernel [D, F], bias [F]
+  encoder/layers_{i}/mlp/wo/kernel [F, D], bias [D]
+  encoder/layers_{i}/post_mlp_layer_norm/{scale,bias}
+  decoder/position_embedder/embedding                   [P, D]
+  decoder/embedding_norm/{scale,bias}
+  decoder/layers_{i}/self_attention/...                 (as attention above)
+  decoder/layers_{i}/post_self_attention_layer_norm/{scale,bias}
+  decoder/layers_{i}/encoder_decoder_attention/...
+  decoder/layers_{i}/post_cross_attention_layer_norm/{scale,bias}
+  decoder/layers_{i}/mlp/...
+  decoder/layers_{i}/post_mlp_layer_norm/{scale,bias}
+
+Batch features are those of `seqio.EncDecFeatureConverter`:
+`encoder_input_tokens` [B,S], `decoder_input_tokens`, `decoder_target_tokens`,
+`decoder_loss_weights` [B,T]; when packed also `encoder_segment_ids`,
+`decoder_segment_ids`, `encoder_positions`, `decoder_positions` (positions
+restart at 0 in each segment and index the learned tables). Optional
+`encoder_attention_mask` [B,S] and `decoder_attention_mask` [B,T] (1 = real
+token) override the padding masks derived from `pad_id`.
+"""
+
+import dataclasses
+from typing import Any, Mapping, Optional, Union
+
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import seqio
+
+from t5x_lite import layers
+from t5x_lite.models import encoder_decoder
+
+Array = jax.Array
+Batch = Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class BartConfig:
+  """BART hyperparameters (defaults: bart-base, GPT-2 BPE vocabulary).
+
+  `pad_id` is 0 for the seqio pipelines of this project; checkpoints from
+  Hugging Face use 1 (`config_from_hf` sets it from `pad_token_id`).
+  """
+  vocab_size: int = 50265
+  emb_dim: int = 768
+  num_heads: int = 12
+  head_dim: int = 64
+  mlp_dim: int = 3072
+  num_encoder_layers: int = 6
+  num_decoder_layers: int = 6
+  max_positions: int = 1024
+  position_offset: int = 2  # HF's table has max_positions + 2 rows
+  pad_id: int = 0
+  scale_embedding: bool = False  # True: token embeddings * sqrt(emb_dim)
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.0
+  activation_dropout_rate: float = 0.0
+  layer_norm_eps: float = 1e-5
+  activation: str = 'gelu_exact'  # HF 'gelu'; 'gelu' here is the tanh form
+  initializer_range: float = 0.02
+  dtype: Any = 'float32'  # activations / compute
+  param_dtype: Any = 'float32'
+
+
+BART_BASE = BartConfig()
+BART_LARGE = BartConfig(emb_dim=1024, num_heads=16, head_dim=64, mlp_dim=4096,
+                        num_encoder_layers=12, num_decoder_layers=12)
+# A CPU-sized model; 8192 ids cover the embedded SentencePiece vocabulary
+# (8000 pieces + 100 sentinels).
+BART_TINY = BartConfig(vocab_size=8192, emb_dim=128, num_heads=4, head_dim=32,
+                       mlp_dim=512, num_encoder_layers=2, num_decoder_layers=2,
+                       max_positions=512)
+SIZES = {'tiny': BART_TINY, 'base': BART_BASE, 'large': BART_LARGE}
+
+
+def _common(cfg: BartConfig):
+  return dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+
+
+def _init(cfg: BartConfig):
+  return nn.initializers.normal(stddev=cfg.initializer_range)
+
+
+def _layer_norm(cfg: BartConfig, name: str) -> layers.LayerNorm:
+  return layers.LayerNorm(epsilon=cfg.layer_norm_eps, name=name, **_common(cfg))
+
+
+def _attention(cfg: BartConfig, name: str) -> layers.BiasedMultiHeadAttention:
+  return layers.BiasedMultiHeadAttention(
+      num_heads=cfg.num_heads, head_dim=cfg.head_dim,
+      dropout_rate=cfg.attention_dropout_rate, kernel_init=_init(cfg),
+      name=name, **_common(cfg))
+
+
+def _dropout(cfg: BartConfig, x: Array, deterministic: bool) -> Array:
+  return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+
+
+class Mlp(nn.Module):
+  """`wo(dropout(act(wi(x))))` with biases (dropout: HF's activation_dropout).
+
+  Same params as `layers.BiasedMlp`: wi/{kernel [D, F], bias [F]},
+  wo/{kernel [F, D], bias [D]}.
+  """
+  config: BartConfig
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool) -> Array:
+    cfg = self.config
+    y = layers.Dense(cfg.mlp_dim, kernel_axes=('embed', 'mlp'),
+                     kernel_init=_init(cfg), name='wi', **_common(cfg))(x)
+    y = layers.bert_activation(cfg.activation)(y)
+    y = layers.constrain(y, ('batch', 'length', 'mlp'))
+    y = nn.Dropout(cfg.activation_dropout_rate)(y, deterministic=deterministic)
+    out = layers.Dense(x.shape[-1], kernel_axes=('mlp', 'embed'),
+                       kernel_init=_init(cfg), name='wo', **_common(cfg))(y)
+    return layers.constrain(out, ('batch', 'length', 'embed'))
+
+
+class EncoderLayer(nn.Module):
+  """Post-norm block: x = LN(x + attn(x)); x = LN(x + mlp(x))."""
+  config: BartConfig
+
+  @nn.compact
+  def __call__(self, x, mask_bias, deterministic):
+    cfg = self.config
+    y = _attention(cfg, 'attention')(x, x, mask_bias, deterministic)
+    x = _layer_norm(cfg, 'post_attention_layer_norm')(
+        x + _dropout(cfg, y, deterministic))
+    y = Mlp(cfg, name='mlp')(x, deterministic)
+    x = _layer_norm(cfg, 'post_mlp_layer_norm')(
+        x + _dropout(cfg, y, deterministic))
+    return layers.constrain(x, ('batch', 'length', 'embed'))
+
+
+class DecoderLayer(nn.Module):
+  """Self-attention, cross-attention and MLP, each + residual then LN."""
+  config: BartConfig
+
+  @nn.compact
+  def __call__(self, x, encoded, self_bias, cross_bias, deterministic):
+    cfg = self.config
+    y = _attention(cfg, 'self_attention')(x, x, self_bias, deterministic)
+    x = _layer_norm(cfg, 'post_self_attention_layer_norm')(
+        x + _dropout(cfg, y, deterministic))
+    y = _attention(cfg, 'encoder_decoder_attention')(x, encoded, cross_bias,
+                                                     deterministic)
+    x = _layer_norm(cfg, 'post_cross_attention_layer_norm')(
+        x + _dropout(cfg, y, deterministic))
+    y = Mlp(cfg, name='mlp')(x, deterministic)
+    x = _layer_norm(cfg, 'post_mlp_layer_norm')(
+        x + _dropout(cfg, y, deterministic))
+    return layers.constrain(x, ('batch', 'length', 'embed'))
+
+
+def _embed(cfg: BartConfig, shared_embedding: layers.Embed, tokens: Array,
+           positions: Array, deterministic: bool) -> Array:
+  """Token embedding (optionally scaled) + this stack's positions, LN, dropout.
+
+  Called inside a stack's compact `__call__`, so `position_embedder` and
+  `embedding_norm` are params of that stack.
+  """
+  x = shared_embedding(tokens)
+  if cfg.scale_embedding:
+    x = x * jnp.asarray(np.sqrt(cfg.emb_dim), x.dtype)
+  x = x + layers.PositionEmbed(
+      cfg.max_positions + cfg.position_offset, cfg.emb_dim,
+      embedding_init=_init(cfg), name='position_embedder',
+      **_common(cfg))(positions + cfg.position_offset)
+  x = _layer_norm(cfg, 'embedding_norm')(x)
+  x = _dropout(cfg, x, deterministic)
+  return layers.constrain(x, ('batch', 'length', 'embed'))
+
+
+class Encoder(nn.Module):
+  """Embeddings -> encoder layers: [B,S] tokens -> [B,S,D]."""
+  config: BartConfig
+  shared_embedding: nn.Module
+
+  @nn.compact
+  def __call__(self, tokens, positions, mask_bias, deterministic):
+    cfg = self.config
+    x = _embed(cfg, self.shared_embedding, tokens, positions, deterministic)
+    for i in range(cfg.num_encoder_layers):
+      x = EncoderLayer(cfg, name=f'layers_{i}')(x, mask_bias, deterministic)
+    return x
+
+
+class Decoder(nn.Module):
+  """Embeddings -> decoder layers: [B,T] tokens, [B,S,D] encoded -> [B,T,D]."""
+  config: BartConfig
+  shared_embedding: nn.Module
+
+  @nn.compact
+  def __call__(self, encoded, tokens, positions, self_bias, cross_bias,
+               deterministic):
+    cfg = self.config
+    y = _embed(cfg, self.shared_embedding, tokens, positions, deterministic)
+    for i in range(cfg.num_decoder_layers):
+      y = DecoderLayer(cfg, name=f'layers_{i}')(y, encoded, self_bias,
+                                                cross_bias, deterministic)
+    return y
+
+
+def _positions(tokens: Array, positions: Optional[Array],
+               cfg: BartConfig) -> Array:
+  """[B,L] positions: the given (packed) ones, else 0..L-1 in every row."""
+  length = tokens.shape[-1]
+  if length > cfg.max_positions:
+    raise ValueError(f'Sequence length {length} exceeds max_positions='
+                     f'{cfg.max_positions}; truncate the features or raise '
+                     'BartConfig.max_positions.')
+  if positions is None:
+    return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
+  return jnp.asarray(positions, jnp.int32)
+
+
+class BartNetwork(nn.Module):
+  """The BART encoder-decoder; `__call__` -> [B,T,V] float32 logits.
+
+  Masks: encoder validity is `encoder_attention_mask` or
+  `encoder_input_tokens != pad_id`; decoder validity is
+  `decoder_attention_mask` or `decoder_target_tokens != pad_id` (T5X's
+  convention, so a start token equal to pad_id in the decoder inputs is not
+  masked). Decoder self-attention is causal; with segment ids no attention
+  crosses packed segments. Padded queries get (ignored) outputs.
+  """
+  config: BartConfig
+
+  def setup(self):
+    cfg = self.config
+    self.token_embedder = layers.Embed(
+        num_embeddings=cfg.vocab_size, features=cfg.emb_dim,
+        embedding_init=_init(cfg), **_common(cfg))
+    self.final_logits_bias = self.param(
+        'final_logits_bias',
+        nn.with_logical_partitioning(nn.initializers.zeros, ('vocab',)),
+        (cfg.vocab_size,), layers.canonicalize_dtype(cfg.param_dtype))
+    self.encoder = Encoder(cfg, self.token_embedder)
+    self.decoder = Decoder(cfg, self.token_embedder)
+
+  def _encoder_valid(self, encoder_input_tokens, encoder_attention_mask):
+    if encoder_attention_mask is not None:
+      return jnp.asarray(encoder_attention_mask) > 0
+    return encoder_input_tokens != self.config.pad_id
+
+  def encode(self, encoder_input_tokens, encoder_segment_ids=None,
+             encoder_positions=None, encoder_attention_mask=None,
+             enable_dropout: bool = False) -> Array:
+    """[B,S] tokens -> [B,S,D] encodings."""
+    cfg = self.config
+    tokens = encoder_input_tokens.astype(jnp.int32)
+    valid = self._encoder_valid(tokens, encoder_attention_mask)
+    mask = layers.make_attention_mask(valid, valid)
+    if encoder_segment_ids is not None:
+      mask = layers.combine_masks(mask, layers.make_attention_mask(
+          encoder_segment_ids, encoder_segment_ids, jnp.equal))
+    positions = _positions(tokens, encoder_positions, cfg)
+    return self.encoder(tokens, positions, layers.mask_to_bias(mask, cfg.dtype),
+                        not enable_dropout)
+
+  def decode(self, encoded, encoder_input_tokens, decoder_input_tokens,
+             decoder_target_tokens, encoder_segment_ids=None,
+             decoder_segment_ids=None, decoder_positions=None,
+             encoder_attention_mask=None, decoder_attention_mask=None,
+             enable_dropout: bool = False) -> Array:
+    """Teacher-forced decoder pass -> [B,T,V] float32 logits."""
+    cfg = self.config
+    tokens = decoder_input_tokens.astype(jnp.int32)
+    if decoder_attention_mask is not None:
+      dec_valid = jnp.asarray(decoder_attention_mask) > 0
+    else:
+      dec_valid = decoder_target_tokens != cfg.pad_id
+    enc_valid = self._encoder_valid(encoder_input_tokens,
+                                    encoder_attention_mask)
+    # make_decoder_mask reads validity as `> 0`: pass it as 0/1 ids.
+    self_mask = layers.make_decoder_mask(
+        dec_valid.astype(jnp.int32), decoder_segment_ids=decoder_segment_ids)
+    cross_mask = layers.make_attention_mask(dec_valid, enc_valid)
+    if encoder_segment_ids is not None:
+      if decoder_segment_ids is None:
+        raise ValueError('Packed batches need both encoder_segment_ids and '
+                         'decoder_segment_ids.')
+      cross_mask = layers.combine_masks(cross_mask, layers.make_attention_mask(
+          decoder_segment_ids, encoder_segment_ids, jnp.equal))
+    positions = _positions(tokens, decoder_positions, cfg)
+    y = self.decoder(encoded, tokens, positions,
+                     layers.mask_to_bias(self_mask, cfg.dtype),
+                     layers.mask_to_bias(cross_mask, cfg.dtype),
+                     not enable_dropout)
+    logits = (self.token_embedder.attend(y) +
+              self.final_logits_bias.astype(jnp.float32))
+    return layers.constrain(logits, ('batch', 'length', 'vocab'))
+
+  def __call__(self,
+               encoder_input_tokens,
+               decoder_input_tokens,
+               decoder_target_tokens,
+               encoder_segment_ids=None,
+               decoder_segment_ids=None,
+               encoder_positions=None,
+               decoder_positions=None,
+               encoder_attention_mask=None,
+               decoder_attention_mask=None,
+               *,
+               enable_dropout: bool = False) -> Array:
+    encoded = self.encode(encoder_input_tokens, encoder_segment_ids,
+                          encoder_positions, encoder_attention_mask,
+                          enable_dropout)
+    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
+                       decoder_target_tokens, encoder_segment_ids,
+                       decoder_segment_ids, decoder_positions,
+                       encoder_attention_mask, decoder_attention_mask,
+                       enable_dropout)
+
+
+_NETWORK_FEATURES = ('encoder_input_tokens', 'decoder_input_tokens',
+                     'decoder_target_tokens', 'encoder_segment_ids',
+                     'decoder_segment_ids', 'encoder_positions',
+                     'decoder_positions', 'encoder_attention_mask',
+                     'decoder_attention_mask')
+
+
+class BartModel(encoder_decoder.EncoderDecoderModel):
+  """Pure loss / logits / score functions over a `BartNetwork`.
+
+  Loss, metrics (loss, cross_ent_loss, z_loss, accuracy, num_tokens,
+  num_examples), normalisation (`loss_normalizing_factor`, see
+  `EncoderDecoderModel`) and `score` are those of the T5 model; only the
+  network, its features and the padding id differ. With no
+  `decoder_loss_weights`, the weights are `decoder_target_tokens != pad_id`.
+  """
+  FEATURE_CONVERTER_CLS = seqio.EncDecFeatureConverter
+
+  def __init__(self,
+               config: BartConfig,
+               z_loss: float = 0.0,
+               label_smoothing: float = 0.0,
+               loss_normalizing_factor: Union[None, str, float] = None):
+    super().__init__(config, z_loss=z_loss, label_smoothing=label_smoothing,
+                     loss_normalizing_factor=loss_normalizing_factor)
+    self.module = BartNetwork(config)
+
+  @staticmethod
+  def _network_inputs(batch: Batch) -> dict:
+    missing = [k for k in _NETWORK_FEATURES[:3] if k not in batch]
+    if missing:
+      raise KeyError(f'Batch is missing features {missing}; has '
+                     f'{sorted(batch)}.')
+    return {k: batch[k] for k in _NETWORK_FEATURES if k in batch}
+
+  def _apply(self, params, batch: Batch, dropout_rng=None) -> Array:
+    cfg = self.config
+    rates = (cfg.dropout_rate, cfg.attention_dropout_rate,
+             cfg.activation_dropout_rate)
+    enable_dropout = dropout_rng is not None and max(rates) > 0
+    rngs = {'dropout': dropout_rng} if enable_dropout else None
+    return self.module.apply({'params': params},
+                             **self._network_inputs(batch),
+                             enable_dropout=enable_dropout, rngs=rngs)
+
+  def _weights(self, batch: Batch) -> Array:
+    weights = batch.get('decoder_loss_weights')
+    if weights is None:
+      weights = batch['decoder_target_tokens'] != self.config.pad_id
+    return jnp.asarray(weights, jnp.float32)

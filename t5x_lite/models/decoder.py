@@ -1,0 +1,285 @@
+"""GPT decoder-only LM (GPT-2 architecture): config, network, Model wrapper.
+
+The network matches Hugging Face's `GPT2LMHeadModel`: token + learned
+absolute position embeddings, dropout, pre-LayerNorm blocks
+(x += attn(ln(x)); x += mlp(ln(x))) with biased, 1/sqrt(head_dim)-scaled
+causal attention and a GELU (tanh form) MLP, a final LayerNorm, and logits
+tied to the token embedding (not rescaled).
+
+Parameter tree (T5X decoder-only names; kernels are [in, out]):
+
+  token_embedder/embedding                                [V, D] (vocab, embed)
+  position_embedder/embedding                             [P, D] (abspos, embed)
+  decoder/layers_{i}/pre_self_attention_layer_norm/{scale,bias}    [D] (embed)
+  decoder/layers_{i}/self_attention/{query,key,value}/kernel       [D, N*H]
+                                                  (embed, joined_kv), bias [N*H]
+  decoder/layers_{i}/self_attention/out/kernel   [N*H, D] (joined_kv, embed),
+                                                  bias [D]
+  decoder/layers_{i}/pre_mlp_layer_norm/{scale,bias}
+  decoder/layers_{i}/mlp/wi/kernel [D, F] (embed, mlp), bias [F]
+  decoder/layers_{i}/mlp/wo/kernel [F, D] (mlp, embed), bias [D]
+  decoder/decoder_norm/{scale,bias}
+
+Batch features (what `seqio.DecoderFeatureConverter` emits, for LM tasks with
+only 'targets' and prefix-LM tasks with 'inputs' and 'targets'), all [B,L]:
+
+  decoder_input_tokens    targets shifted right (BOS = 0; 0 at each packed
+                          segment start)
+  decoder_target_tokens   the ids to predict; `> 0` marks real positions
+  decoder_loss_weights    1 where the loss applies (prefix LM: the
+                          continuation only)
+  decoder_segment_ids     packed only: 1..k per example, 0 for padding
+  decoder_positions       packed only: position inside the segment; used for
+                          the learned position lookup (else 0..L-1)
+  decoder_causal_attention  prefix LM only: 1 over the prefix (BOS + inputs);
+                          attention is bidirectional inside it
+  decoder_attention_mask  optional, 1 = real token; replaces
+                          `decoder_target_tokens > 0` as the validity mask
+                          (for inputs where id 0 is a real token, e.g. GPT-2's
+                          '!')
+"""
+
+import dataclasses
+from typing import Any, Mapping, Union
+
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import seqio
+
+from t5x_lite import layers
+from t5x_lite.models import common
+from t5x_lite.models import encoder_decoder
+
+Array = jax.Array
+Batch = Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+  """GPT-2 hyperparameters (defaults: GPT-2 small, 124M parameters)."""
+  vocab_size: int = 50257
+  emb_dim: int = 768
+  num_heads: int = 12
+  head_dim: int = 64
+  mlp_dim: int = 3072
+  num_layers: int = 12
+  max_positions: int = 1024
+  dropout_rate: float = 0.1  # embedding and residual dropout
+  attention_dropout_rate: float = 0.1
+  layer_norm_eps: float = 1e-5
+  activation: str = 'gelu'  # tanh form = HF 'gelu_new'; 'gelu_exact'; 'relu'
+  initializer_range: float = 0.02
+  dtype: Any = 'float32'  # activations / compute
+  param_dtype: Any = 'float32'
+
+
+GPT2_SMALL = GPTConfig()
+GPT2_MEDIUM = GPTConfig(emb_dim=1024, num_heads=16, head_dim=64, mlp_dim=4096,
+                        num_layers=24)
+GPT2_LARGE = GPTConfig(emb_dim=1280, num_heads=20, head_dim=64, mlp_dim=5120,
+                       num_layers=36)
+# A CPU-sized model; 8192 ids cover the embedded vocabulary (8000 + 100 extra).
+GPT_TINY = GPTConfig(vocab_size=8192, emb_dim=128, num_heads=4, head_dim=32,
+                     mlp_dim=512, num_layers=4, max_positions=512)
+SIZES = {'tiny': GPT_TINY, 'small': GPT2_SMALL, 'medium': GPT2_MEDIUM,
+         'large': GPT2_LARGE}
+
+
+def _common(cfg: GPTConfig):
+  return dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+
+
+def _init(cfg: GPTConfig):
+  return nn.initializers.normal(stddev=cfg.initializer_range)
+
+
+def _layer_norm(cfg: GPTConfig, name: str) -> layers.LayerNorm:
+  return layers.LayerNorm(epsilon=cfg.layer_norm_eps, name=name, **_common(cfg))
+
+
+def _dropout(cfg: GPTConfig, x: Array, deterministic: bool) -> Array:
+  return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm block: x += attn(ln(x)); x += mlp(ln(x))."""
+  config: GPTConfig
+
+  @nn.compact
+  def __call__(self, x, mask_bias, deterministic):
+    cfg = self.config
+    y = _layer_norm(cfg, 'pre_self_attention_layer_norm')(x)
+    y = layers.BiasedMultiHeadAttention(
+        num_heads=cfg.num_heads, head_dim=cfg.head_dim,
+        dropout_rate=cfg.attention_dropout_rate, kernel_init=_init(cfg),
+        name='self_attention', **_common(cfg))(y, y, mask_bias, deterministic)
+    x = x + _dropout(cfg, y, deterministic)
+    y = _layer_norm(cfg, 'pre_mlp_layer_norm')(x)
+    y = layers.BiasedMlp(cfg.mlp_dim, activation=cfg.activation,
+                         kernel_init=_init(cfg), name='mlp', **_common(cfg))(y)
+    x = x + _dropout(cfg, y, deterministic)
+    return layers.constrain(x, ('batch', 'length', 'embed'))
+
+
+class Decoder(nn.Module):
+  """The stack of decoder layers and the final LayerNorm."""
+  config: GPTConfig
+
+  @nn.compact
+  def __call__(self, x, mask_bias, deterministic):
+    for i in range(self.config.num_layers):
+      x = DecoderLayer(self.config, name=f'layers_{i}')(x, mask_bias,
+                                                        deterministic)
+    x = _layer_norm(self.config, 'decoder_norm')(x)
+    return layers.constrain(x, ('batch', 'length', 'embed'))
+
+
+class GPTNetwork(nn.Module):
+  """GPT-2 LM: `__call__` -> [B,L,V] float32 logits tied to the embedding."""
+  config: GPTConfig
+
+  def setup(self):
+    cfg = self.config
+    self.token_embedder = layers.Embed(
+        num_embeddings=cfg.vocab_size, features=cfg.emb_dim,
+        embedding_init=_init(cfg), **_common(cfg))
+    self.position_embedder = layers.PositionEmbed(
+        cfg.max_positions, cfg.emb_dim, embedding_init=_init(cfg),
+        **_common(cfg))
+    self.embedding_dropout = nn.Dropout(cfg.dropout_rate)
+    self.decoder = Decoder(cfg)
+
+  def __call__(self,
+               decoder_input_tokens,
+               decoder_target_tokens=None,
+               decoder_segment_ids=None,
+               decoder_positions=None,
+               decoder_causal_attention=None,
+               decoder_attention_mask=None,
+               *,
+               enable_dropout: bool = False) -> Array:
+    """Teacher-forced pass; see the module docstring for the features."""
+    cfg = self.config
+    tokens = decoder_input_tokens.astype(jnp.int32)
+    length = tokens.shape[-1]
+    if length > cfg.max_positions:
+      raise ValueError(f'Sequence length {length} exceeds max_positions='
+                       f'{cfg.max_positions}; shorten the feature lengths or '
+                       'raise GPTConfig.max_positions.')
+    if decoder_attention_mask is not None:
+      valid = decoder_attention_mask
+    elif decoder_target_tokens is not None:
+      valid = decoder_target_tokens
+    else:
+      raise ValueError('The decoder needs decoder_target_tokens or '
+                       'decoder_attention_mask to know the real positions.')
+    if decoder_positions is None:
+      decoder_positions = jnp.arange(length)
+    positions = jnp.broadcast_to(decoder_positions, tokens.shape)
+    x = self.token_embedder(tokens) + self.position_embedder(positions)
+    x = self.embedding_dropout(x, deterministic=not enable_dropout)
+    x = layers.constrain(x, ('batch', 'length', 'embed'))
+    # `valid > 0` is all make_decoder_mask reads from its first argument.
+    mask = layers.make_decoder_mask(valid, decoder_causal_attention,
+                                    decoder_segment_ids)
+    x = self.decoder(x, layers.mask_to_bias(mask, cfg.dtype),
+                     not enable_dropout)
+    return self.token_embedder.attend(x)
+
+
+_NETWORK_FEATURES = ('decoder_input_tokens', 'decoder_target_tokens',
+                     'decoder_segment_ids', 'decoder_positions',
+                     'decoder_causal_attention', 'decoder_attention_mask')
+
+
+def _scale_residual_projections(variables: dict, factor: float) -> dict:
+  """Multiplies each layer's attention `out` and mlp `wo` kernels by `factor`.
+
+  Works on boxed variables (keeps the logical partitioning metadata).
+  """
+  layers_tree = variables['params']['decoder']
+  for name, layer in layers_tree.items():
+    if not name.startswith('layers_'):
+      continue
+    for module in (layer['self_attention']['out'], layer['mlp']['wo']):
+      box = module['kernel']
+      module['kernel'] = box.replace_boxed(box.unbox() * factor)
+  return variables
+
+
+class DecoderModel:
+  """Pure loss / logits / score functions over a `GPTNetwork` (LM, prefix LM).
+
+  Loss, metrics and score are those of `EncoderDecoderModel` (they read only
+  the `decoder_*` features): the weighted summed token cross-entropy (with
+  optional z-loss and label smoothing) divided by the sum of
+  `decoder_loss_weights` (`loss_normalizing_factor` None or
+  'NUM_REAL_TARGET_TOKENS'), or by a given constant.
+  """
+  FEATURE_CONVERTER_CLS = seqio.DecoderFeatureConverter
+
+  def __init__(self,
+               config: GPTConfig,
+               z_loss: float = 0.0,
+               label_smoothing: float = 0.0,
+               loss_normalizing_factor: Union[None, str, float] = None):
+    if isinstance(loss_normalizing_factor, str):
+      if loss_normalizing_factor != 'NUM_REAL_TARGET_TOKENS':
+        raise ValueError(
+            f'loss_normalizing_factor={loss_normalizing_factor!r} is not '
+            "supported; use None, 'NUM_REAL_TARGET_TOKENS' or a number.")
+      loss_normalizing_factor = None
+    self.config = config
+    self.module = GPTNetwork(config)
+    self.z_loss = z_loss
+    self.label_smoothing = label_smoothing
+    self.loss_normalizing_factor = loss_normalizing_factor
+
+  # --- inputs ----------------------------------------------------------------
+  def dummy_batch(self, batch_size: int, length: int) -> dict:
+    """An int32 batch of ones with the LM feature names (for init / shapes)."""
+    ones = np.ones((batch_size, length), np.int32)
+    return dict(decoder_input_tokens=ones, decoder_target_tokens=ones,
+                decoder_loss_weights=ones)
+
+  @staticmethod
+  def _network_inputs(batch: Batch) -> dict:
+    if 'decoder_input_tokens' not in batch:
+      raise KeyError("Batch is missing feature 'decoder_input_tokens'; has "
+                     f'{sorted(batch)}.')
+    return {k: batch[k] for k in _NETWORK_FEATURES if k in batch}
+
+  # --- functions -------------------------------------------------------------
+  def init(self, rng: Array, batch: Batch):
+    """Boxed variables (with logical partitioning metadata), GPT-2 init.
+
+    Everything is normal(initializer_range) (LayerNorms 1 / 0, biases 0);
+    the residual output projections get std initializer_range /
+    sqrt(2 * num_layers). `batch` values may be arrays or shape/dtype
+    structs; only shapes matter.
+    """
+    variables = common.init_module(self.module, rng,
+                                   self._network_inputs(batch))
+    return _scale_residual_projections(
+        variables, 1.0 / np.sqrt(2.0 * self.config.num_layers))
+
+  def _apply(self, params, batch: Batch, dropout_rng=None) -> Array:
+    cfg = self.config
+    enable_dropout = dropout_rng is not None and (
+        cfg.dropout_rate > 0 or cfg.attention_dropout_rate > 0)
+    rngs = {'dropout': dropout_rng} if enable_dropout else None
+    return self.module.apply({'params': params},
+                             **self._network_inputs(batch),
+                             enable_dropout=enable_dropout, rngs=rngs)
+
+  # Shared with the encoder-decoder: these read only the decoder_* features
+  # and self._apply / z_loss / label_smoothing / loss_normalizing_factor.
+  _shared = encoder_decoder.EncoderDecoderModel
+  logits = _shared.logits
+  loss_fn = _shared.loss_fn
+  score = _shared.score
+  _weights = staticmethod(_shared._weights)
+  _num_examples = staticmethod(_shared._num_examples)
+  del _shared
