@@ -49,9 +49,13 @@ def constrain(x: Array, names: Sequence[str]) -> Array:
   return nn.with_logical_constraint(x, tuple(names))
 
 
-def _activation(name_or_fn: Union[str, Callable]) -> Callable:
+def activation_fn(name_or_fn: Union[str, Callable]) -> Callable:
+  """'linear' | 'gelu_exact' (erf GELU) | a flax.linen name ('gelu' is the tanh
+  form, 'relu', 'silu', ...) | a callable."""
   if name_or_fn == 'linear':
     return lambda x: x
+  if name_or_fn == 'gelu_exact':
+    return gelu_exact
   if isinstance(name_or_fn, str):
     return getattr(nn, name_or_fn)
   return name_or_fn
@@ -292,7 +296,7 @@ class GatedMlp(nn.Module):
     for i, act in enumerate(self.activations):
       name = 'wi' if len(self.activations) == 1 else f'wi_{i}'
       y = dense(self.mlp_dim, kernel_axes=('embed', 'mlp'), name=name)(x)
-      hidden.append(_activation(act)(y))
+      hidden.append(activation_fn(act)(y))
     y = functools.reduce(operator.mul, hidden)
     y = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(
         y, deterministic=deterministic)
@@ -443,7 +447,8 @@ class BiasedMultiHeadAttention(nn.Module):
 
   Params: `{query,key,value}/{kernel [D, N*H], bias [N*H]}` ('embed',
   'joined_kv') and `out/{kernel [N*H, D], bias [D]}`. Dropout acts on the
-  attention probabilities, element-wise (as in BERT).
+  attention probabilities, element-wise (as in BERT). `out_kernel_init`
+  (default: `kernel_init`) initialises the output projection.
   """
   num_heads: int
   head_dim: int
@@ -451,6 +456,7 @@ class BiasedMultiHeadAttention(nn.Module):
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
   kernel_init: Initializer = default_kernel_init
+  out_kernel_init: Optional[Initializer] = None
 
   @nn.compact
   def __call__(self,
@@ -461,13 +467,12 @@ class BiasedMultiHeadAttention(nn.Module):
     """[B,T,D] attending to [B,S,D] -> [B,T,D]; `mask_bias` is [B,1,T|1,S]."""
     dtype = canonicalize_dtype(self.dtype)
     n, h, d = self.num_heads, self.head_dim, inputs_q.shape[-1]
-    dense = functools.partial(Dense, kernel_init=self.kernel_init,
-                              dtype=self.dtype, param_dtype=self.param_dtype)
+    dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
     in_axes = ('embed', 'joined_kv')
     heads = ('batch', 'length', 'heads', 'kv')
 
     def project(name, x):
-      y = dense(n * h, kernel_axes=in_axes, name=name)(x)
+      y = dense(n * h, kernel_axes=in_axes, kernel_init=self.kernel_init, name=name)(x)
       return constrain(y.reshape(y.shape[:-1] + (n, h)), heads)
 
     q = project('query', inputs_q)
@@ -482,35 +487,36 @@ class BiasedMultiHeadAttention(nn.Module):
       weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
     x = constrain(jnp.einsum('BNTS,BSNH->BTNH', weights, v), heads)
     x = x.reshape(x.shape[:-2] + (n * h,))
-    out = dense(d, kernel_axes=('joined_kv', 'embed'), name='out')(x)
+    out = dense(d, kernel_axes=('joined_kv', 'embed'),
+                kernel_init=self.out_kernel_init or self.kernel_init, name='out')(x)
     return constrain(out, ('batch', 'length', 'embed'))
 
 
 class BiasedMlp(nn.Module):
-  """BERT MLP: `wo(act(wi(x)))`, both with biases; exact (erf) GELU by default."""
+  """BERT MLP: `wo(dropout(act(wi(x))))`, both with biases; exact (erf) GELU
+  by default. The dropout (HF BART's `activation_dropout`) is off by default;
+  `out_kernel_init` (default: `kernel_init`) initialises `wo`."""
   mlp_dim: int
   activation: Union[str, Callable] = 'gelu_exact'
+  dropout_rate: float = 0.0
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
   kernel_init: Initializer = default_kernel_init
+  out_kernel_init: Optional[Initializer] = None
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
-    dense = functools.partial(Dense, kernel_init=self.kernel_init,
-                              dtype=self.dtype, param_dtype=self.param_dtype)
-    y = dense(self.mlp_dim, kernel_axes=('embed', 'mlp'), name='wi')(x)
-    y = constrain(bert_activation(self.activation)(y), ('batch', 'length', 'mlp'))
-    out = dense(x.shape[-1], kernel_axes=('mlp', 'embed'), name='wo')(y)
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    y = dense(self.mlp_dim, kernel_axes=('embed', 'mlp'), kernel_init=self.kernel_init,
+              name='wi')(x)
+    y = constrain(activation_fn(self.activation)(y), ('batch', 'length', 'mlp'))
+    if self.dropout_rate > 0.0:
+      y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    out = dense(x.shape[-1], kernel_axes=('mlp', 'embed'),
+                kernel_init=self.out_kernel_init or self.kernel_init, name='wo')(y)
     return constrain(out, ('batch', 'length', 'embed'))
 
 
 def gelu_exact(x: Array) -> Array:
   """GELU with the erf (HF BERT's 'gelu'); `nn.gelu` defaults to the tanh form."""
   return jax.nn.gelu(x, approximate=False)
-
-
-def bert_activation(name_or_fn: Union[str, Callable]) -> Callable:
-  """'gelu_exact' | 'gelu' (tanh approximation) | 'relu' | ... | a callable."""
-  if name_or_fn == 'gelu_exact':
-    return gelu_exact
-  return _activation(name_or_fn)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from flax import linen as nn
+from t5x_lite import hf as t5x_lite_hf
 from t5x_lite.hf import bart as hf_bart
 from t5x_lite.models import bart
 
@@ -78,15 +79,17 @@ def run_hf(model, batch):
 
 
 @pytest.mark.parametrize('scale_embedding', [False, True])
-def test_logits_and_loss_match_hf(scale_embedding):
+def test_logits_and_loss_match_hf(scale_embedding, tmp_path):
+  """Through `hf.load` on a `save_pretrained` directory."""
   hf = random_hf_model(seed=int(scale_embedding),
                        scale_embedding=scale_embedding)
-  cfg = our_config(hf)
+  hf.save_pretrained(tmp_path)
+  model, params = t5x_lite_hf.load(tmp_path)
+  cfg = model.config
+  assert isinstance(model, bart.BartModel)
   assert cfg.pad_id == HF_PAD and cfg.scale_embedding == scale_embedding
   assert cfg.activation == 'gelu_exact'
   assert (cfg.num_heads, cfg.head_dim) == (4, 8)
-  params = hf_bart.from_hf_state_dict(to_numpy_state(hf), cfg)
-  model = hf_bart.MODEL_CLS(cfg)
   batch = padded_batch(cfg, np.random.default_rng(0))
 
   ours = np.asarray(model.logits(params, batch))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from flax import linen as nn
+from t5x_lite import hf as t5x_lite_hf
 from t5x_lite.hf import gpt2 as hf_gpt2
 from t5x_lite.models import decoder as dec
 
@@ -85,13 +86,14 @@ def test_gpt2_small_param_count_matches_hf():
       dec.GPT2_SMALL)
 
 
-def test_logits_loss_and_causality_match_hf():
+def test_logits_loss_and_causality_match_hf(tmp_path):
+  """Through `hf.load` on a `save_pretrained` directory."""
   cfg = SMALL
   hf = random_hf_model(cfg)
-  assert hf_gpt2.config_from_hf(hf.config.to_dict()) == dataclasses.replace(
-      cfg, initializer_range=0.2)
-  params = hf_gpt2.from_hf_state_dict(state_of(hf), cfg)
-  model = hf_gpt2.MODEL_CLS(cfg)
+  hf.save_pretrained(tmp_path)
+  model, params = t5x_lite_hf.load(tmp_path)
+  assert isinstance(model, dec.DecoderModel)
+  assert model.config == dataclasses.replace(cfg, initializer_range=0.2)
   ids, mask = right_padded(cfg, np.random.default_rng(0))
   batch = lm_batch(ids, mask)
 

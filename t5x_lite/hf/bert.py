@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 MODEL_CLS = EncoderModel
 
-# HF `hidden_act` -> ours (layers.bert_activation).
+# HF `hidden_act` -> ours (layers.activation_fn).
 _ACTIVATIONS = {'gelu': 'gelu_exact', 'gelu_new': 'gelu',
                 'gelu_pytorch_tanh': 'gelu', 'relu': 'relu', 'silu': 'silu',
                 'swish': 'silu'}

@@ -3,7 +3,7 @@
 Covers T5 v1.0 (`feed_forward_proj='relu'`, lm head tied to the embedding
 with the decoder output scaled by d_model**-0.5), T5 v1.1 / Flan-T5 / mT5
 (`'gated-gelu'`, HF's tanh GELU `gelu_new` = our 'gelu', own lm head) and
-the other `[gated-]{relu,gelu_new,silu}` variants. Names follow
+the other `[gated-]{relu,gelu,gelu_new,silu}` variants. Names follow
 `T5ForConditionalGeneration`; HF linear weights are [out, in], ours [in, out];
 HF's relative attention table is [buckets, heads], ours [heads, buckets].
 
@@ -25,8 +25,9 @@ from t5x_lite.models.encoder_decoder import EncoderDecoderModel, T5Config
 MODEL_CLS = EncoderDecoderModel
 
 # HF activation name (config `dense_act_fn`) -> ours (layers.GatedMlp).
-_ACTIVATIONS = {'relu': 'relu', 'gelu_new': 'gelu', 'gelu_pytorch_tanh': 'gelu',
-                'gelu_fast': 'gelu', 'silu': 'silu', 'swish': 'silu'}
+_ACTIVATIONS = {'relu': 'relu', 'gelu': 'gelu_exact', 'gelu_new': 'gelu',
+                'gelu_pytorch_tanh': 'gelu', 'gelu_fast': 'gelu', 'silu': 'silu',
+                'swish': 'silu'}
 
 
 def config_from_hf(hf_config: Mapping) -> T5Config:
@@ -39,8 +40,8 @@ def config_from_hf(hf_config: Mapping) -> T5Config:
   valid_form = len(parts) == 1 or (len(parts) == 2 and gated)
   if act not in _ACTIVATIONS or not valid_form:
     raise ValueError(f"feed_forward_proj={proj!r} is not supported; use one of "
-                     "'relu', 'gated-gelu', 'gated-silu', '[gated-]gelu_new', "
-                     "'[gated-]silu' (exact 'gelu' is not).")
+                     "'[gated-]relu', '[gated-]gelu', '[gated-]gelu_new', "
+                     "'[gated-]silu'.")
   eps = c.get('layer_norm_epsilon', 1e-6)
   if eps != 1e-6:
     raise ValueError(f'layer_norm_epsilon={eps} is not supported; our RMSNorm '

@@ -39,7 +39,7 @@ token) override the padding masks derived from `pad_id`.
 """
 
 import dataclasses
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional
 
 from flax import linen as nn
 import jax
@@ -48,6 +48,7 @@ import numpy as np
 import seqio
 
 from t5x_lite import layers
+from t5x_lite.models import common
 from t5x_lite.models import encoder_decoder
 
 Array = jax.Array
@@ -116,25 +117,10 @@ def _dropout(cfg: BartConfig, x: Array, deterministic: bool) -> Array:
   return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
 
-class Mlp(nn.Module):
-  """`wo(dropout(act(wi(x))))` with biases (dropout: HF's activation_dropout).
-
-  Same params as `layers.BiasedMlp`: wi/{kernel [D, F], bias [F]},
-  wo/{kernel [F, D], bias [D]}.
-  """
-  config: BartConfig
-
-  @nn.compact
-  def __call__(self, x: Array, deterministic: bool) -> Array:
-    cfg = self.config
-    y = layers.Dense(cfg.mlp_dim, kernel_axes=('embed', 'mlp'),
-                     kernel_init=_init(cfg), name='wi', **_common(cfg))(x)
-    y = layers.bert_activation(cfg.activation)(y)
-    y = layers.constrain(y, ('batch', 'length', 'mlp'))
-    y = nn.Dropout(cfg.activation_dropout_rate)(y, deterministic=deterministic)
-    out = layers.Dense(x.shape[-1], kernel_axes=('mlp', 'embed'),
-                       kernel_init=_init(cfg), name='wo', **_common(cfg))(y)
-    return layers.constrain(out, ('batch', 'length', 'embed'))
+def _mlp(cfg: BartConfig) -> layers.BiasedMlp:
+  return layers.BiasedMlp(cfg.mlp_dim, activation=cfg.activation,
+                          dropout_rate=cfg.activation_dropout_rate,
+                          kernel_init=_init(cfg), name='mlp', **_common(cfg))
 
 
 class EncoderLayer(nn.Module):
@@ -147,7 +133,7 @@ class EncoderLayer(nn.Module):
     y = _attention(cfg, 'attention')(x, x, mask_bias, deterministic)
     x = _layer_norm(cfg, 'post_attention_layer_norm')(
         x + _dropout(cfg, y, deterministic))
-    y = Mlp(cfg, name='mlp')(x, deterministic)
+    y = _mlp(cfg)(x, deterministic)
     x = _layer_norm(cfg, 'post_mlp_layer_norm')(
         x + _dropout(cfg, y, deterministic))
     return layers.constrain(x, ('batch', 'length', 'embed'))
@@ -167,7 +153,7 @@ class DecoderLayer(nn.Module):
                                                      deterministic)
     x = _layer_norm(cfg, 'post_cross_attention_layer_norm')(
         x + _dropout(cfg, y, deterministic))
-    y = Mlp(cfg, name='mlp')(x, deterministic)
+    y = _mlp(cfg)(x, deterministic)
     x = _layer_norm(cfg, 'post_mlp_layer_norm')(
         x + _dropout(cfg, y, deterministic))
     return layers.constrain(x, ('batch', 'length', 'embed'))
@@ -334,53 +320,15 @@ class BartNetwork(nn.Module):
                        enable_dropout)
 
 
-_NETWORK_FEATURES = ('encoder_input_tokens', 'decoder_input_tokens',
-                     'decoder_target_tokens', 'encoder_segment_ids',
-                     'decoder_segment_ids', 'encoder_positions',
-                     'decoder_positions', 'encoder_attention_mask',
-                     'decoder_attention_mask')
-
-
-class BartModel(encoder_decoder.EncoderDecoderModel):
+class BartModel(common.TokenLossModel):
   """Pure loss / logits / score functions over a `BartNetwork`.
 
-  Loss, metrics (loss, cross_ent_loss, z_loss, accuracy, num_tokens,
-  num_examples), normalisation (`loss_normalizing_factor`, see
-  `EncoderDecoderModel`) and `score` are those of the T5 model; only the
-  network, its features and the padding id differ. With no
-  `decoder_loss_weights`, the weights are `decoder_target_tokens != pad_id`.
+  Loss, metrics and normalisation: see `common.TokenLossModel`; without
+  `decoder_loss_weights` the weights are `decoder_target_tokens != pad_id`.
   """
+  NETWORK_CLS = BartNetwork
+  NETWORK_FEATURES = encoder_decoder.EncoderDecoderModel.NETWORK_FEATURES + (
+      'encoder_attention_mask', 'decoder_attention_mask')
+  REQUIRED_FEATURES = encoder_decoder.EncoderDecoderModel.REQUIRED_FEATURES
   FEATURE_CONVERTER_CLS = seqio.EncDecFeatureConverter
-
-  def __init__(self,
-               config: BartConfig,
-               z_loss: float = 0.0,
-               label_smoothing: float = 0.0,
-               loss_normalizing_factor: Union[None, str, float] = None):
-    super().__init__(config, z_loss=z_loss, label_smoothing=label_smoothing,
-                     loss_normalizing_factor=loss_normalizing_factor)
-    self.module = BartNetwork(config)
-
-  @staticmethod
-  def _network_inputs(batch: Batch) -> dict:
-    missing = [k for k in _NETWORK_FEATURES[:3] if k not in batch]
-    if missing:
-      raise KeyError(f'Batch is missing features {missing}; has '
-                     f'{sorted(batch)}.')
-    return {k: batch[k] for k in _NETWORK_FEATURES if k in batch}
-
-  def _apply(self, params, batch: Batch, dropout_rng=None) -> Array:
-    cfg = self.config
-    rates = (cfg.dropout_rate, cfg.attention_dropout_rate,
-             cfg.activation_dropout_rate)
-    enable_dropout = dropout_rng is not None and max(rates) > 0
-    rngs = {'dropout': dropout_rng} if enable_dropout else None
-    return self.module.apply({'params': params},
-                             **self._network_inputs(batch),
-                             enable_dropout=enable_dropout, rngs=rngs)
-
-  def _weights(self, batch: Batch) -> Array:
-    weights = batch.get('decoder_loss_weights')
-    if weights is None:
-      weights = batch['decoder_target_tokens'] != self.config.pad_id
-    return jnp.asarray(weights, jnp.float32)
+  dummy_batch = encoder_decoder.EncoderDecoderModel.dummy_batch

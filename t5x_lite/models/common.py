@@ -1,11 +1,24 @@
-"""Pieces every model family's Model wrapper shares."""
+"""What every model family's Model wrapper shares.
 
-from typing import Any, Mapping
+`Model` holds the plumbing (the network's input features, init, apply with
+or without dropout). `TokenLossModel` adds the per-token cross-entropy loss,
+metrics and scores over the `decoder_*` features, shared by the
+encoder-decoder (T5, BART) and decoder-only (GPT) families.
+"""
+
+from typing import Any, Mapping, Optional, Tuple, Union
 
 from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from t5x_lite import losses
+
+Array = jax.Array
+Batch = Mapping[str, Any]
+
+_DROPOUT_RATES = ('dropout_rate', 'attention_dropout_rate', 'activation_dropout_rate')
 
 
 def init_module(module: nn.Module, rng: jax.Array, inputs: Mapping[str, Any]):
@@ -18,3 +31,118 @@ def init_module(module: nn.Module, rng: jax.Array, inputs: Mapping[str, Any]):
   params_rng, dropout_rng = jax.random.split(rng)
   return module.init({'params': params_rng, 'dropout': dropout_rng}, **arrays,
                      enable_dropout=False)
+
+
+class Model:
+  """A network (`NETWORK_CLS(config)`) behind pure functions of (params, batch).
+
+  Subclasses name the batch features the network takes (`NETWORK_FEATURES`,
+  passed when present) and those it cannot do without (`REQUIRED_FEATURES`).
+  """
+  NETWORK_CLS: Any = None
+  NETWORK_FEATURES: Tuple[str, ...] = ()
+  REQUIRED_FEATURES: Tuple[str, ...] = ()
+  FEATURE_CONVERTER_CLS: Any = None
+
+  def __init__(self, config: Any):
+    self.config = config
+    self.module = self.NETWORK_CLS(config)
+
+  def _network_inputs(self, batch: Batch) -> dict:
+    missing = [k for k in self.REQUIRED_FEATURES if k not in batch]
+    if missing:
+      raise KeyError(f'Batch is missing features {missing}; has {sorted(batch)}.')
+    return {k: batch[k] for k in self.NETWORK_FEATURES if k in batch}
+
+  def init(self, rng: Array, batch: Batch):
+    """Boxed variables (with logical partitioning metadata).
+
+    `batch` values may be arrays or shape/dtype structs; only shapes matter.
+    """
+    return init_module(self.module, rng, self._network_inputs(batch))
+
+  def _apply(self, params, batch: Batch, dropout_rng: Optional[Array] = None, **kwargs):
+    """The network's output; dropout iff `dropout_rng` and a config rate > 0."""
+    rates = [getattr(self.config, name, 0.0) for name in _DROPOUT_RATES]
+    enable_dropout = dropout_rng is not None and max(rates) > 0
+    rngs = {'dropout': dropout_rng} if enable_dropout else None
+    return self.module.apply({'params': params}, **self._network_inputs(batch),
+                             enable_dropout=enable_dropout, rngs=rngs, **kwargs)
+
+
+class TokenLossModel(Model):
+  """Loss, metrics, logits and scores over `decoder_target_tokens`.
+
+  Loss normalisation (`loss_normalizing_factor`):
+    None or 'NUM_REAL_TARGET_TOKENS' (default): the weighted summed loss is
+      divided by the sum of `decoder_loss_weights` (tokens with non-zero
+      weight when weights are 0/1).
+    a float: divided by that constant (T5X's constant-factor mode).
+  Without `decoder_loss_weights` the weights are `decoder_target_tokens !=
+  config.pad_id` (pad_id 0 unless the config has one).
+  """
+
+  def __init__(self,
+               config: Any,
+               z_loss: float = 0.0,
+               label_smoothing: float = 0.0,
+               loss_normalizing_factor: Union[None, str, float] = None):
+    if isinstance(loss_normalizing_factor, str):
+      if loss_normalizing_factor != 'NUM_REAL_TARGET_TOKENS':
+        raise ValueError(
+            f'loss_normalizing_factor={loss_normalizing_factor!r} is not '
+            "supported; use None, 'NUM_REAL_TARGET_TOKENS' or a number.")
+      loss_normalizing_factor = None
+    super().__init__(config)
+    self.z_loss = z_loss
+    self.label_smoothing = label_smoothing
+    self.loss_normalizing_factor = loss_normalizing_factor
+
+  def logits(self, params, batch: Batch) -> Array:
+    """[B,T,V] float32 logits, dropout off."""
+    return self._apply(params, batch).astype(jnp.float32)
+
+  def _weights(self, batch: Batch) -> Array:
+    weights = batch.get('decoder_loss_weights')
+    if weights is None:
+      weights = batch['decoder_target_tokens'] != getattr(self.config, 'pad_id', 0)
+    return jnp.asarray(weights, jnp.float32)
+
+  @staticmethod
+  def _num_examples(batch: Batch) -> Array:
+    """Rows, or packed segments (segment ids are 1..k per row) when packed."""
+    seg = batch.get('decoder_segment_ids')
+    if seg is None:
+      return jnp.asarray(batch['decoder_target_tokens'].shape[0], jnp.float32)
+    return jnp.sum(jnp.max(seg, axis=-1)).astype(jnp.float32)
+
+  def loss_fn(self, params, batch: Batch,
+              dropout_rng: Optional[Array]) -> Tuple[Array, dict]:
+    """(normalised loss, metrics). Dropout iff dropout_rng and a rate > 0."""
+    logits = self._apply(params, batch, dropout_rng)
+    targets = batch['decoder_target_tokens']
+    weights = self._weights(batch)
+    loss_sum, z_loss_sum, weight_sum = losses.cross_entropy_with_logits(
+        logits, targets, weights, z_loss=self.z_loss,
+        label_smoothing=self.label_smoothing)
+    if self.loss_normalizing_factor is None:
+      denom = jnp.where(weight_sum > 0, weight_sum, 1.0)
+    else:
+      denom = jnp.asarray(self.loss_normalizing_factor, jnp.float32)
+    correct, _ = losses.weighted_accuracy(logits, targets, weights)
+    loss = loss_sum / denom
+    metrics = {
+        'loss': loss,
+        'cross_ent_loss': (loss_sum - z_loss_sum) / denom,
+        'z_loss': z_loss_sum / denom,
+        'accuracy': correct / jnp.where(weight_sum > 0, weight_sum, 1.0),
+        'num_tokens': weight_sum,
+        'num_examples': self._num_examples(batch),
+    }
+    return loss, metrics
+
+  def score(self, params, batch: Batch) -> Array:
+    """[B] sum over positions of weight * log p(target) (rank classification)."""
+    token_scores = losses.log_softmax_at_targets(
+        self.logits(params, batch), batch['decoder_target_tokens'])
+    return jnp.sum(token_scores * self._weights(batch), axis=-1)

@@ -40,7 +40,7 @@ only 'targets' and prefix-LM tasks with 'inputs' and 'targets'), all [B,L]:
 """
 
 import dataclasses
-from typing import Any, Mapping, Union
+from typing import Any, Mapping
 
 from flax import linen as nn
 import jax
@@ -50,7 +50,6 @@ import seqio
 
 from t5x_lite import layers
 from t5x_lite.models import common
-from t5x_lite.models import encoder_decoder
 
 Array = jax.Array
 Batch = Mapping[str, Any]
@@ -95,6 +94,13 @@ def _init(cfg: GPTConfig):
   return nn.initializers.normal(stddev=cfg.initializer_range)
 
 
+def _residual_init(cfg: GPTConfig):
+  """GPT-2's init of the projections into the residual stream (attention out,
+  MLP wo): std initializer_range / sqrt(2 * num_layers)."""
+  return nn.initializers.normal(
+      stddev=cfg.initializer_range / np.sqrt(2.0 * cfg.num_layers))
+
+
 def _layer_norm(cfg: GPTConfig, name: str) -> layers.LayerNorm:
   return layers.LayerNorm(epsilon=cfg.layer_norm_eps, name=name, **_common(cfg))
 
@@ -114,11 +120,13 @@ class DecoderLayer(nn.Module):
     y = layers.BiasedMultiHeadAttention(
         num_heads=cfg.num_heads, head_dim=cfg.head_dim,
         dropout_rate=cfg.attention_dropout_rate, kernel_init=_init(cfg),
-        name='self_attention', **_common(cfg))(y, y, mask_bias, deterministic)
+        out_kernel_init=_residual_init(cfg), name='self_attention',
+        **_common(cfg))(y, y, mask_bias, deterministic)
     x = x + _dropout(cfg, y, deterministic)
     y = _layer_norm(cfg, 'pre_mlp_layer_norm')(x)
     y = layers.BiasedMlp(cfg.mlp_dim, activation=cfg.activation,
-                         kernel_init=_init(cfg), name='mlp', **_common(cfg))(y)
+                         kernel_init=_init(cfg), out_kernel_init=_residual_init(cfg),
+                         name='mlp', **_common(cfg))(y)
     x = x + _dropout(cfg, y, deterministic)
     return layers.constrain(x, ('batch', 'length', 'embed'))
 
@@ -189,97 +197,21 @@ class GPTNetwork(nn.Module):
     return self.token_embedder.attend(x)
 
 
-_NETWORK_FEATURES = ('decoder_input_tokens', 'decoder_target_tokens',
-                     'decoder_segment_ids', 'decoder_positions',
-                     'decoder_causal_attention', 'decoder_attention_mask')
-
-
-def _scale_residual_projections(variables: dict, factor: float) -> dict:
-  """Multiplies each layer's attention `out` and mlp `wo` kernels by `factor`.
-
-  Works on boxed variables (keeps the logical partitioning metadata).
-  """
-  layers_tree = variables['params']['decoder']
-  for name, layer in layers_tree.items():
-    if not name.startswith('layers_'):
-      continue
-    for module in (layer['self_attention']['out'], layer['mlp']['wo']):
-      box = module['kernel']
-      module['kernel'] = box.replace_boxed(box.unbox() * factor)
-  return variables
-
-
-class DecoderModel:
+class DecoderModel(common.TokenLossModel):
   """Pure loss / logits / score functions over a `GPTNetwork` (LM, prefix LM).
 
-  Loss, metrics and score are those of `EncoderDecoderModel` (they read only
-  the `decoder_*` features): the weighted summed token cross-entropy (with
-  optional z-loss and label smoothing) divided by the sum of
-  `decoder_loss_weights` (`loss_normalizing_factor` None or
-  'NUM_REAL_TARGET_TOKENS'), or by a given constant.
+  Loss, metrics and normalisation: see `common.TokenLossModel`.
   """
+  NETWORK_CLS = GPTNetwork
+  NETWORK_FEATURES = ('decoder_input_tokens', 'decoder_target_tokens',
+                      'decoder_segment_ids', 'decoder_positions',
+                      'decoder_causal_attention', 'decoder_attention_mask')
+  REQUIRED_FEATURES = ('decoder_input_tokens',)
   FEATURE_CONVERTER_CLS = seqio.DecoderFeatureConverter
 
-  def __init__(self,
-               config: GPTConfig,
-               z_loss: float = 0.0,
-               label_smoothing: float = 0.0,
-               loss_normalizing_factor: Union[None, str, float] = None):
-    if isinstance(loss_normalizing_factor, str):
-      if loss_normalizing_factor != 'NUM_REAL_TARGET_TOKENS':
-        raise ValueError(
-            f'loss_normalizing_factor={loss_normalizing_factor!r} is not '
-            "supported; use None, 'NUM_REAL_TARGET_TOKENS' or a number.")
-      loss_normalizing_factor = None
-    self.config = config
-    self.module = GPTNetwork(config)
-    self.z_loss = z_loss
-    self.label_smoothing = label_smoothing
-    self.loss_normalizing_factor = loss_normalizing_factor
-
-  # --- inputs ----------------------------------------------------------------
   def dummy_batch(self, batch_size: int, length: int) -> dict:
     """An int32 batch of ones with the LM feature names (for init / shapes)."""
     ones = np.ones((batch_size, length), np.int32)
     return dict(decoder_input_tokens=ones, decoder_target_tokens=ones,
                 decoder_loss_weights=ones)
 
-  @staticmethod
-  def _network_inputs(batch: Batch) -> dict:
-    if 'decoder_input_tokens' not in batch:
-      raise KeyError("Batch is missing feature 'decoder_input_tokens'; has "
-                     f'{sorted(batch)}.')
-    return {k: batch[k] for k in _NETWORK_FEATURES if k in batch}
-
-  # --- functions -------------------------------------------------------------
-  def init(self, rng: Array, batch: Batch):
-    """Boxed variables (with logical partitioning metadata), GPT-2 init.
-
-    Everything is normal(initializer_range) (LayerNorms 1 / 0, biases 0);
-    the residual output projections get std initializer_range /
-    sqrt(2 * num_layers). `batch` values may be arrays or shape/dtype
-    structs; only shapes matter.
-    """
-    variables = common.init_module(self.module, rng,
-                                   self._network_inputs(batch))
-    return _scale_residual_projections(
-        variables, 1.0 / np.sqrt(2.0 * self.config.num_layers))
-
-  def _apply(self, params, batch: Batch, dropout_rng=None) -> Array:
-    cfg = self.config
-    enable_dropout = dropout_rng is not None and (
-        cfg.dropout_rate > 0 or cfg.attention_dropout_rate > 0)
-    rngs = {'dropout': dropout_rng} if enable_dropout else None
-    return self.module.apply({'params': params},
-                             **self._network_inputs(batch),
-                             enable_dropout=enable_dropout, rngs=rngs)
-
-  # Shared with the encoder-decoder: these read only the decoder_* features
-  # and self._apply / z_loss / label_smoothing / loss_normalizing_factor.
-  _shared = encoder_decoder.EncoderDecoderModel
-  logits = _shared.logits
-  loss_fn = _shared.loss_fn
-  score = _shared.score
-  _weights = staticmethod(_shared._weights)
-  _num_examples = staticmethod(_shared._num_examples)
-  del _shared

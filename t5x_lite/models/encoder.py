@@ -145,7 +145,7 @@ class MlmHead(nn.Module):
   def __call__(self, x, token_embedder: layers.Embed) -> Array:
     cfg = self.config
     y = _dense(cfg, cfg.emb_dim, ('embed', 'mlp'), 'transform')(x)
-    y = layers.bert_activation(cfg.activation)(y)
+    y = layers.activation_fn(cfg.activation)(y)
     y = _layer_norm(cfg, 'layer_norm')(y)
     bias = self.param(
         'output_bias',
@@ -213,26 +213,24 @@ class BertNetwork(nn.Module):
     return mlm_logits, nsp_logits
 
 
-_NETWORK_FEATURES = ('input_tokens', 'segment_ids', 'attention_mask')
-
-
-class EncoderModel:
+class EncoderModel(common.Model):
   """Pure loss / logits / score functions over a `BertNetwork`.
 
   loss = weighted MLM cross-entropy / sum(loss_weights)
          + nsp_weight * mean NSP cross-entropy (when the batch has
          `next_sentence_label`).
   """
+  NETWORK_CLS = BertNetwork
+  NETWORK_FEATURES = ('input_tokens', 'segment_ids', 'attention_mask')
+  REQUIRED_FEATURES = ('input_tokens',)
   FEATURE_CONVERTER_CLS = feature_converters.EncoderFeatureConverter
 
   def __init__(self, config: BertConfig, z_loss: float = 0.0,
                nsp_weight: float = 1.0):
-    self.config = config
-    self.module = BertNetwork(config)
+    super().__init__(config)
     self.z_loss = z_loss
     self.nsp_weight = nsp_weight
 
-  # --- inputs ----------------------------------------------------------------
   def dummy_batch(self, batch_size: int, length: int,
                   with_nsp: bool = True) -> dict:
     """An int32 batch with every feature the model reads (for init / shapes)."""
@@ -242,30 +240,6 @@ class EncoderModel:
     if with_nsp:
       batch['next_sentence_label'] = np.zeros((batch_size,), np.int32)
     return batch
-
-  @staticmethod
-  def _network_inputs(batch: Batch) -> dict:
-    if 'input_tokens' not in batch:
-      raise KeyError(f"Batch is missing feature 'input_tokens'; has "
-                     f'{sorted(batch)}.')
-    return {k: batch[k] for k in _NETWORK_FEATURES if k in batch}
-
-  # --- functions -------------------------------------------------------------
-  def init(self, rng: Array, batch: Batch):
-    """Boxed variables (with logical partitioning metadata).
-
-    `batch` values may be arrays or shape/dtype structs; only shapes matter.
-    """
-    return common.init_module(self.module, rng, self._network_inputs(batch))
-
-  def _apply(self, params, batch: Batch,
-             dropout_rng=None) -> Tuple[Array, Array]:
-    enable_dropout = dropout_rng is not None and (
-        self.config.dropout_rate > 0 or self.config.attention_dropout_rate > 0)
-    rngs = {'dropout': dropout_rng} if enable_dropout else None
-    return self.module.apply({'params': params},
-                             **self._network_inputs(batch),
-                             enable_dropout=enable_dropout, rngs=rngs)
 
   def logits(self, params, batch: Batch) -> Array:
     """MLM logits [B,L,V] float32, dropout off."""
@@ -277,8 +251,7 @@ class EncoderModel:
 
   def encode(self, params, batch: Batch) -> Tuple[Array, Array]:
     """(sequence output [B,L,D], pooled output [B,D]), dropout off."""
-    return self.module.apply({'params': params}, **self._network_inputs(batch),
-                             method=BertNetwork.encode)
+    return self._apply(params, batch, method=BertNetwork.encode)
 
   @staticmethod
   def _weights(batch: Batch) -> Array:

@@ -28,7 +28,7 @@ Parameter tree (T5X names; kernels are [in, out]):
 """
 
 import dataclasses
-from typing import Any, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Mapping, Sequence, Union
 
 from flax import linen as nn
 import jax
@@ -37,7 +37,6 @@ import numpy as np
 import seqio
 
 from t5x_lite import layers
-from t5x_lite import losses
 from t5x_lite.models import common
 
 Array = jax.Array
@@ -252,21 +251,18 @@ class Transformer(nn.Module):
                        decoder_segment_ids, enable_dropout)
 
 
-_NETWORK_FEATURES = ('encoder_input_tokens', 'decoder_input_tokens',
-                     'decoder_target_tokens', 'encoder_segment_ids',
-                     'decoder_segment_ids', 'encoder_positions',
-                     'decoder_positions')
-
-
-class EncoderDecoderModel:
+class EncoderDecoderModel(common.TokenLossModel):
   """Pure loss / logits / score functions over a T5 `Transformer`.
 
-  Loss normalisation (`loss_normalizing_factor`):
-    None or 'NUM_REAL_TARGET_TOKENS' (default): the weighted summed loss is
-      divided by the sum of `decoder_loss_weights` (tokens with non-zero
-      weight when weights are 0/1).
-    a float: divided by that constant (T5X's constant-factor mode).
+  Loss, metrics and normalisation: see `common.TokenLossModel` (z-loss 1e-4
+  by default, as T5X).
   """
+  NETWORK_CLS = Transformer
+  NETWORK_FEATURES = ('encoder_input_tokens', 'decoder_input_tokens',
+                      'decoder_target_tokens', 'encoder_segment_ids',
+                      'decoder_segment_ids', 'encoder_positions',
+                      'decoder_positions')
+  REQUIRED_FEATURES = NETWORK_FEATURES[:3]
   FEATURE_CONVERTER_CLS = seqio.EncDecFeatureConverter
 
   def __init__(self,
@@ -274,19 +270,8 @@ class EncoderDecoderModel:
                z_loss: float = 1e-4,
                label_smoothing: float = 0.0,
                loss_normalizing_factor: Union[None, str, float] = None):
-    if isinstance(loss_normalizing_factor, str):
-      if loss_normalizing_factor != 'NUM_REAL_TARGET_TOKENS':
-        raise ValueError(
-            f'loss_normalizing_factor={loss_normalizing_factor!r} is not '
-            "supported; use None, 'NUM_REAL_TARGET_TOKENS' or a number.")
-      loss_normalizing_factor = None
-    self.config = config
-    self.module = Transformer(config)
-    self.z_loss = z_loss
-    self.label_smoothing = label_smoothing
-    self.loss_normalizing_factor = loss_normalizing_factor
+    super().__init__(config, z_loss, label_smoothing, loss_normalizing_factor)
 
-  # --- inputs ----------------------------------------------------------------
   def dummy_batch(self, batch_size: int, input_length: int,
                   target_length: int) -> dict:
     """An int32 batch of ones with the EncDec feature names (for init)."""
@@ -294,77 +279,3 @@ class EncoderDecoderModel:
     dec = np.ones((batch_size, target_length), np.int32)
     return dict(encoder_input_tokens=enc, decoder_input_tokens=dec,
                 decoder_target_tokens=dec, decoder_loss_weights=dec)
-
-  @staticmethod
-  def _network_inputs(batch: Batch) -> dict:
-    missing = [k for k in _NETWORK_FEATURES[:3] if k not in batch]
-    if missing:
-      raise KeyError(f'Batch is missing features {missing}; has '
-                     f'{sorted(batch)}.')
-    return {k: batch[k] for k in _NETWORK_FEATURES if k in batch}
-
-  # --- functions -------------------------------------------------------------
-  def init(self, rng: Array, batch: Batch):
-    """Boxed variables (with logical partitioning metadata).
-
-    `batch` values may be arrays or shape/dtype structs; only shapes matter.
-    """
-    return common.init_module(self.module, rng, self._network_inputs(batch))
-
-  def _apply(self, params, batch: Batch, dropout_rng=None) -> Array:
-    enable_dropout = dropout_rng is not None and self.config.dropout_rate > 0
-    rngs = {'dropout': dropout_rng} if enable_dropout else None
-    return self.module.apply({'params': params},
-                             **self._network_inputs(batch),
-                             enable_dropout=enable_dropout, rngs=rngs)
-
-  def logits(self, params, batch: Batch) -> Array:
-    """[B,T,V] float32 logits, dropout off."""
-    return self._apply(params, batch).astype(jnp.float32)
-
-  @staticmethod
-  def _weights(batch: Batch) -> Array:
-    weights = batch.get('decoder_loss_weights')
-    if weights is None:
-      weights = batch['decoder_target_tokens'] > 0
-    return jnp.asarray(weights, jnp.float32)
-
-  @staticmethod
-  def _num_examples(batch: Batch) -> Array:
-    """Rows, or packed segments (segment ids are 1..k per row) when packed."""
-    seg = batch.get('decoder_segment_ids')
-    if seg is None:
-      return jnp.asarray(batch['decoder_target_tokens'].shape[0], jnp.float32)
-    return jnp.sum(jnp.max(seg, axis=-1)).astype(jnp.float32)
-
-  def loss_fn(self, params, batch: Batch,
-              dropout_rng: Optional[Array]) -> Tuple[Array, dict]:
-    """(normalised loss, metrics). Dropout iff dropout_rng and rate > 0."""
-    logits = self._apply(params, batch, dropout_rng)
-    targets = batch['decoder_target_tokens']
-    weights = self._weights(batch)
-    loss_sum, z_loss_sum, weight_sum = losses.cross_entropy_with_logits(
-        logits, targets, weights, z_loss=self.z_loss,
-        label_smoothing=self.label_smoothing)
-    if self.loss_normalizing_factor is None:
-      denom = jnp.where(weight_sum > 0, weight_sum, 1.0)
-    else:
-      denom = jnp.asarray(self.loss_normalizing_factor, jnp.float32)
-    correct, _ = losses.weighted_accuracy(logits, targets, weights)
-    loss = loss_sum / denom
-    metrics = {
-        'loss': loss,
-        'cross_ent_loss': (loss_sum - z_loss_sum) / denom,
-        'z_loss': z_loss_sum / denom,
-        'accuracy': correct / jnp.where(weight_sum > 0, weight_sum, 1.0),
-        'num_tokens': weight_sum,
-        'num_examples': self._num_examples(batch),
-    }
-    return loss, metrics
-
-  def score(self, params, batch: Batch) -> Array:
-    """[B] sum over positions of weight * log p(target) (rank classification)."""
-    logits = self._apply(params, batch)
-    token_scores = losses.log_softmax_at_targets(
-        logits, batch['decoder_target_tokens'])
-    return jnp.sum(token_scores * self._weights(batch), axis=-1)
