@@ -1,6 +1,7 @@
 """Training entry point.
 
     python -m t5x_lite.train --gin_file=gin/t5_tiny_span.gin [--gin.TRAIN_STEPS=...]
+        [--distributed=auto|on|off]
 
 Re-running the same command resumes from the latest checkpoint in MODEL_DIR.
 SIGTERM (a preempted VM) saves a checkpoint before exiting.
@@ -21,6 +22,7 @@ import seqio
 import tqdm
 
 from t5x_lite import checkpoints
+from t5x_lite import distributed
 from t5x_lite import gin_utils
 from t5x_lite import trainer as trainer_lib
 from t5x_lite.data import pipeline
@@ -211,7 +213,16 @@ def train(*,
 
 
 def main(argv: Sequence[str]) -> None:
-  files, bindings = gin_utils.parse_flags(argv)
+  """`--distributed=auto|on|off` (see t5x_lite.distributed), then the gin flags."""
+  mode = 'auto'
+  flags = []
+  for arg in argv:
+    if arg.startswith('--distributed='):
+      mode = arg.split('=', 1)[1]
+    else:
+      flags.append(arg)
+  files, bindings = gin_utils.parse_flags(flags)
+  distributed.initialize(mode)  # before anything touches the devices
   gin_utils.parse_gin(files, bindings)
   gin.get_configurable(train)()
 
