@@ -1,5 +1,6 @@
 # `make train`: create .venv, install, pretrain the tiny T5 on the embedded corpus.
-# `make test`:  create .venv, install with test extras, run the whole test suite.
+# `make test`:  create .venv, install with test and tpu extras (libtpu, so the
+#               ahead-of-time TPU compilation tests run on CPU), run the whole test suite.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PIP := $(VENV)/bin/pip install -q --disable-pip-version-check -c requirements/lock.txt
@@ -13,7 +14,7 @@ $(VENV)/.installed: setup.py requirements/lock.txt
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) -e '.[test]'
+	$(PIP) -e '.[test,tpu]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -2,8 +2,42 @@
 
 __version__ = "0.1.0"
 
+import glob as _glob
+import importlib.util as _importlib_util
 import os as _os
+import sys as _sys
 
 # TensorFlow is used only for input pipelines; keep its C++ start-up chatter
 # (CUDA probing, oneDNN notices) off the console unless asked for.
 _os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+# Device files of TPU chips (/dev/accel*, or /dev/vfio/N on v5e and later) and
+# of NVIDIA (/dev/nvidia*, /dev/dxg under WSL) and AMD (/dev/kfd) GPUs.
+_TPU_DEVICES = ('/dev/accel*', '/dev/vfio/[0-9]*')
+_GPU_DEVICES = ('/dev/nvidia*', '/dev/dxg', '/dev/kfd')
+
+
+def host_has_tpu() -> bool:
+  """Whether this host has TPU chips attached."""
+  return any(_glob.glob(pattern) for pattern in _TPU_DEVICES)
+
+
+def _prefer_cpu_without_accelerator() -> None:
+  """With libtpu installed (to compile for TPU slices, see t5x_lite.precompile)
+  on a host without any accelerator, JAX would still start libtpu's TPU runtime,
+  which prints initialisation warnings and takes a host-wide lock file. Such a
+  host has only its CPU: say so, unless JAX_PLATFORMS already chooses."""
+  if _importlib_util.find_spec('libtpu') is None:
+    return
+  if host_has_tpu() or any(_glob.glob(pattern) for pattern in _GPU_DEVICES):
+    return
+  if 'JAX_PLATFORMS' in _os.environ:
+    return
+  _os.environ['JAX_PLATFORMS'] = 'cpu'
+  if 'jax' in _sys.modules:  # imported first: its config has read the environment already
+    jax = _sys.modules['jax']
+    if jax.config.jax_platforms is None:
+      jax.config.update('jax_platforms', 'cpu')
+
+
+_prefer_cpu_without_accelerator()

@@ -1,9 +1,17 @@
 """Meshes, logical-axis rules and shardings: the only module that knows about devices.
 
 Model code names logical axes ('batch', 'embed', 'mlp', ...). A rule set maps
-each logical name to a mesh axis (or None = replicated). The same model runs on
+each logical name to mesh axes (or None = replicated). The same model runs on
 one CPU, on fake CPU devices, or on a TPU slice by changing the mesh and rules
 here (through gin), never the model.
+
+The mesh has up to three axes, slowest first:
+  data   plain data parallelism: the batch is split, parameters replicated;
+  fsdp   the batch is split AND parameters / optimizer state are sharded
+         (ZeRO-3 / FSDP); XLA gathers each layer's weights when it runs;
+  model  Megatron-style tensor parallelism: heads, MLP and vocabulary split.
+`jax.make_mesh` places the last axis on the fastest interconnect, so 'model'
+(which communicates every layer) comes last.
 """
 
 import contextlib
@@ -17,38 +25,41 @@ import optax
 
 from t5x_lite.errors import UserError
 
-LogicalRules = Sequence[tuple[str, Optional[str]]]
+MeshAxes = Optional[str | tuple[str, ...]]
+LogicalRules = Sequence[tuple[str, MeshAxes]]
 
-# Pure data parallelism: parameters replicated, the batch split over 'data'.
-DATA_PARALLEL_RULES: LogicalRules = (
-    ('batch', 'data'),
-    ('length', None),
-    ('embed', None),
-    ('vocab', None),
-    ('mlp', None),
-    ('heads', None),
-    ('kv', None),
-    ('joined_kv', None),
-    ('relpos_buckets', None),
-    ('layers', None),
-)
-
-# Data parallelism plus Megatron-style 1D tensor parallelism over 'model'.
-MODEL_PARALLEL_RULES: LogicalRules = (
-    ('batch', 'data'),
-    ('length', None),
-    ('embed', None),
-    ('vocab', 'model'),
-    ('mlp', 'model'),
-    ('heads', 'model'),
-    ('kv', None),
-    ('joined_kv', 'model'),
-    ('relpos_buckets', None),
-    ('layers', None),
-)
+AXIS_NAMES = ('data', 'fsdp', 'model')
+# Mesh axes the batch is split over, in every built-in rule set.
+BATCH_AXES = ('data', 'fsdp')
 
 
-RULE_SETS = {'data_parallel': DATA_PARALLEL_RULES, 'model_parallel': MODEL_PARALLEL_RULES}
+def _rule_set(fsdp: bool, model: bool) -> LogicalRules:
+  """Batch over data+fsdp; with `fsdp`, every parameter's 'embed' dimension
+  (which every large parameter has) over 'fsdp'; with `model`, heads, MLP and
+  vocabulary over 'model'. An activation's 'embed' stays unsharded because its
+  batch dimension already takes 'fsdp' (a mesh axis is used once per array)."""
+  tensor = 'model' if model else None
+  return (
+      ('batch', BATCH_AXES),
+      ('length', None),
+      ('embed', 'fsdp' if fsdp else None),
+      ('vocab', tensor),
+      ('mlp', tensor),
+      ('heads', tensor),
+      ('kv', None),
+      ('joined_kv', tensor),
+      ('relpos_buckets', None),
+      ('abspos', None),
+      ('layers', None),
+  )
+
+
+RULE_SETS: dict[str, LogicalRules] = {
+    'data_parallel': _rule_set(fsdp=False, model=False),
+    'fsdp': _rule_set(fsdp=True, model=False),
+    'model_parallel': _rule_set(fsdp=False, model=True),
+    'fsdp_model_parallel': _rule_set(fsdp=True, model=True),
+}
 
 
 def _resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -68,34 +79,64 @@ def _resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[in
   return tuple(shape)
 
 
+def _fit_rules(rules: LogicalRules, axis_names: Sequence[str]) -> tuple[tuple[str, MeshAxes], ...]:
+  """Drops the members of a tuple of mesh axes that the mesh lacks (so the
+  built-in sets run on a ('data', 'model') mesh too); a single mesh axis that
+  the mesh lacks is an error."""
+  fitted = []
+  for logical, mesh_axes in rules:
+    if isinstance(mesh_axes, (tuple, list)):
+      kept = tuple(a for a in mesh_axes if a in axis_names)
+      mesh_axes = kept if len(kept) > 1 else (kept[0] if kept else None)
+    elif mesh_axes is not None and mesh_axes not in axis_names:
+      raise UserError(f"logical axis rule ('{logical}', '{mesh_axes}') names a mesh axis "
+                      f'that is not in {tuple(axis_names)}; fix the rules or the mesh.')
+    fitted.append((logical, mesh_axes))
+  return tuple(fitted)
+
+
+def _as_tuple(mesh_axes: MeshAxes) -> tuple[str, ...]:
+  if mesh_axes is None:
+    return ()
+  return tuple(mesh_axes) if isinstance(mesh_axes, (tuple, list)) else (mesh_axes,)
+
+
 class Partitioner:
   """A device mesh plus the logical-axis rules that map model axes onto it."""
 
   def __init__(self,
-               mesh_shape: Sequence[int] = (-1, 1),
-               axis_names: Sequence[str] = ('data', 'model'),
+               mesh_shape: Sequence[int] = (-1, 1, 1),
+               axis_names: Optional[Sequence[str]] = None,
                rules: LogicalRules | str = 'data_parallel',
                devices: Optional[Sequence[Any]] = None):
-    """`rules` is a rule set's name (one of RULE_SETS) or (logical, mesh axis) pairs."""
+    """Builds the mesh over `devices` (default: all).
+
+    Args:
+      mesh_shape: one size per axis; one -1 takes the devices left over by the
+        fixed sizes, which must divide the device count (so (-1, 1, 2) is
+        data=4 x model=2 on 8 devices and cannot run on 1).
+      axis_names: default ('data', 'fsdp', 'model'), or ('data', 'model') for
+        a two-axis `mesh_shape`.
+      rules: a rule set's name (one of RULE_SETS) or (logical axis, mesh axes)
+        pairs; mesh axes are a name, a tuple of names, or None.
+      devices: the devices of the mesh.
+    """
     if isinstance(rules, str):
       if rules not in RULE_SETS:
         raise UserError(f"unknown rule set '{rules}'; use one of {sorted(RULE_SETS)} "
                         'or a list of (logical axis, mesh axis) pairs.')
       rules = RULE_SETS[rules]
+    if axis_names is None:
+      axis_names = ('data', 'model') if len(mesh_shape) == 2 else AXIS_NAMES
     devices = list(devices) if devices is not None else jax.devices()
     if len(mesh_shape) != len(axis_names):
       raise UserError(f'mesh shape {tuple(mesh_shape)} and axis names '
                       f'{tuple(axis_names)} differ in length; give one size per axis.')
+    self.rules = _fit_rules(rules, axis_names)
     shape = _resolve_mesh_shape(mesh_shape, len(devices))
     self.mesh = jax.make_mesh(
         shape, tuple(axis_names),
         axis_types=(jax.sharding.AxisType.Auto,) * len(shape), devices=devices)
-    self.rules = tuple(tuple(r) for r in rules)
-    mesh_axes = set(axis_names)
-    for logical, mesh_axis in self.rules:
-      if mesh_axis is not None and mesh_axis not in mesh_axes:
-        raise UserError(f"logical axis rule ('{logical}', '{mesh_axis}') names a mesh "
-                        f'axis that is not in {tuple(axis_names)}; fix the rules or the mesh.')
 
   @contextlib.contextmanager
   def activate(self):
@@ -106,8 +147,8 @@ class Partitioner:
   @property
   def data_axes(self) -> tuple[str, ...]:
     """Mesh axes that the batch dimension is split over."""
-    return tuple(mesh for logical, mesh in self.rules
-                 if logical == 'batch' and mesh is not None)
+    return tuple(a for logical, mesh in self.rules if logical == 'batch'
+                 for a in _as_tuple(mesh))
 
   @property
   def data_parallel_size(self) -> int:
@@ -133,8 +174,40 @@ class Partitioner:
       raise UserError(f'batch size {batch_size} is not divisible by the {jax.process_count()} '
                       'hosts; set BATCH_SIZE to a multiple of the host count.')
 
+  def check_divisible(self, boxed_tree: Any) -> None:
+    """Raises a UserError naming the first array dimension (of a tree of
+    logically partitioned values) that its mesh axes do not divide."""
+    boxes = jax.tree_util.tree_leaves_with_path(
+        boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    for path, box in boxes:
+      if not isinstance(box, nn.Partitioned):
+        continue  # unnamed: replicated
+      names = box.names
+      if path and getattr(path[0], 'key', None) == 'params':
+        path = path[1:]  # a variables tree: name the parameter as the model does
+      mesh_specs = nn.logical_to_mesh_axes(names, self.rules)
+      for name, mesh_axes, size in zip(names, mesh_specs, box.value.shape):
+        axes = _as_tuple(mesh_axes)
+        n = math.prod(self.mesh.shape[a] for a in axes)
+        if size % n:
+          where = ' x '.join(f"'{a}'" for a in axes)
+          raise UserError(
+              f"parameter {jax.tree_util.keystr(path, simple=True, separator='/')} has "
+              f"logical axis '{name}' of size {size}, which mesh axis {where} of size {n} "
+              f"does not divide; make '{name}' a multiple of {n} in the model config, or "
+              'change the mesh or the rules.')
+
+  def check(self, boxed_params: Any, batch_size: int) -> None:
+    """All layout checks that can fail before compiling (one-line UserErrors)."""
+    self.check_batch_size(batch_size)
+    self.check_divisible(boxed_params)
+
   def logical_shardings(self, boxed_tree: Any) -> Any:
-    """NamedShardings for a tree of (possibly) logically partitioned values."""
+    """NamedShardings for a tree of (possibly) logically partitioned values.
+
+    Raises a UserError if a mesh axis does not divide the dimension it shards.
+    """
+    self.check_divisible(boxed_tree)
     specs = nn.get_partition_spec(boxed_tree)
     return nn.logical_to_mesh_sharding(specs, self.mesh, self.rules)
 

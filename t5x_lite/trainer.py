@@ -18,6 +18,10 @@ from t5x_lite import optimizers
 from t5x_lite.partitioning import Partitioner
 
 
+# The shape of a raw PRNG key, for shape-only evaluation (nothing runs on a device).
+_ABSTRACT_KEY = jax.ShapeDtypeStruct((2,), jnp.uint32)
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
@@ -44,8 +48,8 @@ class Trainer:
     self.partitioner = partitioner
     self.batch_shapes = batch_shapes
     self._init_variables = lambda rng: model.init(rng, batch_shapes)
-    with partitioner.activate():
-      boxed = jax.eval_shape(self._init_variables, jax.random.PRNGKey(0))
+    with partitioner.activate():  # abstract keys: the mesh's devices may be elsewhere (AOT)
+      boxed = jax.eval_shape(self._init_variables, _ABSTRACT_KEY)
       self.param_shardings = partitioner.logical_shardings(boxed)['params']
     self.abstract_params = nn.unbox(boxed)['params']
     self.opt_shardings = partitioner.opt_state_shardings(
@@ -58,7 +62,7 @@ class Trainer:
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the train state, without computing it."""
-    abstract = jax.eval_shape(self._make_state, jax.random.PRNGKey(0), self.abstract_params)
+    abstract = jax.eval_shape(self._make_state, _ABSTRACT_KEY, self.abstract_params)
     return jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract, self.state_shardings)

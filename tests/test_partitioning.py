@@ -4,22 +4,60 @@ import subprocess
 import sys
 import textwrap
 
+import flax.linen as nn
+import jax
 import pytest
 
 from conftest import REPO, run_env
 from t5x_lite.errors import UserError
-from t5x_lite.partitioning import Partitioner
+from t5x_lite.partitioning import RULE_SETS, Partitioner
 
 
 def test_one_device_mesh():
   p = Partitioner()
-  assert dict(p.mesh.shape) == {'data': 1, 'model': 1}
+  assert dict(p.mesh.shape) == {'data': 1, 'fsdp': 1, 'model': 1}
+  assert p.data_axes == ('data', 'fsdp')
+  assert p.batch_sharding().spec == jax.P(('data', 'fsdp'))
   p.check_batch_size(3)
 
 
+def test_two_axis_mesh_keeps_working():
+  """A ('data', 'model') mesh (configs written before 'fsdp'): the built-in
+  sets drop 'fsdp' from the batch axes; a set that shards over it is an error."""
+  p = Partitioner((1, 1), rules='model_parallel')
+  assert dict(p.mesh.shape) == {'data': 1, 'model': 1}
+  assert dict(p.rules)['batch'] == 'data' and dict(p.rules)['mlp'] == 'model'
+  assert p.batch_sharding().spec == jax.P('data')
+  with pytest.raises(UserError, match=r"\('embed', 'fsdp'\) names a mesh axis"):
+    Partitioner((1, 1), rules='fsdp')
+
+
+def test_rule_sets():
+  """Hand-written expectations for where each set puts the large axes."""
+  expected = {  # logical axis -> mesh axes, for the axes the sets differ on
+      'data_parallel': dict(embed=None, vocab=None, mlp=None, heads=None, joined_kv=None),
+      'fsdp': dict(embed='fsdp', vocab=None, mlp=None, heads=None, joined_kv=None),
+      'model_parallel': dict(embed=None, vocab='model', mlp='model', heads='model',
+                             joined_kv='model'),
+      'fsdp_model_parallel': dict(embed='fsdp', vocab='model', mlp='model', heads='model',
+                                  joined_kv='model'),
+  }
+  assert sorted(RULE_SETS) == sorted(expected)
+  for name, want in expected.items():
+    rules = dict(RULE_SETS[name])
+    assert rules['batch'] == ('data', 'fsdp'), name
+    assert {k: rules[k] for k in want} == want, name
+    assert rules['kv'] is None and rules['length'] is None, name
+  # An activation's 'embed' is not sharded under FSDP: its batch takes 'fsdp'.
+  fsdp = Partitioner(rules='fsdp')
+  assert nn.logical_to_mesh_axes(('batch', 'length', 'embed'), fsdp.rules) == jax.P(
+      ('data', 'fsdp'), None, None)
+  assert nn.logical_to_mesh_axes(('vocab', 'embed'), fsdp.rules) == jax.P(None, 'fsdp')
+
+
 @pytest.mark.parametrize('shape, match', [
-    ((2, 1), 'needs 2 devices but 1 are available'),
-    ((-1, -1), 'more than one -1'),
+    ((2, 1, 1), 'needs 2 devices but 1 are available'),
+    ((-1, -1, 1), 'more than one -1'),
     ((1,), 'differ in length'),
 ])
 def test_bad_meshes(shape, match):
@@ -31,15 +69,12 @@ def test_bad_rules():
   with pytest.raises(UserError, match='unknown rule set'):
     Partitioner(rules='tensor_parallel_3d')
   with pytest.raises(UserError, match="names a mesh axis"):
-    Partitioner(rules=[('batch', 'fsdp')])
+    Partitioner(rules=[('batch', 'replica')])
 
 
 EIGHT_DEVICES = textwrap.dedent('''
-    import jax, jax.numpy as jnp, numpy as np
     from t5x_lite.errors import UserError
     from t5x_lite.partitioning import Partitioner
-    from t5x_lite.models import encoder_decoder
-    from t5x_lite import optimizers, trainer
 
     def expect_error(fn, text):
       try:
@@ -49,41 +84,15 @@ EIGHT_DEVICES = textwrap.dedent('''
       else:
         raise AssertionError('no error: ' + text)
 
-    assert dict(Partitioner().mesh.shape) == {'data': 8, 'model': 1}
+    assert dict(Partitioner().mesh.shape) == {'data': 8, 'fsdp': 1, 'model': 1}
+    assert dict(Partitioner((-1, 2, 2)).mesh.shape) == {'data': 2, 'fsdp': 2, 'model': 2}
     assert dict(Partitioner((4, -1)).mesh.shape) == {'data': 4, 'model': 2}
-    expect_error(lambda: Partitioner((3, -1)), 'do not divide the 8')
-    expect_error(lambda: Partitioner((16, 1)), 'needs 16 devices but 8')
-    expect_error(lambda: Partitioner().check_batch_size(12), 'not divisible by the data-parallel size 8')
-
-    cfg = encoder_decoder.T5Config(vocab_size=128, emb_dim=32, num_heads=4, head_dim=8,
-                                   mlp_dim=64, num_encoder_layers=1, num_decoder_layers=1)
-    model = encoder_decoder.EncoderDecoderModel(cfg)
-    batch = model.dummy_batch(8, 16, 8)
-    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-    rng = np.random.RandomState(0)
-    real = {k: rng.randint(1, 128, size=v.shape).astype(v.dtype) for k, v in batch.items()}
-    real['decoder_loss_weights'] = np.ones_like(real['decoder_loss_weights'])
-    losses = {}
-    for name, shape, rules in [('single', (1, 1), 'data_parallel'),
-                               ('data8', (8, 1), 'data_parallel'),
-                               ('data4_model2', (4, 2), 'model_parallel')]:
-      devices = jax.devices()[:1] if name == 'single' else None
-      p = Partitioner(shape, rules=rules, devices=devices)
-      t = trainer.Trainer(model, optimizers.adafactor(), p, shapes)
-      state = t.init_state(0)
-      if name == 'data4_model2':
-        spec = state.params['decoder']['logits_dense']['kernel'].sharding.spec \\
-            if 'logits_dense' in state.params.get('decoder', {}) else None
-        print('logits spec', spec)
-        print(p.describe(t.abstract_params, t.param_shardings).splitlines()[0])
-      out = []
-      for _ in range(3):
-        state, m = t.train_step(state, p.shard_batch(real))
-        out.append(float(m['loss']))
-      losses[name] = out
-    print(losses)
-    for name in ('data8', 'data4_model2'):
-      np.testing.assert_allclose(losses[name], losses['single'], rtol=1e-5)
+    assert Partitioner((2, 2, 2), rules='fsdp').data_parallel_size == 4
+    assert Partitioner((4, 2), rules='model_parallel').data_parallel_size == 4
+    expect_error(lambda: Partitioner((3, -1, 1)), 'do not divide the 8')
+    expect_error(lambda: Partitioner((16, 1, 1)), 'needs 16 devices but 8')
+    expect_error(lambda: Partitioner().check_batch_size(12),
+                 'not divisible by the data-parallel size 8')
     print('OK')
 ''')
 

@@ -1,0 +1,240 @@
+"""Ahead-of-time compilation of the train step for a TPU slice, on any host.
+
+    python -m t5x_lite.precompile --gin_file=gin/bert_base_mlm.gin --topology=v3:4x4 \
+        [--gin.NAME=VALUE ...]
+
+Compiles the real train step (model, optimizer, feature lengths, batch size and
+partitioner from the same gin as training) for the slice's devices, described
+by libtpu without a TPU, from shapes alone (no data, no arrays). Prints the
+per-device memory against the chip's HBM, the FLOPs of one step, the step time
+at the chip's peak and at half of it, and the days for TRAIN_STEPS. Exits with
+one line "does not fit: ..." (status 2) when the step needs more HBM than a
+device has. Needs libtpu: `pip install -e .[tpu]`.
+"""
+
+import dataclasses
+import importlib.util
+import inspect
+import math
+import os
+import re
+from typing import Any, Mapping, Sequence
+
+import gin
+import jax
+import numpy as np
+
+import t5x_lite
+from t5x_lite import gin_utils
+from t5x_lite import trainer as trainer_lib
+from t5x_lite import train as train_script
+from t5x_lite.errors import UserError
+from t5x_lite.partitioning import Partitioner
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """One TPU chip: HBM and peak bf16 matmul throughput (public Cloud TPU figures)."""
+  hbm_bytes: int
+  peak_flops: float
+  accelerator_type: str  # Cloud's name for a slice of N TensorCores: f'{name}-{N}'
+  cores: int = 1
+  megacore: bool = False  # its TensorCores form one JAX device
+
+
+# Per chip, from the Cloud TPU system-architecture pages
+# (cloud.google.com/tpu/docs/v3 ... /v6e). A v3 chip has two TensorCores, each a
+# JAX device with its own 16 GiB of the chip's 32 GiB; v4 and v5p chips run
+# their two TensorCores as one megacore device; v5e and v6e chips have one.
+CHIPS = {
+    'v3': Chip(hbm_bytes=32 * GiB, peak_flops=123e12, accelerator_type='v3', cores=2),
+    'v4': Chip(hbm_bytes=32 * GiB, peak_flops=275e12, accelerator_type='v4', cores=2,
+               megacore=True),
+    'v5e': Chip(hbm_bytes=16 * GiB, peak_flops=197e12, accelerator_type='v5litepod'),
+    'v5p': Chip(hbm_bytes=95 * GiB, peak_flops=459e12, accelerator_type='v5p', cores=2,
+                megacore=True),
+    'v6e': Chip(hbm_bytes=32 * GiB, peak_flops=918e12, accelerator_type='v6e'),
+}
+
+_TOPOLOGY = re.compile(r'^(v\d+[a-z]?):(\d+(?:x\d+)*)$')
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+  """A TPU slice described by libtpu: its devices and per-device budgets."""
+  name: str
+  devices: Sequence[Any]
+  hbm_bytes_per_device: float
+  peak_flops_per_device: float
+
+
+def tpu_slice(topology: str) -> Slice:
+  """The devices of a slice named like 'v3:4x4', 'v4:2x2x2' or 'v5e:4x4'."""
+  match = _TOPOLOGY.match(topology)
+  if not match or match.group(1) not in CHIPS:
+    raise UserError(f"unknown topology '{topology}'; use GENERATION:CHIPS such as v3:4x4, "
+                    f"v4:2x2x2 or v5e:4x4 (generations: {', '.join(CHIPS)}).")
+  if importlib.util.find_spec('libtpu') is None:
+    raise UserError('libtpu is not installed, so TPU topologies cannot be described; '
+                    'install it with `pip install -e .[tpu]`.')
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  chip = CHIPS[match.group(1)]
+  num_chips = math.prod(int(d) for d in match.group(2).split('x'))
+  if not t5x_lite.host_has_tpu():
+    # libtpu reads the slice from the TPU VM's metadata and warns without it;
+    # with no chip here to guard, compiling processes need not lock each other out.
+    accelerator_type = f'{chip.accelerator_type}-{num_chips * chip.cores}'
+    os.environ.setdefault('TPU_ACCELERATOR_TYPE', accelerator_type)
+    os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+    os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  kwargs = {'chip_config_name': 'megacore'} if chip.megacore else {}
+  try:
+    devices = topologies.get_topology_desc(topology, 'tpu', **kwargs).devices
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f"libtpu cannot describe topology '{topology}': "
+                    f'{gin_utils.one_line(e)}; check the chip counts per dimension.') from None
+  per_chip = len(devices) / num_chips
+  return Slice(topology, devices, chip.hbm_bytes / per_chip, chip.peak_flops / per_chip)
+
+
+def _resolve(value: Any, **kwargs) -> Any:
+  """A gin binding's value, evaluating @references and %macros."""
+  if not isinstance(value, gin.config.ConfigurableReference):
+    return value
+  fn = value.scoped_configurable_fn
+  return fn(**kwargs) if value.evaluate else fn
+
+
+def train_arguments(devices: Sequence[Any]) -> dict[str, Any]:
+  """The gin-bound arguments of `train_script.train`, partitioner built on `devices`."""
+  defaults = {k: p.default for k, p in inspect.signature(train_script.train).parameters.items()
+              if p.default is not inspect.Parameter.empty}
+  bound = gin.get_bindings(train_script.train, resolve_references=False)
+  args = {k: _resolve(v) for k, v in bound.items() if k != 'partitioner'}
+  args['partitioner'] = (_resolve(bound['partitioner'], devices=devices)
+                         if 'partitioner' in bound else Partitioner(devices=devices))
+  missing = [k for k in ('model', 'optimizer', 'task_feature_lengths', 'batch_size')
+             if k not in args]
+  if missing:
+    raise UserError(f"gin binds no train_script.train.{missing[0]}; include a run gin "
+                    "(configs/runs/*.gin) as training does.")
+  return {**defaults, **args}
+
+
+def batch_shapes(model: Any, task_feature_lengths: Mapping[str, int], batch_size: int,
+                 pack: bool) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch the feature converter feeds the train step, as shapes."""
+  converter = model.FEATURE_CONVERTER_CLS(pack=pack)
+  if hasattr(converter, 'get_model_feature_lengths'):  # seqio's converters
+    lengths = converter.get_model_feature_lengths(dict(task_feature_lengths))
+    return {k: jax.ShapeDtypeStruct((batch_size, n), np.int32) for k, n in lengths.items()}
+  dummy = model.dummy_batch(batch_size, *task_feature_lengths.values())
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in dummy.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+  """What compiling the train step for a slice found."""
+  mesh: dict[str, int]
+  compile_seconds: float
+  argument_bytes: int
+  output_bytes: int
+  temp_bytes: int
+  total_bytes: int
+  hbm_bytes: float
+  flops: float
+  step_seconds: float
+  train_steps: int
+
+  @property
+  def fits(self) -> bool:
+    return self.total_bytes <= self.hbm_bytes
+
+  def days(self, utilisation: float = 1.0) -> float:
+    return self.train_steps * self.step_seconds / utilisation / 86400
+
+
+def does_not_fit(needed: str, hbm_bytes: float) -> UserError:
+  return UserError(f'does not fit: {needed} needed per device, {hbm_bytes / GiB:.2f} GiB '
+                   'available; use a smaller BATCH_SIZE, a larger slice, or shard the params '
+                   '(fsdp / model-parallel rules).')
+
+
+def _out_of_memory(error: Exception, hbm_bytes: float) -> UserError:
+  """The TPU compiler's out-of-HBM failure as the one-line verdict. It reads
+  "Used 20.5G of 15.5G hbm" or "... required for HLO temporaries (1.06T) exceeds
+  available HBM (15.75G)"."""
+  used = re.search(r'(?:Used |required for [^(]*\()([\d.]+)([KMGT])', str(error))
+  if not used:
+    return does_not_fit(f'more than {hbm_bytes / GiB:.2f} GiB ({gin_utils.one_line(error)})',
+                        hbm_bytes)
+  scale = {'K': 2**10, 'M': 2**20, 'G': GiB, 'T': 2**40}
+  return does_not_fit(f'{float(used.group(1)) * scale[used.group(2)] / GiB:.2f} GiB', hbm_bytes)
+
+
+def precompile(topology: str) -> Report:
+  """Compiles the gin-configured train step for `topology`; gin must be parsed."""
+  tpu = tpu_slice(topology)
+  args = train_arguments(tpu.devices)
+  partitioner = args['partitioner']
+  partitioner.check_batch_size(args['batch_size'])
+  shapes = batch_shapes(args['model'], args['task_feature_lengths'], args['batch_size'],
+                        args['pack'])
+  trainer = trainer_lib.Trainer(args['model'], args['optimizer'], partitioner, shapes)
+  try:
+    seconds = trainer.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if 'RESOURCE_EXHAUSTED' in str(e):
+      raise _out_of_memory(e, tpu.hbm_bytes_per_device) from None
+    raise
+  compiled = trainer.train_step
+  memory = compiled.memory_analysis()
+  total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+           - memory.alias_size_in_bytes + memory.temp_size_in_bytes
+           + memory.generated_code_size_in_bytes)
+  cost = compiled.cost_analysis()
+  flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
+  return Report(mesh=dict(partitioner.mesh.shape),
+                compile_seconds=seconds,
+                argument_bytes=memory.argument_size_in_bytes,
+                output_bytes=memory.output_size_in_bytes,
+                temp_bytes=memory.temp_size_in_bytes,
+                total_bytes=total,
+                hbm_bytes=tpu.hbm_bytes_per_device,
+                flops=flops,
+                step_seconds=flops / tpu.peak_flops_per_device,
+                train_steps=int(args['train_steps']))
+
+
+def describe(topology: str, report: Report) -> str:
+  r = report
+  return '\n'.join([
+      f'{topology}: mesh {r.mesh}; compiled the train step in {r.compile_seconds:.1f}s',
+      f'per device: arguments {r.argument_bytes / GiB:.2f} GiB, outputs '
+      f'{r.output_bytes / GiB:.2f} GiB, temporaries {r.temp_bytes / GiB:.2f} GiB, '
+      f'total {r.total_bytes / GiB:.2f} GiB of {r.hbm_bytes / GiB:.2f} GiB HBM',
+      f'FLOPs per step per device: {r.flops:.3e}',
+      f'step time: {r.step_seconds * 1e3:.1f} ms at peak, {2 * r.step_seconds * 1e3:.1f} ms '
+      f'at 50% of peak',
+      f'TRAIN_STEPS={r.train_steps:,}: {r.days():.2f} days at peak, '
+      f'{r.days(0.5):.2f} days at 50% of peak',
+  ])
+
+
+def main(argv: Sequence[str]) -> None:
+  topology = [a.partition('=')[2] for a in argv if a.startswith('--topology=')]
+  if len(topology) != 1:
+    raise UserError('give exactly one --topology=GENERATION:CHIPS, e.g. --topology=v3:4x4.')
+  files, bindings = gin_utils.parse_flags([a for a in argv if not a.startswith('--topology=')])
+  gin_utils.parse_gin(files, bindings)
+  report = precompile(topology[0])
+  print(describe(topology[0], report))
+  if not report.fits:
+    raise does_not_fit(f'{report.total_bytes / GiB:.2f} GiB', report.hbm_bytes)
+
+
+if __name__ == '__main__':
+  import t5x_lite.precompile as precompile_module  # pylint: disable=g-import-not-at-top
+  gin_utils.run(precompile_module.main, 'precompile')
