@@ -118,7 +118,7 @@ def test_eight_fake_devices_match_one(tmp_path):
   one, eight = str(tmp_path / 'one'), str(tmp_path / 'eight')
   run_train(one, '--gin.TRAIN_STEPS=3', devices=1)
   proc = run_train(eight, '--gin.TRAIN_STEPS=3', devices=8)
-  assert "mesh {'data': 8, 'model': 1}" in proc.stdout
+  assert "mesh {'data': 8, 'fsdp': 1, 'model': 1}" in proc.stdout
   for a, b in zip(read_metrics(one), read_metrics(eight), strict=True):
     assert b['loss'] == pytest.approx(a['loss'], rel=1e-5)
     assert b['accuracy'] == pytest.approx(a['accuracy'], rel=1e-5)
