@@ -244,7 +244,7 @@ class MultiHeadAttention(nn.Module):
     """
     dtype = canonicalize_dtype(self.dtype)
     n, h, d = self.num_heads, self.head_dim, inputs_q.shape[-1]
-    depth_scaling = np.sqrt(h).astype(np.float32)
+    depth_scaling = float(np.sqrt(h))  # a Python float keeps param_dtype
 
     def query_init(*args):
       return self.kernel_init(*args) / depth_scaling

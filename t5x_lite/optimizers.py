@@ -55,8 +55,12 @@ def adafactor(learning_rate: Schedule | float = rsqrt_schedule(),
 
 
 def _matrices(params):
-  """Weight decay mask: kernels and embeddings, not biases or norm scales."""
-  return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+  """Weight decay mask: kernels and embeddings, not biases or norm scales (the
+  leading axis of a scanned stack, under a 'layers' key, does not count)."""
+  def is_matrix(path, p):
+    stacked = any(getattr(k, 'key', None) == 'layers' for k in path)
+    return p.ndim - stacked > 1
+  return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
 def adamw(learning_rate: Schedule | float, b1: float = 0.9, b2: float = 0.999,

@@ -105,6 +105,9 @@ def test_logits_loss_and_causality_match_hf(tmp_path):
   valid = mask > 0
   assert np.abs(theirs[valid]).max() > 1.0  # the comparison is not trivial
   np.testing.assert_allclose(ours[valid], theirs[valid], atol=1e-4, rtol=0)
+  scanned, stacked = t5x_lite_hf.load(tmp_path, scan_layers=True)
+  assert stacked['decoder']['layers']['mlp']['wi']['kernel'].shape == (2, 32, cfg.mlp_dim)
+  np.testing.assert_allclose(np.asarray(scanned.logits(stacked, batch)), ours, atol=1e-5)
 
   # HF shifts labels internally; our targets are pre-shifted.
   loss, metrics = model.loss_fn(params, batch, None)

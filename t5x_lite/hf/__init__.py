@@ -33,13 +33,15 @@ def family_module(model_type: str):
   return importlib.import_module(f't5x_lite.hf.{FAMILIES[model_type]}')
 
 
-def load(directory: str, dtype: Optional[Any] = None) -> Tuple[Any, dict]:
+def load(directory: str, dtype: Optional[Any] = None, **config_overrides) -> Tuple[Any, dict]:
   """Reads a HF model directory -> (our Model, params).
 
   Args:
     directory: holds `config.json` and weights (see `hf.io.read_state_dict`).
     dtype: dtype of the returned params (and of the config's `param_dtype`);
       default float32, whatever the checkpoint stores.
+    **config_overrides: config fields to set, e.g. `scan_layers=True` (params
+      then come stacked) or `dropout_rate=0.0`.
 
   Returns:
     (model, params): `model` is the family's Model wrapper, `params` the
@@ -51,7 +53,8 @@ def load(directory: str, dtype: Optional[Any] = None) -> Tuple[Any, dict]:
   try:
     config = module.config_from_hf(hf_config)
     if dtype is not None:
-      config = dataclasses.replace(config, param_dtype=np.dtype(dtype).name)
+      config_overrides['param_dtype'] = np.dtype(dtype).name
+    config = dataclasses.replace(config, **config_overrides)
     params = module.from_hf_state_dict(io.read_state_dict(directory), config)
   except (KeyError, ValueError) as e:
     message = e.args[0] if e.args else str(e)

@@ -14,6 +14,7 @@ from typing import Mapping
 import numpy as np
 
 from t5x_lite.models import bart
+from t5x_lite.models import common
 
 MODEL_CLS = bart.BartModel
 
@@ -168,11 +169,12 @@ def from_hf_state_dict(state_dict: Mapping[str, np.ndarray],
       n_in, n_out = _dense_shape(config, path)
       _set(params, path, {'kernel': get(f'{hf}.weight', (n_out, n_in)).T,
                           'bias': get(f'{hf}.bias', (n_out,))})
-  return params
+  return common.to_config_layout(params, config)  # stacked iff scan_layers
 
 
 def to_hf_state_dict(params, config: bart.BartConfig) -> dict:
   """Our params -> HF `BartForConditionalGeneration` state dict (numpy)."""
+  params = common.unstack_layers(params)
   p = {}
 
   def flat(tree, prefix=()):

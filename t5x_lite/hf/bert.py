@@ -16,6 +16,7 @@ from typing import Mapping
 
 import numpy as np
 
+from t5x_lite.models import common
 from t5x_lite.models.encoder import BertConfig, EncoderModel
 
 log = logging.getLogger(__name__)
@@ -194,11 +195,12 @@ def from_hf_state_dict(state_dict: Mapping[str, np.ndarray],
   params['nsp_head'] = {
       'kernel': get('cls.seq_relationship.weight', (2, d)).T,
       'bias': get('cls.seq_relationship.bias', (2,))}
-  return params
+  return common.to_config_layout(params, config)  # stacked iff scan_layers
 
 
 def to_hf_state_dict(params, config: BertConfig) -> dict:
   """Our params -> HF `BertForPreTraining` state dict of numpy arrays."""
+  params = common.unstack_layers(params)
   p = {}
 
   def flat(tree, prefix=()):

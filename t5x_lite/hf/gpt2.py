@@ -16,6 +16,7 @@ from typing import Mapping
 
 import numpy as np
 
+from t5x_lite.models import common
 from t5x_lite.models import decoder
 from t5x_lite.models.decoder import GPTConfig
 
@@ -145,11 +146,12 @@ def from_hf_state_dict(state_dict: Mapping[str, np.ndarray],
       np.asarray(sd['lm_head.weight']), np.asarray(sd['wte.weight'])):
     raise ValueError('lm_head.weight differs from transformer.wte.weight; our '
                      'LM head is tied to the token embedding.')
-  return params
+  return common.to_config_layout(params, config)  # stacked iff scan_layers
 
 
 def to_hf_state_dict(params, config: GPTConfig) -> dict:
   """Our params -> HF `GPT2LMHeadModel` state dict of numpy arrays."""
+  params = common.unstack_layers(params)
   _check_config(config)
   p = {}
 

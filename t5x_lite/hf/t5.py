@@ -20,6 +20,7 @@ from typing import Mapping
 import numpy as np
 
 from t5x_lite import layers
+from t5x_lite.models import common
 from t5x_lite.models.encoder_decoder import EncoderDecoderModel, T5Config
 
 MODEL_CLS = EncoderDecoderModel
@@ -164,7 +165,7 @@ def from_hf_state_dict(state_dict: Mapping[str, np.ndarray],
   else:
     head = get('lm_head.weight', (v, d)) if has_head else embedding
     params['decoder']['logits_dense'] = {'kernel': head.T}
-  return params
+  return common.to_config_layout(params, config)  # stacked iff scan_layers
 
 
 def _flatten(tree, prefix=()) -> dict:
@@ -182,6 +183,7 @@ def to_hf_state_dict(params, config: T5Config) -> dict:
 
   `lm_head.weight` is written only for an untied head (logits_dense).
   """
+  params = common.unstack_layers(params)
   p = _flatten(params)
   sd = {'shared.weight': p[('token_embedder', 'embedding')]}
   for path, name, _, transposed in _param_map(config):

@@ -29,6 +29,10 @@ N*H heads * head_dim, P max_positions + position_offset):
   decoder/layers_{i}/mlp/...
   decoder/layers_{i}/post_mlp_layer_norm/{scale,bias}
 
+With `scan_layers=True` the `layers_{i}` subtrees of a stack become one
+`layers` subtree whose leaves have a leading [num_layers] axis ('layers');
+see `common.run_layers` and `common.stack_layers`.
+
 Batch features are those of `seqio.EncDecFeatureConverter`:
 `encoder_input_tokens` [B,S], `decoder_input_tokens`, `decoder_target_tokens`,
 `decoder_loss_weights` [B,T]; when packed also `encoder_segment_ids`,
@@ -81,6 +85,8 @@ class BartConfig:
   initializer_range: float = 0.02
   dtype: Any = 'float32'  # activations / compute
   param_dtype: Any = 'float32'
+  scan_layers: bool = False  # see common.run_layers
+  remat_policy: str = 'none'  # see common.REMAT_POLICIES
 
 
 BART_BASE = BartConfig()
@@ -187,9 +193,8 @@ class Encoder(nn.Module):
   def __call__(self, tokens, positions, mask_bias, deterministic):
     cfg = self.config
     x = _embed(cfg, self.shared_embedding, tokens, positions, deterministic)
-    for i in range(cfg.num_encoder_layers):
-      x = EncoderLayer(cfg, name=f'layers_{i}')(x, mask_bias, deterministic)
-    return x
+    return common.run_layers(EncoderLayer, cfg, cfg.num_encoder_layers, x,
+                             mask_bias, deterministic)
 
 
 class Decoder(nn.Module):
@@ -202,10 +207,8 @@ class Decoder(nn.Module):
                deterministic):
     cfg = self.config
     y = _embed(cfg, self.shared_embedding, tokens, positions, deterministic)
-    for i in range(cfg.num_decoder_layers):
-      y = DecoderLayer(cfg, name=f'layers_{i}')(y, encoded, self_bias,
-                                                cross_bias, deterministic)
-    return y
+    return common.run_layers(DecoderLayer, cfg, cfg.num_decoder_layers, y,
+                             encoded, self_bias, cross_bias, deterministic)
 
 
 def _positions(tokens: Array, positions: Optional[Array],

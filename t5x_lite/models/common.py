@@ -4,6 +4,18 @@
 or without dropout). `TokenLossModel` adds the per-token cross-entropy loss,
 metrics and scores over the `decoder_*` features, shared by the
 encoder-decoder (T5, BART) and decoder-only (GPT) families.
+
+`run_layers` builds every family's stack of identical layers, driven by two
+config fields (bindable from gin like the others):
+
+  scan_layers   False: layers `layers_0 .. layers_{n-1}` in a Python loop.
+                True: one `layers` module under `nn.scan`, its params stacked
+                on a leading [n] axis named 'layers' (replicated by the rule
+                sets), so compile time does not grow with depth.
+  remat_policy  what the backward pass keeps from each layer's forward pass
+                (see REMAT_POLICIES); 'none' keeps everything.
+
+`stack_layers` / `unstack_layers` convert params between the two layouts.
 """
 
 from typing import Any, Mapping, Optional, Tuple, Union
@@ -14,11 +26,99 @@ import jax.numpy as jnp
 import numpy as np
 
 from t5x_lite import losses
+from t5x_lite.errors import UserError
 
 Array = jax.Array
 Batch = Mapping[str, Any]
 
 _DROPOUT_RATES = ('dropout_rate', 'attention_dropout_rate', 'activation_dropout_rate')
+
+
+# remat_policy name -> jax.checkpoint policy (None: save nothing).
+REMAT_POLICIES = {
+    'none': None,  # no rematerialisation
+    'full': None,  # recompute the whole layer in the backward pass
+    'dots_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat_policy(name: str) -> None:
+  """Raises UserError unless `name` is one of REMAT_POLICIES."""
+  if name not in REMAT_POLICIES:
+    raise UserError(f'remat_policy={name!r} is unknown; use one of '
+                    f"{', '.join(REMAT_POLICIES)}.")
+
+
+def _scan_body(layer: nn.Module, x: Array, *args):
+  return layer(x, *args), None
+
+
+def run_layers(layer_cls: Any, config: Any, num_layers: int, x: Array,
+               *args) -> Array:
+  """`x` through `num_layers` layers `layer_cls(config)`, in order.
+
+  Call inside a compact method: the layers are children of that module.
+  Every layer gets `(x, *args)`; the last arg is the static `deterministic`
+  flag. `config.scan_layers` and `config.remat_policy` choose the layout and
+  the rematerialisation (see the module docstring).
+  """
+  check_remat_policy(config.remat_policy)
+  if config.remat_policy != 'none':
+    layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[config.remat_policy],
+                         prevent_cse=not config.scan_layers,
+                         static_argnums=(len(args) + 1,))  # 0 is self
+  if not config.scan_layers:
+    for i in range(num_layers):
+      x = layer_cls(config, name=f'layers_{i}')(x, *args)
+    return x
+  scan = nn.scan(_scan_body, variable_axes={'params': 0},
+                 split_rngs={'params': True, 'dropout': True},
+                 in_axes=(nn.broadcast,) * len(args), length=num_layers,
+                 metadata_params={nn.PARTITION_NAME: 'layers'})
+  x, _ = scan(layer_cls(config, name='layers'), x, *args)
+  return x
+
+
+def _is_layer(key: str) -> bool:
+  return key.startswith('layers_') and key[len('layers_'):].isdigit()
+
+
+def _stack(*xs):
+  """Stacks on a new leading axis; numpy stays numpy (on the host)."""
+  return (np if isinstance(xs[0], np.ndarray) else jnp).stack(xs)
+
+
+def stack_layers(params: Mapping[str, Any]) -> dict:
+  """Unscanned params -> scanned: every `layers_{i}` group becomes `layers`.
+
+  Each group of sibling subtrees `layers_0 .. layers_{n-1}` is replaced by one
+  subtree `layers` whose leaves are the layer leaves stacked on a new leading
+  axis. Trees without such groups come back unchanged.
+  """
+  out = {k: stack_layers(v) if isinstance(v, Mapping) else v
+         for k, v in params.items() if not _is_layer(k)}
+  num = sum(_is_layer(k) for k in params)
+  if num:
+    group = [params[f'layers_{i}'] for i in range(num)]
+    out['layers'] = jax.tree_util.tree_map(_stack, *group)
+  return out
+
+
+def unstack_layers(params: Mapping[str, Any]) -> dict:
+  """Scanned params -> unscanned: the inverse of `stack_layers`."""
+  out = {k: unstack_layers(v) if isinstance(v, Mapping) else v
+         for k, v in params.items() if k != 'layers'}
+  if 'layers' in params:
+    stacked = params['layers']
+    num = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    for i in range(num):
+      out[f'layers_{i}'] = jax.tree_util.tree_map(lambda x: x[i], stacked)
+  return out
+
+
+def to_config_layout(params: Mapping[str, Any], config: Any) -> Mapping[str, Any]:
+  """Unscanned params in `config`'s layout (stacked iff `config.scan_layers`)."""
+  return stack_layers(params) if config.scan_layers else params
 
 
 def init_module(module: nn.Module, rng: jax.Array, inputs: Mapping[str, Any]):
@@ -45,6 +145,7 @@ class Model:
   FEATURE_CONVERTER_CLS: Any = None
 
   def __init__(self, config: Any):
+    check_remat_policy(getattr(config, 'remat_policy', 'none'))
     self.config = config
     self.module = self.NETWORK_CLS(config)
 

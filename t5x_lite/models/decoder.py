@@ -20,6 +20,10 @@ Parameter tree (T5X decoder-only names; kernels are [in, out]):
   decoder/layers_{i}/mlp/wo/kernel [F, D] (mlp, embed), bias [D]
   decoder/decoder_norm/{scale,bias}
 
+With `scan_layers=True` the `layers_{i}` subtrees of a stack become one
+`layers` subtree whose leaves have a leading [num_layers] axis ('layers');
+see `common.run_layers` and `common.stack_layers`.
+
 Batch features (what `seqio.DecoderFeatureConverter` emits, for LM tasks with
 only 'targets' and prefix-LM tasks with 'inputs' and 'targets'), all [B,L]:
 
@@ -72,6 +76,8 @@ class GPTConfig:
   initializer_range: float = 0.02
   dtype: Any = 'float32'  # activations / compute
   param_dtype: Any = 'float32'
+  scan_layers: bool = False  # see common.run_layers
+  remat_policy: str = 'none'  # see common.REMAT_POLICIES
 
 
 GPT2_SMALL = GPTConfig()
@@ -137,9 +143,8 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask_bias, deterministic):
-    for i in range(self.config.num_layers):
-      x = DecoderLayer(self.config, name=f'layers_{i}')(x, mask_bias,
-                                                        deterministic)
+    x = common.run_layers(DecoderLayer, self.config, self.config.num_layers,
+                          x, mask_bias, deterministic)
     x = _layer_norm(self.config, 'decoder_norm')(x)
     return layers.constrain(x, ('batch', 'length', 'embed'))
 

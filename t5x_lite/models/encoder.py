@@ -25,6 +25,10 @@ Parameter tree (kernels are [in, out]):
 
 The two NSP classes are the one unnamed (replicated) axis.
 
+With `scan_layers=True` the `layers_{i}` subtrees of a stack become one
+`layers` subtree whose leaves have a leading [num_layers] axis ('layers');
+see `common.run_layers` and `common.stack_layers`.
+
 Batch features: `input_tokens` [B,L]; `segment_ids` [B,L] token types (0 for
 sentence A, 1 for sentence B; not packing ids); optional `attention_mask`
 [B,L] (default `input_tokens != 0`); MLM `targets` [B,L] with `loss_weights`
@@ -67,6 +71,8 @@ class BertConfig:
   initializer_range: float = 0.02
   dtype: Any = 'float32'  # activations / compute
   param_dtype: Any = 'float32'
+  scan_layers: bool = False  # see common.run_layers
+  remat_policy: str = 'none'  # see common.REMAT_POLICIES
 
   @property
   def hidden(self) -> int:
@@ -131,10 +137,8 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask_bias, deterministic):
-    for i in range(self.config.num_layers):
-      x = EncoderLayer(self.config, name=f'layers_{i}')(x, mask_bias,
-                                                        deterministic)
-    return x
+    return common.run_layers(EncoderLayer, self.config, self.config.num_layers,
+                             x, mask_bias, deterministic)
 
 
 class MlmHead(nn.Module):
@@ -146,7 +150,9 @@ class MlmHead(nn.Module):
     cfg = self.config
     y = _dense(cfg, cfg.emb_dim, ('embed', 'mlp'), 'transform')(x)
     y = layers.activation_fn(cfg.activation)(y)
-    y = _layer_norm(cfg, 'layer_norm')(y)
+    # Named like every activation: without it XLA (jax 0.10.2, CPU) computes
+    # wrong gradients on a data x fsdp x model mesh with fsdp_model_parallel.
+    y = layers.constrain(_layer_norm(cfg, 'layer_norm')(y), ('batch', 'length', 'embed'))
     bias = self.param(
         'output_bias',
         nn.with_logical_partitioning(nn.initializers.zeros, ('vocab',)),

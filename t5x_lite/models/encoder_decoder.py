@@ -25,6 +25,10 @@ Parameter tree (T5X names; kernels are [in, out]):
   decoder/layers_{i}/mlp/...
   decoder/decoder_norm/scale
   decoder/logits_dense/kernel                      [D, V]  (untied only)
+
+With `scan_layers=True` the `layers_{i}` subtrees of a stack become one
+`layers` subtree whose leaves have a leading [num_layers] axis ('layers');
+see `common.run_layers` and `common.stack_layers`.
 """
 
 import dataclasses
@@ -60,6 +64,8 @@ class T5Config:
   logits_via_embedding: bool = False
   dtype: Any = 'float32'  # activations / compute
   param_dtype: Any = 'float32'
+  scan_layers: bool = False  # see common.run_layers
+  remat_policy: str = 'none'  # see common.REMAT_POLICIES
 
   def __post_init__(self):
     # Keep the config hashable when a list comes in (e.g. from gin).
@@ -149,9 +155,8 @@ class Encoder(nn.Module):
     position_bias = _relpos(cfg, bidirectional=True)(length, length)
     x = self.shared_embedding(tokens)
     x = _dropout(cfg, x, deterministic)
-    for i in range(cfg.num_encoder_layers):
-      x = EncoderLayer(cfg, name=f'layers_{i}')(x, mask_bias, position_bias,
-                                                deterministic)
+    x = common.run_layers(EncoderLayer, cfg, cfg.num_encoder_layers, x,
+                          mask_bias, position_bias, deterministic)
     x = layers.RMSNorm(name='encoder_norm', **_common(cfg))(x)
     return _dropout(cfg, x, deterministic, broadcast=False)
 
@@ -168,9 +173,9 @@ class Decoder(nn.Module):
     position_bias = _relpos(cfg, bidirectional=False)(length, length)
     y = self.shared_embedding(tokens)
     y = _dropout(cfg, y, deterministic)
-    for i in range(cfg.num_decoder_layers):
-      y = DecoderLayer(cfg, name=f'layers_{i}')(
-          y, encoded, self_bias, position_bias, cross_bias, deterministic)
+    y = common.run_layers(DecoderLayer, cfg, cfg.num_decoder_layers, y,
+                          encoded, self_bias, position_bias, cross_bias,
+                          deterministic)
     y = layers.RMSNorm(name='decoder_norm', **_common(cfg))(y)
     y = _dropout(cfg, y, deterministic)
     if cfg.logits_via_embedding:
