@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 import tensorflow as tf
 
 from t5x_lite.errors import UserError
+from t5x_lite.models import common
 
 log = logging.getLogger(__name__)
 
@@ -176,10 +177,7 @@ def _resolve_step_dir(path: str) -> str:
   return os.path.join(ckpt_dir, str(steps[-1]))
 
 
-def restore_params(path: str, abstract_params: Any) -> Any:
-  """Loads only the parameters of a checkpoint (fine-tuning from a pretrained
-  run): optimizer state, step and data position are not taken."""
-  step_dir = _resolve_step_dir(path)
+def _restore_params(step_dir: str, abstract_params: Any) -> Any:
   abstract = {'params': abstract_params}
   try:
     restored = ocp.PyTreeCheckpointer().restore(
@@ -192,9 +190,36 @@ def restore_params(path: str, abstract_params: Any) -> Any:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise UserError(f'checkpoint {step_dir} does not fit the model ({first[:300]}); '
                     'check that the model gin matches the one that wrote it.') from None
+  missing = [jax.tree_util.keystr(path) for path, x in
+             jax.tree_util.tree_leaves_with_path(restored['params'])
+             if isinstance(x, jax.ShapeDtypeStruct)]  # partial restore leaves them
+  if missing:
+    raise UserError(f'checkpoint {step_dir} has no parameter {missing[0]} of the model; '
+                    'check that the model gin matches the one that wrote it.')
   got = jax.tree_util.tree_map(lambda x: np.shape(x), restored['params'])
   want = jax.tree_util.tree_map(lambda x: x.shape, abstract_params)
   if got != want:
     raise UserError(f'checkpoint {step_dir} has parameter shapes that do not fit the model; '
                     'check that the model gin matches the one that wrote it.')
   return restored['params']
+
+
+def restore_params(path: str, abstract_params: Any) -> Any:
+  """Loads only the parameters of a checkpoint (fine-tuning from a pretrained
+  run): optimizer state, step and data position are not taken. A checkpoint of
+  the other layer layout (a loop of `layers_{i}` vs one scanned `layers`
+  stack) is converted."""
+  step_dir = _resolve_step_dir(path)
+  try:
+    return _restore_params(step_dir, abstract_params)
+  except UserError:
+    for stored_as, back in ((common.unstack_layers, common.stack_layers),
+                            (common.stack_layers, common.unstack_layers)):
+      other = jax.eval_shape(stored_as, abstract_params)
+      if jax.tree_util.tree_structure(other) == jax.tree_util.tree_structure(abstract_params):
+        continue  # no layers to convert
+      try:
+        return back(_restore_params(step_dir, other))
+      except UserError:
+        pass
+    raise

@@ -148,3 +148,22 @@ def test_uncheckpointable_iterator_is_left_out(tmp_path, caplog):
   _, meta, restored = ckpt.restore_latest(_abstract(_state(0)), lambda: iter(ds))
   assert restored is None and not meta['data_iterator'] and meta['data_position'] == 1
   ckpt.close()
+
+
+def test_restore_params_converts_between_loop_and_scanned_layers(tmp_path):
+  from t5x_lite.models import common  # pylint: disable=g-import-not-at-top
+  k = jax.random.split(jax.random.PRNGKey(0), 3)
+  loop = {'layers_0': {'w': jax.random.normal(k[0], (4, 3))},
+          'layers_1': {'w': jax.random.normal(k[1], (4, 3))},
+          'norm': {'scale': jax.random.normal(k[2], (3,))}}
+  scanned = common.stack_layers(loop)
+  for saved, wanted in ((loop, scanned), (scanned, loop)):
+    directory = tmp_path / str(len(saved))
+    ckpt = checkpoints.Checkpointer(str(directory), save_period=1)
+    ckpt.save(1, {'step': jnp.asarray(1), 'params': saved, 'opt_state': {},
+                  'rng': jax.random.PRNGKey(0)}, 1)
+    ckpt.close()
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), wanted)
+    restored = checkpoints.restore_params(str(directory), abstract)
+    assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(wanted)
+    _assert_equal(restored, wanted)
