@@ -13,6 +13,7 @@ from typing import Mapping
 
 import numpy as np
 
+from t5x_lite.hf import tree
 from t5x_lite.models import bart
 from t5x_lite.models import common
 
@@ -116,11 +117,6 @@ def _dense_shape(config: bart.BartConfig, path) -> tuple:
           'out': (inner, d), 'wi': (d, f), 'wo': (f, d)}[path[-1]]
 
 
-def _set(tree: dict, path, value):
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[path[-1]] = value
-
 
 def from_hf_state_dict(state_dict: Mapping[str, np.ndarray],
                        config: bart.BartConfig) -> dict:
@@ -134,16 +130,8 @@ def from_hf_state_dict(state_dict: Mapping[str, np.ndarray],
         for k, v in state_dict.items()}
   dtype = np.dtype(config.param_dtype)
 
-  def get(name, shape):
-    if name not in sd:
-      raise KeyError(f'HF BART state dict has no {name!r}; it must come from '
-                     'BartForConditionalGeneration or BartModel.')
-    value = sd[name]
-    if value.shape != tuple(shape):
-      raise ValueError(f'{name}: shape {value.shape} does not match the config '
-                       f'({tuple(shape)}); check BartConfig against the '
-                       'checkpoint config (hf.bart.config_from_hf).')
-    return value.astype(dtype)
+  get = tree.tensor_getter(sd, dtype, 'BART', 'BartForConditionalGeneration or BartModel',
+                           'BartConfig')
 
   d, v = config.emb_dim, config.vocab_size
   rows = config.max_positions + config.position_offset
@@ -159,15 +147,15 @@ def from_hf_state_dict(state_dict: Mapping[str, np.ndarray],
   params = {'token_embedder': {'embedding': shared},
             'final_logits_bias': bias}
   for stack in ('encoder', 'decoder'):
-    _set(params, (stack, 'position_embedder', 'embedding'),
+    tree.set_path(params, (stack, 'position_embedder', 'embedding'),
          get(f'{stack}.embed_positions.weight', (rows, d)))
   for path, hf in _module_map(config).items():
     if _is_norm(path):
-      _set(params, path, {'scale': get(f'{hf}.weight', (d,)),
+      tree.set_path(params, path, {'scale': get(f'{hf}.weight', (d,)),
                           'bias': get(f'{hf}.bias', (d,))})
     else:
       n_in, n_out = _dense_shape(config, path)
-      _set(params, path, {'kernel': get(f'{hf}.weight', (n_out, n_in)).T,
+      tree.set_path(params, path, {'kernel': get(f'{hf}.weight', (n_out, n_in)).T,
                           'bias': get(f'{hf}.bias', (n_out,))})
   return common.to_config_layout(params, config)  # stacked iff scan_layers
 
@@ -175,16 +163,7 @@ def from_hf_state_dict(state_dict: Mapping[str, np.ndarray],
 def to_hf_state_dict(params, config: bart.BartConfig) -> dict:
   """Our params -> HF `BartForConditionalGeneration` state dict (numpy)."""
   params = common.unstack_layers(params)
-  p = {}
-
-  def flat(tree, prefix=()):
-    for k, val in tree.items():
-      if isinstance(val, Mapping):
-        flat(val, prefix + (k,))
-      else:
-        p[prefix + (k,)] = np.asarray(val)
-
-  flat(params)
+  p = tree.flatten(params)
   shared = p[('token_embedder', 'embedding')]
   sd = {'model.shared.weight': shared,
         'model.encoder.embed_tokens.weight': shared,

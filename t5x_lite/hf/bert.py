@@ -16,6 +16,7 @@ from typing import Mapping
 
 import numpy as np
 
+from t5x_lite.hf import tree
 from t5x_lite.models import common
 from t5x_lite.models.encoder import BertConfig, EncoderModel
 
@@ -123,11 +124,6 @@ def _module_map(config: BertConfig) -> dict:
   return m
 
 
-def _set(tree: dict, path, value):
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[path[-1]] = value
-
 
 def from_hf_state_dict(state_dict: Mapping[str, np.ndarray],
                             config: BertConfig) -> dict:
@@ -143,16 +139,8 @@ def from_hf_state_dict(state_dict: Mapping[str, np.ndarray],
   _fresh_heads(sd, config)
   dtype = np.dtype(config.param_dtype)
 
-  def get(name, shape):
-    if name not in sd:
-      raise KeyError(f'HF BERT state dict has no {name!r}; it must come from '
-                     'BertForPreTraining, BertForMaskedLM or BertModel.')
-    value = sd[name]
-    if value.shape != tuple(shape):
-      raise ValueError(f'{name}: shape {value.shape} does not match the config '
-                       f'({tuple(shape)}); check BertConfig against the '
-                       'checkpoint config.')
-    return value.astype(dtype)
+  get = tree.tensor_getter(sd, dtype, 'BERT', 'BertForPreTraining, BertForMaskedLM or BertModel',
+                           'BertConfig')
 
   d, v, f = config.emb_dim, config.vocab_size, config.mlp_dim
   inner = config.num_heads * config.head_dim
@@ -171,11 +159,11 @@ def from_hf_state_dict(state_dict: Mapping[str, np.ndarray],
 
   for path, hf in _module_map(config).items():
     if 'LayerNorm' in hf:
-      _set(params, path, {'scale': get(f'{hf}.weight', (d,)),
+      tree.set_path(params, path, {'scale': get(f'{hf}.weight', (d,)),
                           'bias': get(f'{hf}.bias', (d,))})
     else:
       n_in, n_out = dense_shape(path)
-      _set(params, path, {'kernel': get(f'{hf}.weight', (n_out, n_in)).T,
+      tree.set_path(params, path, {'kernel': get(f'{hf}.weight', (n_out, n_in)).T,
                           'bias': get(f'{hf}.bias', (n_out,))})
 
   pred = 'cls.predictions'
@@ -201,16 +189,7 @@ def from_hf_state_dict(state_dict: Mapping[str, np.ndarray],
 def to_hf_state_dict(params, config: BertConfig) -> dict:
   """Our params -> HF `BertForPreTraining` state dict of numpy arrays."""
   params = common.unstack_layers(params)
-  p = {}
-
-  def flat(tree, prefix=()):
-    for k, val in tree.items():
-      if isinstance(val, Mapping):
-        flat(val, prefix + (k,))
-      else:
-        p[prefix + (k,)] = np.asarray(val)
-
-  flat(params)
+  p = tree.flatten(params)
   sd = {}
   for ours, theirs in (('token_embedder', 'word_embeddings'),
                        ('position_embedder', 'position_embeddings'),

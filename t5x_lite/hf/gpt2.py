@@ -16,6 +16,7 @@ from typing import Mapping
 
 import numpy as np
 
+from t5x_lite.hf import tree
 from t5x_lite.models import common
 from t5x_lite.models import decoder
 from t5x_lite.models.decoder import GPTConfig
@@ -81,11 +82,6 @@ def _layer_map(i: int) -> dict:
   }
 
 
-def _set(tree: dict, path, value):
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[path[-1]] = value
-
 
 def _check_config(config: GPTConfig):
   if config.num_heads * config.head_dim != config.emb_dim:
@@ -107,16 +103,8 @@ def from_hf_state_dict(state_dict: Mapping[str, np.ndarray],
     sd[k[len('transformer.'):] if k.startswith('transformer.') else k] = v
   dtype = np.dtype(config.param_dtype)
 
-  def get(name, shape):
-    if name not in sd:
-      raise KeyError(f'HF GPT-2 state dict has no {name!r}; it must come from '
-                     'GPT2LMHeadModel or GPT2Model with the same num_layers.')
-    value = np.asarray(sd[name])
-    if value.shape != tuple(shape):
-      raise ValueError(f'{name}: shape {value.shape} does not match the config '
-                       f'({tuple(shape)}); check GPTConfig against the '
-                       'checkpoint config (or use config_from_hf).')
-    return value.astype(dtype)
+  get = tree.tensor_getter(
+      sd, dtype, 'GPT-2', 'GPT2LMHeadModel or GPT2Model with the same num_layers', 'GPTConfig')
 
   d, v, f = config.emb_dim, config.vocab_size, config.mlp_dim
   params = {
@@ -131,10 +119,10 @@ def from_hf_state_dict(state_dict: Mapping[str, np.ndarray],
     for path, hf in _layer_map(i).items():
       if path[-1] in shapes:
         n_in, n_out = shapes[path[-1]]
-        _set(params, path, {'kernel': get(f'{hf}.weight', (n_in, n_out)),
+        tree.set_path(params, path, {'kernel': get(f'{hf}.weight', (n_in, n_out)),
                             'bias': get(f'{hf}.bias', (n_out,))})
       else:
-        _set(params, path, {'scale': get(f'{hf}.weight', (d,)),
+        tree.set_path(params, path, {'scale': get(f'{hf}.weight', (d,)),
                             'bias': get(f'{hf}.bias', (d,))})
     c_attn = f'h.{i}.attn.c_attn'
     kernels = np.split(get(f'{c_attn}.weight', (d, 3 * d)), 3, axis=1)
@@ -153,16 +141,7 @@ def to_hf_state_dict(params, config: GPTConfig) -> dict:
   """Our params -> HF `GPT2LMHeadModel` state dict of numpy arrays."""
   params = common.unstack_layers(params)
   _check_config(config)
-  p = {}
-
-  def flat(tree, prefix=()):
-    for k, val in tree.items():
-      if isinstance(val, Mapping):
-        flat(val, prefix + (k,))
-      else:
-        p[prefix + (k,)] = np.asarray(val)
-
-  flat(params)
+  p = tree.flatten(params)
   t = 'transformer'
   sd = {f'{t}.wte.weight': p[('token_embedder', 'embedding')],
         f'{t}.wpe.weight': p[('position_embedder', 'embedding')],

@@ -19,6 +19,7 @@ from typing import Mapping
 
 import numpy as np
 
+from t5x_lite.hf import tree
 from t5x_lite import layers
 from t5x_lite.models import common
 from t5x_lite.models.encoder_decoder import EncoderDecoderModel, T5Config
@@ -120,11 +121,6 @@ def _param_map(config: T5Config) -> list:
   return out
 
 
-def _set(tree: dict, path, value):
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[path[-1]] = value
-
 
 def from_hf_state_dict(state_dict: Mapping[str, np.ndarray],
                        config: T5Config) -> dict:
@@ -136,15 +132,8 @@ def from_hf_state_dict(state_dict: Mapping[str, np.ndarray],
   sd = {k: np.asarray(v) for k, v in state_dict.items()}
   dtype = layers.canonicalize_dtype(config.param_dtype)
 
-  def get(name, shape):
-    if name not in sd:
-      raise KeyError(f'HF T5 state dict has no {name!r}; it must come from '
-                     'T5ForConditionalGeneration / T5Model with this config.')
-    if sd[name].shape != tuple(shape):
-      raise ValueError(f'{name}: shape {sd[name].shape} does not match the '
-                       f'config ({tuple(shape)}); check T5Config against the '
-                       'checkpoint config.')
-    return sd[name].astype(dtype)
+  get = tree.tensor_getter(sd, dtype, 'T5', 'T5ForConditionalGeneration / T5Model with this config',
+                           'T5Config')
 
   v, d = config.vocab_size, config.emb_dim
   shared = next((k for k in ('shared.weight', 'encoder.embed_tokens.weight',
@@ -154,7 +143,7 @@ def from_hf_state_dict(state_dict: Mapping[str, np.ndarray],
   params = {'token_embedder': {'embedding': embedding}}
   for path, name, shape, transposed in _param_map(config):
     value = get(name, shape[::-1] if transposed else shape)
-    _set(params, path, value.T if transposed else value)
+    tree.set_path(params, path, value.T if transposed else value)
   has_head = 'lm_head.weight' in sd
   if config.logits_via_embedding:
     if has_head and not np.array_equal(sd['lm_head.weight'], sd[shared]):
@@ -168,15 +157,6 @@ def from_hf_state_dict(state_dict: Mapping[str, np.ndarray],
   return common.to_config_layout(params, config)  # stacked iff scan_layers
 
 
-def _flatten(tree, prefix=()) -> dict:
-  out = {}
-  for k, val in tree.items():
-    if isinstance(val, Mapping):
-      out.update(_flatten(val, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = np.asarray(val)
-  return out
-
 
 def to_hf_state_dict(params, config: T5Config) -> dict:
   """Our params -> HF `T5ForConditionalGeneration` state dict of numpy arrays.
@@ -184,7 +164,7 @@ def to_hf_state_dict(params, config: T5Config) -> dict:
   `lm_head.weight` is written only for an untied head (logits_dense).
   """
   params = common.unstack_layers(params)
-  p = _flatten(params)
+  p = tree.flatten(params)
   sd = {'shared.weight': p[('token_embedder', 'embedding')]}
   for path, name, _, transposed in _param_map(config):
     sd[name] = p[path].T if transposed else p[path]

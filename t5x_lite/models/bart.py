@@ -100,33 +100,17 @@ BART_TINY = BartConfig(vocab_size=8192, emb_dim=128, num_heads=4, head_dim=32,
 SIZES = {'tiny': BART_TINY, 'base': BART_BASE, 'large': BART_LARGE}
 
 
-def _common(cfg: BartConfig):
-  return dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-
-
-def _init(cfg: BartConfig):
-  return nn.initializers.normal(stddev=cfg.initializer_range)
-
-
-def _layer_norm(cfg: BartConfig, name: str) -> layers.LayerNorm:
-  return layers.LayerNorm(epsilon=cfg.layer_norm_eps, name=name, **_common(cfg))
-
-
 def _attention(cfg: BartConfig, name: str) -> layers.BiasedMultiHeadAttention:
   return layers.BiasedMultiHeadAttention(
       num_heads=cfg.num_heads, head_dim=cfg.head_dim,
-      dropout_rate=cfg.attention_dropout_rate, kernel_init=_init(cfg),
-      name=name, **_common(cfg))
-
-
-def _dropout(cfg: BartConfig, x: Array, deterministic: bool) -> Array:
-  return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+      dropout_rate=cfg.attention_dropout_rate, kernel_init=common.normal_init(cfg),
+      name=name, **common.dtypes(cfg))
 
 
 def _mlp(cfg: BartConfig) -> layers.BiasedMlp:
   return layers.BiasedMlp(cfg.mlp_dim, activation=cfg.activation,
                           dropout_rate=cfg.activation_dropout_rate,
-                          kernel_init=_init(cfg), name='mlp', **_common(cfg))
+                          kernel_init=common.normal_init(cfg), name='mlp', **common.dtypes(cfg))
 
 
 class EncoderLayer(nn.Module):
@@ -137,11 +121,11 @@ class EncoderLayer(nn.Module):
   def __call__(self, x, mask_bias, deterministic):
     cfg = self.config
     y = _attention(cfg, 'attention')(x, x, mask_bias, deterministic)
-    x = _layer_norm(cfg, 'post_attention_layer_norm')(
-        x + _dropout(cfg, y, deterministic))
+    x = common.layer_norm(cfg, 'post_attention_layer_norm')(
+        x + common.dropout(cfg, y, deterministic))
     y = _mlp(cfg)(x, deterministic)
-    x = _layer_norm(cfg, 'post_mlp_layer_norm')(
-        x + _dropout(cfg, y, deterministic))
+    x = common.layer_norm(cfg, 'post_mlp_layer_norm')(
+        x + common.dropout(cfg, y, deterministic))
     return layers.constrain(x, ('batch', 'length', 'embed'))
 
 
@@ -153,15 +137,15 @@ class DecoderLayer(nn.Module):
   def __call__(self, x, encoded, self_bias, cross_bias, deterministic):
     cfg = self.config
     y = _attention(cfg, 'self_attention')(x, x, self_bias, deterministic)
-    x = _layer_norm(cfg, 'post_self_attention_layer_norm')(
-        x + _dropout(cfg, y, deterministic))
+    x = common.layer_norm(cfg, 'post_self_attention_layer_norm')(
+        x + common.dropout(cfg, y, deterministic))
     y = _attention(cfg, 'encoder_decoder_attention')(x, encoded, cross_bias,
                                                      deterministic)
-    x = _layer_norm(cfg, 'post_cross_attention_layer_norm')(
-        x + _dropout(cfg, y, deterministic))
+    x = common.layer_norm(cfg, 'post_cross_attention_layer_norm')(
+        x + common.dropout(cfg, y, deterministic))
     y = _mlp(cfg)(x, deterministic)
-    x = _layer_norm(cfg, 'post_mlp_layer_norm')(
-        x + _dropout(cfg, y, deterministic))
+    x = common.layer_norm(cfg, 'post_mlp_layer_norm')(
+        x + common.dropout(cfg, y, deterministic))
     return layers.constrain(x, ('batch', 'length', 'embed'))
 
 
@@ -177,10 +161,10 @@ def _embed(cfg: BartConfig, shared_embedding: layers.Embed, tokens: Array,
     x = x * jnp.asarray(np.sqrt(cfg.emb_dim), x.dtype)
   x = x + layers.PositionEmbed(
       cfg.max_positions + cfg.position_offset, cfg.emb_dim,
-      embedding_init=_init(cfg), name='position_embedder',
-      **_common(cfg))(positions + cfg.position_offset)
-  x = _layer_norm(cfg, 'embedding_norm')(x)
-  x = _dropout(cfg, x, deterministic)
+      embedding_init=common.normal_init(cfg), name='position_embedder',
+      **common.dtypes(cfg))(positions + cfg.position_offset)
+  x = common.layer_norm(cfg, 'embedding_norm')(x)
+  x = common.dropout(cfg, x, deterministic)
   return layers.constrain(x, ('batch', 'length', 'embed'))
 
 
@@ -240,7 +224,7 @@ class BartNetwork(nn.Module):
     cfg = self.config
     self.token_embedder = layers.Embed(
         num_embeddings=cfg.vocab_size, features=cfg.emb_dim,
-        embedding_init=_init(cfg), **_common(cfg))
+        embedding_init=common.normal_init(cfg), **common.dtypes(cfg))
     self.final_logits_bias = self.param(
         'final_logits_bias',
         nn.with_logical_partitioning(nn.initializers.zeros, ('vocab',)),

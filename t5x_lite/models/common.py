@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t5x_lite import layers
 from t5x_lite import losses
 from t5x_lite.errors import UserError
 
@@ -119,6 +120,25 @@ def unstack_layers(params: Mapping[str, Any]) -> dict:
 def to_config_layout(params: Mapping[str, Any], config: Any) -> Mapping[str, Any]:
   """Unscanned params in `config`'s layout (stacked iff `config.scan_layers`)."""
   return stack_layers(params) if config.scan_layers else params
+
+
+def dtypes(config: Any) -> dict:
+  """`dtype` (activations) and `param_dtype` of a config, as layer kwargs."""
+  return dict(dtype=config.dtype, param_dtype=config.param_dtype)
+
+
+def normal_init(config: Any) -> layers.Initializer:
+  """normal(config.initializer_range), the BERT / GPT-2 / BART init."""
+  return nn.initializers.normal(stddev=config.initializer_range)
+
+
+def layer_norm(config: Any, name: str) -> layers.LayerNorm:
+  return layers.LayerNorm(epsilon=config.layer_norm_eps, name=name, **dtypes(config))
+
+
+def dropout(config: Any, x: Array, deterministic: bool) -> Array:
+  """Element-wise dropout at `config.dropout_rate` (embeddings, residuals)."""
+  return nn.Dropout(config.dropout_rate)(x, deterministic=deterministic)
 
 
 def init_module(module: nn.Module, rng: jax.Array, inputs: Mapping[str, Any]):

@@ -92,27 +92,11 @@ SIZES = {'tiny': GPT_TINY, 'small': GPT2_SMALL, 'medium': GPT2_MEDIUM,
          'large': GPT2_LARGE}
 
 
-def _common(cfg: GPTConfig):
-  return dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-
-
-def _init(cfg: GPTConfig):
-  return nn.initializers.normal(stddev=cfg.initializer_range)
-
-
 def _residual_init(cfg: GPTConfig):
   """GPT-2's init of the projections into the residual stream (attention out,
   MLP wo): std initializer_range / sqrt(2 * num_layers)."""
   return nn.initializers.normal(
       stddev=cfg.initializer_range / np.sqrt(2.0 * cfg.num_layers))
-
-
-def _layer_norm(cfg: GPTConfig, name: str) -> layers.LayerNorm:
-  return layers.LayerNorm(epsilon=cfg.layer_norm_eps, name=name, **_common(cfg))
-
-
-def _dropout(cfg: GPTConfig, x: Array, deterministic: bool) -> Array:
-  return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
 
 class DecoderLayer(nn.Module):
@@ -122,18 +106,18 @@ class DecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x, mask_bias, deterministic):
     cfg = self.config
-    y = _layer_norm(cfg, 'pre_self_attention_layer_norm')(x)
+    y = common.layer_norm(cfg, 'pre_self_attention_layer_norm')(x)
     y = layers.BiasedMultiHeadAttention(
         num_heads=cfg.num_heads, head_dim=cfg.head_dim,
-        dropout_rate=cfg.attention_dropout_rate, kernel_init=_init(cfg),
+        dropout_rate=cfg.attention_dropout_rate, kernel_init=common.normal_init(cfg),
         out_kernel_init=_residual_init(cfg), name='self_attention',
-        **_common(cfg))(y, y, mask_bias, deterministic)
-    x = x + _dropout(cfg, y, deterministic)
-    y = _layer_norm(cfg, 'pre_mlp_layer_norm')(x)
+        **common.dtypes(cfg))(y, y, mask_bias, deterministic)
+    x = x + common.dropout(cfg, y, deterministic)
+    y = common.layer_norm(cfg, 'pre_mlp_layer_norm')(x)
     y = layers.BiasedMlp(cfg.mlp_dim, activation=cfg.activation,
-                         kernel_init=_init(cfg), out_kernel_init=_residual_init(cfg),
-                         name='mlp', **_common(cfg))(y)
-    x = x + _dropout(cfg, y, deterministic)
+                         kernel_init=common.normal_init(cfg), out_kernel_init=_residual_init(cfg),
+                         name='mlp', **common.dtypes(cfg))(y)
+    x = x + common.dropout(cfg, y, deterministic)
     return layers.constrain(x, ('batch', 'length', 'embed'))
 
 
@@ -145,7 +129,7 @@ class Decoder(nn.Module):
   def __call__(self, x, mask_bias, deterministic):
     x = common.run_layers(DecoderLayer, self.config, self.config.num_layers,
                           x, mask_bias, deterministic)
-    x = _layer_norm(self.config, 'decoder_norm')(x)
+    x = common.layer_norm(self.config, 'decoder_norm')(x)
     return layers.constrain(x, ('batch', 'length', 'embed'))
 
 
@@ -157,10 +141,10 @@ class GPTNetwork(nn.Module):
     cfg = self.config
     self.token_embedder = layers.Embed(
         num_embeddings=cfg.vocab_size, features=cfg.emb_dim,
-        embedding_init=_init(cfg), **_common(cfg))
+        embedding_init=common.normal_init(cfg), **common.dtypes(cfg))
     self.position_embedder = layers.PositionEmbed(
-        cfg.max_positions, cfg.emb_dim, embedding_init=_init(cfg),
-        **_common(cfg))
+        cfg.max_positions, cfg.emb_dim, embedding_init=common.normal_init(cfg),
+        **common.dtypes(cfg))
     self.embedding_dropout = nn.Dropout(cfg.dropout_rate)
     self.decoder = Decoder(cfg)
 

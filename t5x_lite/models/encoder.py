@@ -90,25 +90,9 @@ BERT_TINY = BertConfig(vocab_size=8192 + 128, emb_dim=128, num_heads=2,
 SIZES = {'tiny': BERT_TINY, 'base': BERT_BASE, 'large': BERT_LARGE}
 
 
-def _common(cfg: BertConfig):
-  return dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-
-
-def _init(cfg: BertConfig):
-  return nn.initializers.normal(stddev=cfg.initializer_range)
-
-
 def _dense(cfg: BertConfig, features: int, axes, name: str) -> layers.Dense:
-  return layers.Dense(features, kernel_axes=axes, kernel_init=_init(cfg),
-                      name=name, **_common(cfg))
-
-
-def _layer_norm(cfg: BertConfig, name: str) -> layers.LayerNorm:
-  return layers.LayerNorm(epsilon=cfg.layer_norm_eps, name=name, **_common(cfg))
-
-
-def _dropout(cfg: BertConfig, x: Array, deterministic: bool) -> Array:
-  return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+  return layers.Dense(features, kernel_axes=axes, kernel_init=common.normal_init(cfg),
+                      name=name, **common.dtypes(cfg))
 
 
 class EncoderLayer(nn.Module):
@@ -120,14 +104,14 @@ class EncoderLayer(nn.Module):
     cfg = self.config
     y = layers.BiasedMultiHeadAttention(
         num_heads=cfg.num_heads, head_dim=cfg.head_dim,
-        dropout_rate=cfg.attention_dropout_rate, kernel_init=_init(cfg),
-        name='attention', **_common(cfg))(x, x, mask_bias, deterministic)
-    x = _layer_norm(cfg, 'post_attention_layer_norm')(
-        x + _dropout(cfg, y, deterministic))
+        dropout_rate=cfg.attention_dropout_rate, kernel_init=common.normal_init(cfg),
+        name='attention', **common.dtypes(cfg))(x, x, mask_bias, deterministic)
+    x = common.layer_norm(cfg, 'post_attention_layer_norm')(
+        x + common.dropout(cfg, y, deterministic))
     y = layers.BiasedMlp(cfg.mlp_dim, activation=cfg.activation,
-                         kernel_init=_init(cfg), name='mlp', **_common(cfg))(x)
-    x = _layer_norm(cfg, 'post_mlp_layer_norm')(
-        x + _dropout(cfg, y, deterministic))
+                         kernel_init=common.normal_init(cfg), name='mlp', **common.dtypes(cfg))(x)
+    x = common.layer_norm(cfg, 'post_mlp_layer_norm')(
+        x + common.dropout(cfg, y, deterministic))
     return layers.constrain(x, ('batch', 'length', 'embed'))
 
 
@@ -152,7 +136,7 @@ class MlmHead(nn.Module):
     y = layers.activation_fn(cfg.activation)(y)
     # Named like every activation: without it XLA (jax 0.10.2, CPU) computes
     # wrong gradients on a data x fsdp x model mesh with fsdp_model_parallel.
-    y = layers.constrain(_layer_norm(cfg, 'layer_norm')(y), ('batch', 'length', 'embed'))
+    y = layers.constrain(common.layer_norm(cfg, 'layer_norm')(y), ('batch', 'length', 'embed'))
     bias = self.param(
         'output_bias',
         nn.with_logical_partitioning(nn.initializers.zeros, ('vocab',)),
@@ -169,14 +153,14 @@ class BertNetwork(nn.Module):
     cfg = self.config
     self.token_embedder = layers.Embed(
         num_embeddings=cfg.vocab_size, features=cfg.emb_dim,
-        embedding_init=_init(cfg), **_common(cfg))
+        embedding_init=common.normal_init(cfg), **common.dtypes(cfg))
     self.position_embedder = layers.PositionEmbed(
-        cfg.max_positions, cfg.emb_dim, embedding_init=_init(cfg),
-        **_common(cfg))
+        cfg.max_positions, cfg.emb_dim, embedding_init=common.normal_init(cfg),
+        **common.dtypes(cfg))
     self.segment_embedder = layers.PositionEmbed(
-        cfg.type_vocab_size, cfg.emb_dim, embedding_init=_init(cfg),
-        **_common(cfg))
-    self.embedding_norm = _layer_norm(cfg, 'embedding_norm')
+        cfg.type_vocab_size, cfg.emb_dim, embedding_init=common.normal_init(cfg),
+        **common.dtypes(cfg))
+    self.embedding_norm = common.layer_norm(cfg, 'embedding_norm')
     self.embedding_dropout = nn.Dropout(cfg.dropout_rate)
     self.encoder = Encoder(cfg)
     self.pooler = _dense(cfg, cfg.emb_dim, ('embed', 'mlp'), 'pooler')
