@@ -29,6 +29,8 @@ setuptools.setup(
         # GLUE / SuperGLUE metrics (Matthews, F1, Pearson, Spearman).
         'scikit-learn>=1.5,<2',
         'scipy>=1.13',
+        # ROUGE-L for instruction evaluation and the Self-Instruct duplicate filter.
+        'rouge-score>=0.1.2,<0.2',
     ],
     extras_require={
         # Reference implementations for the parity tests (CPU wheel of torch).
