@@ -82,8 +82,14 @@ def cross_entropy_with_logits(
 
 def weighted_accuracy(logits: Array, targets: Array,
                       weights: Optional[Array] = None) -> Tuple[Array, Array]:
-  """(sum of weights where argmax == target, sum of weights)."""
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  """(sum of weights where the target has the largest logit, sum of weights).
+
+  Compares the target's logit with the maximum (which the log-softmax also
+  reduces to) instead of an argmax over the vocabulary; a tie for the
+  maximum counts as correct.
+  """
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  correct = (target_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
   if weights is None:
     weights = jnp.ones(targets.shape, jnp.float32)
   weights = weights.astype(jnp.float32)
