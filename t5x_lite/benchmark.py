@@ -244,34 +244,49 @@ def random_params(run: _Run) -> Any:
     return jax.jit(init, out_shardings=shardings)(jax.random.key(run.seed))
 
 
-def benchmark_decode(run: _Run, params: Any, repeats: int = 3) -> dict[str, Any]:
-  """Greedy and beam-4 KV-cached decoding speed, in generated tokens (rows x steps) / s."""
+def decode_batch(run: _Run) -> tuple[dict[str, np.ndarray], int]:
+  """(the prompt batch of the task's first batch, the decoder length): T5 / BART
+  decode from their encoder inputs, a decoder-only model from BOS alone."""
   first = pipeline.next_numpy(iter(run.dataset))
   if 'decoder_input_tokens' not in first or not hasattr(run.model, 'predict_batch'):
     raise UserError(f'--mode=decode needs a model that generates (T5, BART, GPT); '
                     f'{type(run.model).__name__} does not; use --mode=train.')
   rows, length = first['decoder_input_tokens'].shape
   if 'encoder_input_tokens' in first:
-    batch = {'encoder_input_tokens': first['encoder_input_tokens']}
-  else:  # decoder-only: generate from BOS alone
-    batch = {'decoder_input_tokens': np.zeros((rows, 1), np.int32)}
-  eos = run.model.config.vocab_size  # never generated
+    return {'encoder_input_tokens': first['encoder_input_tokens']}, length
+  return {'decoder_input_tokens': np.zeros((rows, 1), np.int32)}, length
+
+
+def time_decode(model: Any, params: Any, batch: Mapping[str, np.ndarray], length: int,
+                options: Mapping[str, Any], repeats: int = 3) -> tuple[np.ndarray, float, float]:
+  """(tokens, compile seconds, median seconds of `repeats` runs) of jitted
+  `model.predict_batch(**options)` to `length` tokens, EOS unreachable."""
+  eos = model.config.vocab_size  # never generated
+  fn = jax.jit(functools.partial(model.predict_batch, max_decode_length=length, eos_id=eos,
+                                 **options))
+  start = time.perf_counter()
+  tokens, _ = jax.block_until_ready(fn(params, batch))
+  compile_seconds = time.perf_counter() - start
+  rows = next(iter(batch.values())).shape[0]
+  if tokens.shape != (rows, length):
+    raise AssertionError(f'{options} decoded {tokens.shape}, expected {(rows, length)}')
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(params, batch))
+    times.append(time.perf_counter() - start)
+  return np.asarray(tokens), compile_seconds, statistics.median(times)
+
+
+def benchmark_decode(run: _Run, params: Any, repeats: int = 3) -> dict[str, Any]:
+  """Greedy and beam-4 KV-cached decoding speed, in generated tokens (rows x steps) / s."""
+  batch, length = decode_batch(run)
+  rows = next(iter(batch.values())).shape[0]
   result = {'decode_batch_size': rows, 'decode_length': int(length), 'decode_runs': repeats}
   for name, options in (('greedy', {'method': 'greedy'}),
                         (f'beam{DECODE_BEAMS}', {'method': 'beam', 'num_beams': DECODE_BEAMS})):
-    fn = jax.jit(functools.partial(run.model.predict_batch, max_decode_length=length,
-                                   eos_id=eos, **options))
-    start = time.perf_counter()
-    tokens, _ = jax.block_until_ready(fn(params, batch))
-    result[f'{name}_compile_seconds'] = time.perf_counter() - start
-    if tokens.shape != (rows, length):
-      raise AssertionError(f'{name} decoded {tokens.shape}, expected {(rows, length)}')
-    times = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      jax.block_until_ready(fn(params, batch))
-      times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
+    _, compile_seconds, seconds = time_decode(run.model, params, batch, length, options, repeats)
+    result[f'{name}_compile_seconds'] = compile_seconds
     result[f'{name}_seconds'] = seconds
     result[f'{name}_tokens_per_second'] = rows * length / seconds
   return result

@@ -218,42 +218,45 @@ class RelativePositionBias(nn.Module):
     return bias[None]
 
 
+def heads_major(x: Array) -> Array:
+  """[B,T,N,H] -> [B,N,T,H], the layout attention contracts in."""
+  return constrain(x.transpose(0, 2, 1, 3), ('batch', 'heads', 'length', 'kv'))
+
+
 def dot_product_attention(q: Array, k: Array, v: Array,
                           biases: Sequence[Optional[Array]] = (),
                           dropout: Optional[Callable[[Array], Array]] = None) -> Array:
-  """softmax(q.k + biases) v over heads-major copies: [B,T,N,H], [B,S,N,H] -> [B,T,N,H].
+  """softmax(q.k + biases) v, heads-major: [B,N,T,H], [B,N,S,H] -> [B,T,N,H].
 
   Logits and softmax are float32; the weights go back to q's dtype. `biases`
   are additive [B|1, N|1, T, S] logit biases (None skipped); one shared over
   the batch (a position bias) is expanded with `expand_batch`. `dropout`, if
   given, acts on the attention weights.
   """
-  batch = q.shape[0]
-  qh, kh, vh = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
-  logits = jnp.einsum('BNTH,BNSH->BNTS', qh, kh).astype(jnp.float32)
+  logits = jnp.einsum('BNTH,BNSH->BNTS', q, k).astype(jnp.float32)
   for bias in biases:
     if bias is not None:
-      logits = logits + expand_batch(bias.astype(jnp.float32), batch)
+      logits = logits + expand_batch(bias.astype(jnp.float32), q.shape[0])
   weights = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
   if dropout is not None:
     weights = dropout(weights)
-  x = jnp.einsum('BNTS,BNSH->BNTH', weights, vh).transpose(0, 2, 1, 3)
+  x = jnp.einsum('BNTS,BNSH->BNTH', weights, v).transpose(0, 2, 1, 3)
   return constrain(x, ('batch', 'length', 'heads', 'kv'))
 
 
 def _cached_key_value(module: nn.Module, k: Optional[Array],
                       v: Optional[Array], mode: str,
                       mask_bias: Optional[Array] = None):
-  """Keys and values [B,S,N,H] to attend to under a decode-time KV cache.
+  """Heads-major keys and values [B,N,S,H] to attend to under a decode-time KV cache.
 
-  mode 'self': the T new keys / values are written into the `cached_key` /
-  `cached_value` buffers [B,S,N,H] (S: the key length of `mask_bias`, fixed
+  mode 'self': the T new keys / values ([B,N,T,H]) are written into the
+  `cached_key` / `cached_value` buffers [B,N,S,H] (S: the key length of `mask_bias`, fixed
   when the cache is created) of the 'cache' collection at each
   row's `cache_index` [B], which then advances by T; all S slots are
   returned (the caller's mask hides slots not yet written).
   mode 'cross': the keys / values of the first call are stored and reused.
   """
-  names = ('batch', 'length', 'heads', 'kv')
+  names = ('batch', 'heads', 'length', 'kv')
   if mode == 'cross':
     cached_key = module.variable('cache', 'cached_key', lambda: k)
     cached_value = module.variable('cache', 'cached_value', lambda: v)
@@ -262,8 +265,8 @@ def _cached_key_value(module: nn.Module, k: Optional[Array],
     raise ValueError(f"cache={mode!r}; use None, 'self' or 'cross'.")
   if mask_bias is None:
     raise ValueError('Cached attention needs a mask_bias over the cache slots.')
-  batch, steps = k.shape[:2]
-  shape = (batch, mask_bias.shape[-1]) + k.shape[2:]
+  batch, heads, steps, head_dim = k.shape
+  shape = (batch, heads, mask_bias.shape[-1], head_dim)
   cached_key = module.variable('cache', 'cached_key', jnp.zeros, shape, k.dtype)
   cached_value = module.variable('cache', 'cached_value', jnp.zeros, shape,
                                  v.dtype)
@@ -273,7 +276,7 @@ def _cached_key_value(module: nn.Module, k: Optional[Array],
 
   def write(buffer, new):
     update = jax.vmap(
-        lambda b, x, i: jax.lax.dynamic_update_slice(b, x, (i, 0, 0)))
+        lambda b, x, i: jax.lax.dynamic_update_slice(b, x, (0, i, 0)))
     return constrain(update(buffer, new.astype(buffer.dtype), index), names)
 
   cached_key.value = write(cached_key.value, k)
@@ -356,7 +359,7 @@ class MultiHeadAttention(nn.Module):
 
     def project(x, kernel):
       y = matmul(x.astype(dtype), kernel)
-      return constrain(y.reshape(y.shape[:-1] + (n, h)), heads)
+      return heads_major(constrain(y.reshape(y.shape[:-1] + (n, h)), heads))
 
     q = project(inputs_q, wq)
     if _has_cross_cache(self, cache):
@@ -575,7 +578,7 @@ class BiasedMultiHeadAttention(nn.Module):
 
     def project(name, x):
       y = dense(n * h, kernel_axes=in_axes, kernel_init=self.kernel_init, name=name)(x)
-      return constrain(y.reshape(y.shape[:-1] + (n, h)), heads)
+      return heads_major(constrain(y.reshape(y.shape[:-1] + (n, h)), heads))
 
     q = project('query', inputs_q)
     if _has_cross_cache(self, cache):

@@ -4,6 +4,7 @@ Labels are integer ids; no one-hot over the vocabulary is built. All math is
 float32 whatever the dtype of the logits.
 """
 
+import functools
 from typing import Optional, Tuple
 
 import jax
@@ -21,6 +22,55 @@ def log_softmax_at_targets(logits: Array, targets: Array) -> Array:
   return target_logit - lse
 
 
+def _smoothing(vocab_size: int, label_smoothing: float) -> Tuple[float, float, float]:
+  """(target mass, mass of every other id, entropy of that distribution)."""
+  if not label_smoothing:
+    return 1.0, 0.0, 0.0
+  confidence = 1.0 - label_smoothing
+  low = label_smoothing / (vocab_size - 1)
+  entropy = -(confidence * np.log(confidence) +
+              (vocab_size - 1) * low * np.log(low + 1e-20))
+  return confidence, low, float(entropy)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _cross_entropy(logits: Array, targets: Array, z_loss: float,
+                   label_smoothing: float) -> Tuple[Array, Array]:
+  return _cross_entropy_fwd(logits, targets, z_loss, label_smoothing)[0]
+
+
+def _cross_entropy_fwd(logits, targets, z_loss, label_smoothing):
+  confidence, low, entropy = _smoothing(logits.shape[-1], label_smoothing)
+  shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  exp = jnp.exp(shifted)
+  total = jnp.sum(exp, axis=-1, keepdims=True)
+  lse = jnp.log(total)  # of the shifted logits: differences below are exact
+  target = jnp.take_along_axis(shifted, targets[..., None], axis=-1)
+  expected = (confidence - low) * target
+  if low:
+    expected = expected + low * jnp.sum(shifted, axis=-1, keepdims=True)
+  full_lse = lse + (logits - shifted)[..., :1]
+  token_z_loss = z_loss * jnp.square(full_lse)
+  loss = lse - expected - entropy + token_z_loss
+  probs = exp / total
+  return (loss[..., 0], token_z_loss[..., 0]), (probs, full_lse, targets)
+
+
+def _cross_entropy_bwd(z_loss, label_smoothing, residuals, cotangents):
+  probs, full_lse, targets = residuals
+  g_loss, g_z = (g[..., None] for g in cotangents)
+  confidence, low, _ = _smoothing(probs.shape[-1], label_smoothing)
+  # d lse = probs; d z*lse^2 = 2 z lse probs; d expected = (c - low) onehot + low.
+  scale = g_loss + 2.0 * z_loss * full_lse * (g_loss + g_z)
+  grad = probs * scale - g_loss * low
+  onehot = jnp.arange(probs.shape[-1]) == targets[..., None]
+  grad = grad - jnp.where(onehot, g_loss * (confidence - low), 0.0)
+  return grad, None
+
+
+_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
 def token_cross_entropy(logits: Array,
                         targets: Array,
                         z_loss: float = 0.0,
@@ -31,25 +81,13 @@ def token_cross_entropy(logits: Array,
   `1 - label_smoothing` on the target and spreads the rest evenly over the
   other V-1 ids, and c is the entropy of q (so a perfect fit scores 0), as
   in T5X / Mesh TensorFlow. The z-loss term is included in `loss`.
+
+  One pass over the vocabulary computes the loss and keeps the softmax for
+  the backward pass, whose gradient (softmax scaled for the z-loss, minus q)
+  is written directly: no one-hot matrix, no second exponential.
   """
-  logits = logits.astype(jnp.float32)
-  vocab_size = logits.shape[-1]
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  if label_smoothing:
-    confidence = 1.0 - label_smoothing
-    low_confidence = label_smoothing / (vocab_size - 1)
-    normalizing_constant = -(
-        confidence * np.log(confidence) +
-        (vocab_size - 1) * low_confidence * np.log(low_confidence + 1e-20))
-    # sum_v q_v logits_v without materialising q.
-    expected_logit = ((confidence - low_confidence) * target_logit +
-                      low_confidence * jnp.sum(logits, axis=-1))
-    loss = lse - expected_logit - normalizing_constant
-  else:
-    loss = lse - target_logit
-  token_z_loss = z_loss * jnp.square(lse)
-  return loss + token_z_loss, token_z_loss
+  return _cross_entropy(logits.astype(jnp.float32), targets, float(z_loss),
+                        float(label_smoothing))
 
 
 def cross_entropy_with_logits(
