@@ -2,7 +2,7 @@
 
     python -m t5x_lite.benchmark --gin_file=gin/bench_t5_cpu.gin [--gin.NAME=VALUE ...]
         [--mode=train|decode|train,decode] [--steps=N] [--decode_runs=N]
-        [--input_seconds=S]
+        [--input_seconds=S] [--profile=N]
 
 The gin is a training gin: `train_script.train`'s bindings give the model,
 optimizer, task, feature lengths, batch size, partitioner, vocabulary and
@@ -20,6 +20,14 @@ decoder feature length, EOS unreachable so that every run takes the full
 length; the median of --decode_runs runs (default 3) after a compiling one.
 Tokens/s counts rows x steps. The params are random, or with train,decode the
 ones the timed steps left.
+
+--profile=N (train mode): traces two more steps with `jax.profiler` and
+prints the N costliest parts of the step: the time of every executed XLA
+operation, summed by the model code it came from (its `op_name` metadata with
+layer numbers folded: `fwd|bwd <module path>/<primitive>`). The JSON then
+carries them as `profile` [[milliseconds per step, part], ...]. The thunk
+names come from the CPU runtime's trace; other backends may name them
+differently, and then the list is empty.
 
 Prints one summary line; the last line of stdout is one JSON object.
 
@@ -184,8 +192,8 @@ def setup(args: Mapping[str, Any]) -> _Run:
   return _Run(model, partitioner, ds, shapes, batch_size, seed)
 
 
-def benchmark_train(run: _Run, optimizer: Any, steps: int = 20,
-                    input_seconds: float = 3.0) -> tuple[dict[str, Any], Any]:
+def benchmark_train(run: _Run, optimizer: Any, steps: int = 20, input_seconds: float = 3.0,
+                    profile: int = 0) -> tuple[dict[str, Any], Any]:
   """(train-step speed, FLOPs and input-pipeline headroom, the final params)."""
   trainer = trainer_lib.Trainer(run.model, optimizer, run.partitioner, run.batch_shapes)
   compile_seconds = trainer.compile()
@@ -200,6 +208,9 @@ def benchmark_train(run: _Run, optimizer: Any, steps: int = 20,
     jax.block_until_ready((state, metrics))
     if i:
       times.append(time.perf_counter() - start)
+  parts = []
+  if profile:
+    parts, state = profile_step(step_fn, state, batch, profile)
   del iterator
   seconds = statistics.median(times)
   shapes = run.batch_shapes
@@ -232,7 +243,37 @@ def benchmark_train(run: _Run, optimizer: Any, steps: int = 20,
       'input_examples_per_second': input_batches * run.batch_size,
       'step_batches_per_second': 1 / seconds,
       'input_to_step_ratio': input_batches * seconds,
+      **({'profile': [[round(ms, 2), part] for ms, part in parts]} if profile else {}),
   }, state.params
+
+
+def profile_step(step_fn: Any, state: Any, batch: Any, top: int,
+                 steps: int = 2) -> tuple[list[tuple[float, str]], Any]:
+  """(the `top` costliest parts of the step, [(ms per step, part)] (see --profile),
+  the state after the profiled steps)."""
+  import glob, gzip, re, tempfile  # pylint: disable=g-import-not-at-top,multiple-imports
+  names = {}
+  for m in re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"', step_fn.as_text(),
+                       re.M):
+    op = re.sub(r'layers_\d+', 'layers_*', m.group(2))
+    parts = [p for p in op.split('/')[1:] if not p.startswith(('jvp(', 'transpose('))]
+    names[m.group(1)] = ('bwd ' if 'transpose(' in op else 'fwd ') + '/'.join(parts)
+  with tempfile.TemporaryDirectory() as directory:
+    with jax.profiler.trace(directory, create_perfetto_trace=True):
+      for _ in range(steps):
+        state, metrics = step_fn(state, batch)
+        jax.block_until_ready((state, metrics))
+    events = []
+    for path in glob.glob(f'{directory}/**/*.trace.json.gz', recursive=True):
+      with gzip.open(path) as f:
+        trace = json.load(f)
+      events += trace['traceEvents'] if isinstance(trace, dict) else trace
+  totals = {}
+  for event in events:
+    part = names.get(event.get('name'))
+    if event.get('ph') == 'X' and part:
+      totals[part] = totals.get(part, 0.0) + event['dur'] / 1e3 / steps
+  return sorted(((ms, part) for part, ms in totals.items()), reverse=True)[:top], state
 
 
 def random_params(run: _Run) -> Any:
@@ -353,18 +394,22 @@ def main(argv: Sequence[str]) -> None:
   steps = _number(_pop_option(argv, 'steps'), 'steps', int, 20)
   decode_runs = _number(_pop_option(argv, 'decode_runs'), 'decode_runs', int, 3)
   input_seconds = _number(_pop_option(argv, 'input_seconds'), 'input_seconds', float, 3.0)
+  profile = _number(_pop_option(argv, 'profile'), 'profile', int, 0)
   gin_utils.parse_gin(*gin_utils.parse_flags(argv))
   args = precompile.train_arguments(jax.devices())
   run = setup(args)
   result = {'mode': ','.join(modes), 'device': device_description()}
   params = None
   if 'train' in modes:
-    train_result, params = benchmark_train(run, args['optimizer'], steps, input_seconds)
+    train_result, params = benchmark_train(run, args['optimizer'], steps, input_seconds,
+                                           profile)
     result.update(train_result)
   if 'decode' in modes:
     result.update(benchmark_decode(run, random_params(run) if params is None else params,
                                    decode_runs))
   result.update(peak_host_bytes=peak_host_bytes(), peak_device_bytes=peak_device_bytes())
+  for ms, part in result.get('profile', []):
+    print(f'{ms:9.1f} ms  {part}')
   print(summary(result))
   print(json.dumps(result), flush=True)
 
