@@ -37,6 +37,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
+from t5x_lite import losses
 from t5x_lite.errors import UserError
 
 Array = jax.Array
@@ -105,8 +106,7 @@ def _sample_loop(tokens_to_logits: TokensToLogits, init_tokens: Array, cache: An
     logits = logits.astype(jnp.float32)
     rng, step_rng = jax.random.split(s.rng)
     token = jnp.where(s.done, 0, choose(logits, step_rng).astype(jnp.int32))
-    log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None],
-                                   axis=-1)[:, 0]
+    log_prob = losses.log_softmax_at_targets(logits, token)
     log_probs = s.log_probs + jnp.where(s.done, 0.0, log_prob)
     tokens = jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step))
     return _State(s.step + 1, token, cache, tokens, log_probs,
