@@ -15,11 +15,15 @@ Array = jax.Array
 
 
 def log_softmax_at_targets(logits: Array, targets: Array) -> Array:
-  """log p(target) per position: [B,T,V], [B,T] -> [B,T] float32."""
+  """log p(target) per position: [B,T,V], [B,T] -> [B,T] float32.
+
+  Shifted by the maximum first, so that a near-certain target keeps its small
+  log-probability's precision.
+  """
   logits = logits.astype(jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return target_logit - lse
+  shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  target = jnp.take_along_axis(shifted, targets[..., None], axis=-1)[..., 0]
+  return target - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
 
 
 def _smoothing(vocab_size: int, label_smoothing: float) -> Tuple[float, float, float]:
