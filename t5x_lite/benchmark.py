@@ -24,7 +24,8 @@ ones the timed steps left.
 --profile=N (train mode): traces two more steps with `jax.profiler` and
 prints the N costliest parts of the step: the time of every executed XLA
 operation, summed by the model code it came from (its `op_name` metadata with
-layer numbers folded: `fwd|bwd <module path>/<primitive>`). The JSON then
+layer numbers folded: `fwd|bwd <module path>/<primitive>`, or with no
+prefix for work outside the model, such as `optimizer/...`). The JSON then
 carries them as `profile` [[milliseconds per step, part], ...]. The thunk
 names come from the CPU runtime's trace; other backends may name them
 differently, and then the list is empty.
@@ -256,8 +257,11 @@ def profile_step(step_fn: Any, state: Any, batch: Any, top: int,
   for m in re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"', step_fn.as_text(),
                        re.M):
     op = re.sub(r'layers_\d+', 'layers_*', m.group(2))
-    parts = [p for p in op.split('/')[1:] if not p.startswith(('jvp(', 'transpose('))]
-    names[m.group(1)] = ('bwd ' if 'transpose(' in op else 'fwd ') + '/'.join(parts)
+    # 'jvp(scope)' and 'transpose(jvp(scope))' wrap a named scope entered under autodiff.
+    parts = [re.sub(r'^(?:transpose\(|jvp\()+(.*?)\)*$', r'\1', p) for p in op.split('/')[1:]]
+    parts = [p for p, after in zip(parts, parts[1:] + ['']) if p and not after.startswith(p)]
+    kind = 'bwd ' if 'transpose(' in op else 'fwd ' if 'jvp(' in op else ''
+    names[m.group(1)] = kind + '/'.join(parts)
   with tempfile.TemporaryDirectory() as directory:
     with jax.profiler.trace(directory, create_perfetto_trace=True):
       for _ in range(steps):

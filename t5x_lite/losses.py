@@ -43,6 +43,7 @@ def _cross_entropy(logits: Array, targets: Array, z_loss: float,
   return _cross_entropy_fwd(logits, targets, z_loss, label_smoothing)[0]
 
 
+@jax.named_scope('cross_entropy')
 def _cross_entropy_fwd(logits, targets, z_loss, label_smoothing):
   confidence, low, entropy = _smoothing(logits.shape[-1], label_smoothing)
   shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
@@ -60,6 +61,7 @@ def _cross_entropy_fwd(logits, targets, z_loss, label_smoothing):
   return (loss[..., 0], token_z_loss[..., 0]), (probs, full_lse, targets)
 
 
+@jax.named_scope('cross_entropy')
 def _cross_entropy_bwd(z_loss, label_smoothing, residuals, cotangents):
   probs, full_lse, targets = residuals
   g_loss, g_z = (g[..., None] for g in cotangents)
@@ -130,8 +132,9 @@ def weighted_accuracy(logits: Array, targets: Array,
   reduces to) instead of an argmax over the vocabulary; a tie for the
   maximum counts as correct.
   """
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  correct = (target_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
+  with jax.named_scope('accuracy'):
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    correct = (target_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
   if weights is None:
     weights = jnp.ones(targets.shape, jnp.float32)
   weights = weights.astype(jnp.float32)

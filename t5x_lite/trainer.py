@@ -103,8 +103,9 @@ class Trainer:
     dropout_rng = jax.random.fold_in(state.rng, state.step)
     grad_fn = jax.value_and_grad(self.model.loss_fn, has_aux=True)
     (_, metrics), grads = grad_fn(state.params, batch, dropout_rng)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    with jax.named_scope('optimizer'):
+      updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, learning_rate=optimizers.learning_rate(opt_state))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
