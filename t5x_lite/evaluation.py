@@ -123,7 +123,8 @@ class Evaluator:
     self.seed = seed
     self.vocabulary = vocabulary
     self._pools = {}  # task name -> its train examples (few-shot demonstrations)
-    self.decoder_only = model.FEATURE_CONVERTER_CLS is seqio.DecoderFeatureConverter
+    self.decoder_only = (model.FEATURE_CONVERTER_CLS is seqio.DecoderFeatureConverter or
+                         getattr(model.FEATURE_CONVERTER_CLS, 'DECODER_ONLY', False))
     generate = lambda p, b: model.predict_batch(
         p, b, jax.random.PRNGKey(seed), max_decode_length=self.lengths.get('targets'),
         **self.decode)
@@ -163,6 +164,10 @@ class Evaluator:
 
   def _prompt(self, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """What generation may see: the encoder inputs, or a decoder-only model's prompt."""
+    if self.decoder_only and 'decoder_prompt_mask' in features:  # causal prompt (WIT)
+      prompt = features['decoder_prompt_mask']
+      return {'decoder_input_tokens': features['decoder_input_tokens'] * prompt,
+              'decoder_prompt_lengths': prompt.sum(axis=1) - 1}
     if self.decoder_only:
       prompt = features['decoder_causal_attention'] if 'decoder_causal_attention' in features \
           else np.zeros_like(features['decoder_input_tokens'])

@@ -377,3 +377,24 @@ def super_glue_average(
   Names and missing tasks as in `glue_average`.
   """
   return _leaderboard_average(results, _SUPER_GLUE)
+
+
+def rouge_l(targets, predictions) -> Dict[str, float]:
+  """{'rougeL'}: ROUGE-L F-measure x100, the best over each example's references.
+
+  Targets are reference strings or lists of them (Super-NaturalInstructions
+  keeps every acceptable output), predictions strings; scored with
+  rouge_score's RougeScorer(['rougeL']) (its default tokenizer: lowercase
+  alphanumeric tokens) and averaged over examples, as SNI reports it.
+  """
+  from rouge_score import rouge_scorer  # pylint: disable=g-import-not-at-top
+  _check(targets, predictions)
+  scorer = rouge_scorer.RougeScorer(['rougeL'])
+  scores = []
+  for i, (refs, prediction) in enumerate(zip(targets, predictions)):
+    refs = [refs] if isinstance(refs, str) else list(refs)
+    if not refs:
+      raise ValueError(f'Example {i} has no reference; drop unlabelled examples.')
+    prediction = '' if prediction is None else str(prediction)
+    scores.append(max(scorer.score(r, prediction)['rougeL'].fmeasure for r in refs))
+  return {'rougeL': 100 * float(np.mean(scores))}

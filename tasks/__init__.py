@@ -35,6 +35,12 @@ Recipe, your own corpus:
         text_key='text', validation_paths='/data/my_corpus/valid.jsonl')
 
 then train with MIXTURE_OR_TASK_NAME = 'my_corpus_span'.
+
+Instruction tuning (`tasks.instructions`): prompt / response tasks over local
+instruction files (Alpaca, Dolly, chat, Super-NaturalInstructions,
+Self-Instruct; `register_instruction_task`), Flan-style GLUE / SuperGLUE
+instructions (glue_sst2_instruct, ...), SNI train / held-out mixtures and
+`register_instruction_mixture`; names ending in '_gpt' are the GPT family's.
 """
 
 from tasks.span import C4_TFDS_NAME
@@ -49,3 +55,4 @@ from tasks import bart
 from tasks import bert
 from tasks import glue
 from tasks import glue_cls
+from tasks import instructions

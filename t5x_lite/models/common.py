@@ -230,6 +230,9 @@ class TokenLossModel(Model):
     None or 'NUM_REAL_TARGET_TOKENS' (default): the weighted summed loss is
       divided by the sum of `decoder_loss_weights` (tokens with non-zero
       weight when weights are 0/1).
+    'NUM_WEIGHTED_TOKENS': divided by the number of tokens whose weight is
+      not 0 (the weighted instruction tuning loss: sum_i(λp·prompt_loss_i +
+      λr·response_loss_i) over the count of weighted tokens).
     a float: divided by that constant (T5X's constant-factor mode).
   Without `decoder_loss_weights` the weights are `decoder_target_tokens !=
   config.pad_id` (pad_id 0 unless the config has one).
@@ -239,14 +242,19 @@ class TokenLossModel(Model):
                config: Any,
                z_loss: float = 0.0,
                label_smoothing: float = 0.0,
-               loss_normalizing_factor: Union[None, str, float] = None):
+               loss_normalizing_factor: Union[None, str, float] = None,
+               feature_converter_cls: Any = None):
     if isinstance(loss_normalizing_factor, str):
-      if loss_normalizing_factor != 'NUM_REAL_TARGET_TOKENS':
+      if loss_normalizing_factor not in ('NUM_REAL_TARGET_TOKENS', 'NUM_WEIGHTED_TOKENS'):
         raise ValueError(
             f'loss_normalizing_factor={loss_normalizing_factor!r} is not '
-            "supported; use None, 'NUM_REAL_TARGET_TOKENS' or a number.")
-      loss_normalizing_factor = None
+            "supported; use None, 'NUM_REAL_TARGET_TOKENS', "
+            "'NUM_WEIGHTED_TOKENS' or a number.")
+      if loss_normalizing_factor == 'NUM_REAL_TARGET_TOKENS':
+        loss_normalizing_factor = None
     super().__init__(config)
+    if feature_converter_cls is not None:  # e.g. the WIT converter, from gin
+      self.FEATURE_CONVERTER_CLS = feature_converter_cls
     self.z_loss = z_loss
     self.label_smoothing = label_smoothing
     self.loss_normalizing_factor = loss_normalizing_factor
@@ -280,6 +288,8 @@ class TokenLossModel(Model):
         label_smoothing=self.label_smoothing)
     if self.loss_normalizing_factor is None:
       denom = jnp.where(weight_sum > 0, weight_sum, 1.0)
+    elif isinstance(self.loss_normalizing_factor, str):  # NUM_WEIGHTED_TOKENS
+      denom = jnp.maximum(jnp.sum(weights != 0), 1).astype(jnp.float32)
     else:
       denom = jnp.asarray(self.loss_normalizing_factor, jnp.float32)
     correct, _ = losses.weighted_accuracy(logits, targets, weights)

@@ -315,8 +315,10 @@ class EncoderDecoderModel(common.TokenLossModel):
                config: T5Config,
                z_loss: float = 1e-4,
                label_smoothing: float = 0.0,
-               loss_normalizing_factor: Union[None, str, float] = None):
-    super().__init__(config, z_loss, label_smoothing, loss_normalizing_factor)
+               loss_normalizing_factor: Union[None, str, float] = None,
+               feature_converter_cls: Any = None):
+    super().__init__(config, z_loss, label_smoothing, loss_normalizing_factor,
+                     feature_converter_cls)
 
   def _prefill(self, params, batch, max_decode_length):
     """Encodes `encoder_input_tokens` and caches the decoder's cross-attention.
