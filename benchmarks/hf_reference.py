@@ -20,6 +20,7 @@ the two are compared.
 Prints one readable line per measurement and, last, one JSON object.
 """
 
+import copy
 import json
 import os
 import statistics
@@ -86,8 +87,9 @@ def torch_batch(batch, encoder_decoder):
 
 
 def hf_train(model, batches, steps):
-  """Seconds of each of `steps` HF train steps after one warm-up."""
-  model.train()
+  """Seconds of each of `steps` HF train steps after one warm-up, on a copy of
+  `model` (whose weights decode mode compares)."""
+  model = copy.deepcopy(model).train()
   opt = transformers.optimization.Adafactor(model.parameters(), lr=1e-3, relative_step=False,
                                             scale_parameter=False, warmup_init=False)
   times = []
