@@ -79,6 +79,7 @@ from t5x_lite import gin_utils
 from t5x_lite import precompile
 from t5x_lite import trainer as trainer_lib
 from t5x_lite.data import pipeline
+from t5x_lite.models import common
 from t5x_lite.errors import UserError
 
 ROOFLINE_SIZE = 2048
@@ -293,7 +294,7 @@ def decode_batch(run: _Run) -> tuple[dict[str, np.ndarray], int]:
   """(the prompt batch of the task's first batch, the decoder length): T5 / BART
   decode from their encoder inputs, a decoder-only model from BOS alone."""
   first = pipeline.next_numpy(iter(run.dataset))
-  if 'decoder_input_tokens' not in first or not hasattr(run.model, 'predict_batch'):
+  if 'decoder_input_tokens' not in first or not isinstance(run.model, common.TokenLossModel):
     raise UserError(f'--mode=decode needs a model that generates (T5, BART, GPT); '
                     f'{type(run.model).__name__} does not; use --mode=train.')
   rows, length = first['decoder_input_tokens'].shape

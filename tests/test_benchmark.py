@@ -89,3 +89,17 @@ def test_train_and_decode_on_a_small_t5():
                 'bwd cross_entropy/', 'optimizer/'):
     assert any(p[1].startswith(scope) for p in parts), (scope, parts)
   assert sum(p[0] for p in parts) < 1e3 * result['seconds_per_step_max'] * 1.5
+
+
+def test_decode_mode_needs_a_generating_model():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from t5x_lite.errors import UserError  # pylint: disable=g-import-not-at-top
+  from t5x_lite.models import classification, decoder  # pylint: disable=g-import-not-at-top
+  batch = {'decoder_input_tokens': tf.zeros((2, 5), tf.int32)}
+  run = benchmark._Run(classification.GptClassificationModel(decoder.GPTConfig()), None,
+                       tf.data.Dataset.from_tensors(batch), {}, 2, 0)
+  with pytest.raises(UserError, match='GptClassificationModel does not; use --mode=train'):
+    benchmark.decode_batch(run)
+  run = run._replace(model=decoder.DecoderModel(decoder.GPTConfig()))
+  prompts, length = benchmark.decode_batch(run)
+  assert length == 5 and prompts['decoder_input_tokens'].shape == (2, 1)
