@@ -139,3 +139,38 @@ def weighted_accuracy(logits: Array, targets: Array,
     weights = jnp.ones(targets.shape, jnp.float32)
   weights = weights.astype(jnp.float32)
   return jnp.sum(correct * weights), jnp.sum(weights)
+
+
+DPO_LOSS_TYPES = ('sigmoid', 'ipo')
+
+
+def dpo_loss(policy_chosen: Array, policy_rejected: Array,
+             reference_chosen: Array, reference_rejected: Array,
+             beta: float = 0.1, loss_type: str = 'sigmoid',
+             label_smoothing: float = 0.0) -> Tuple[Array, Array, Array]:
+  """Preference losses of pairs from their sequence log-probs, all [B].
+
+  With h = (log π(y_c) - log π_ref(y_c)) - (log π(y_r) - log π_ref(y_r)):
+
+    'sigmoid'  DPO (Rafailov et al. 2023): -log σ(β h); with
+               `label_smoothing` ε > 0 the conservative DPO of a preference
+               label flipped with probability ε:
+               -(1 - ε) log σ(β h) - ε log σ(-β h).
+    'ipo'      IPO (Azar et al. 2023): (h - 1 / (2β))², on the sequence
+               log-ratios as in the paper.
+
+  Returns (losses, chosen rewards, rejected rewards); a reward is
+  β (log π(y) - log π_ref(y)), without gradient.
+  """
+  if loss_type not in DPO_LOSS_TYPES:
+    raise ValueError(f'loss_type={loss_type!r} is unknown; use one of {DPO_LOSS_TYPES}.')
+  chosen_ratio = policy_chosen - reference_chosen
+  rejected_ratio = policy_rejected - reference_rejected
+  h = chosen_ratio - rejected_ratio
+  if loss_type == 'ipo':
+    pair_losses = jnp.square(h - 1.0 / (2.0 * beta))
+  else:
+    pair_losses = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h)
+                   - label_smoothing * jax.nn.log_sigmoid(-beta * h))
+  rewards = jax.lax.stop_gradient(beta * jnp.stack([chosen_ratio, rejected_ratio]))
+  return pair_losses, rewards[0], rewards[1]

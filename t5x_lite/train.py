@@ -119,6 +119,8 @@ def train(*,
   evaluated (see t5x_lite.evaluation) every `eval_period` steps and at the end
   on `eval_mixture_or_task_name` (default: the training one); the metrics go to
   metrics.jsonl as `eval/<task>/<metric>` and to MODEL_DIR/eval/<step>/.
+  `eval_mode='loss'` evaluates the model's own loss metrics instead (DPO:
+  reward accuracy and rewards of held-out pairs; metrics.jsonl only).
 
   Returns the last logged metrics (and the last eval's).
   """
@@ -156,12 +158,10 @@ def train(*,
     say(f'resumed from {ckpt.directory}/{int(state.step)} '
         f'(data position {data_position}, input pipeline {how})')
   else:
-    params = None
+    state = trainer.initial_state(seed, initial_checkpoint_path,
+                                  fresh_params or getattr(model, 'FRESH_PARAMS', ()))
     if initial_checkpoint_path:
-      params = checkpoints.restore_params(initial_checkpoint_path, trainer.abstract_params,
-                                          fresh=fresh_params or getattr(model, 'FRESH_PARAMS', ()))
       say(f'initialised params from {initial_checkpoint_path}')
-    state = trainer.init_state(seed, params)
     data_position, data_iterator = 0, iter(ds)
   start_step = int(state.step)
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_params))
@@ -179,10 +179,14 @@ def train(*,
     return {}
 
   evaluate = None
-  if eval_period > 0:
+  eval_name = eval_mixture_or_task_name or mixture_or_task_name
+  if eval_period > 0 and eval_mode == 'loss':
+    evaluate = _LossEvaluation(trainer, eval_name, eval_split, lengths, batch_size,
+                               eval_num_examples, vocabulary)
+  elif eval_period > 0:
     evaluate = _Evaluation(model, partitioner, lengths, eval_batch_size or batch_size,
-                           eval_mixture_or_task_name or mixture_or_task_name, eval_split,
-                           eval_mode, eval_decode, eval_num_examples, vocabulary, model_dir)
+                           eval_name, eval_split, eval_mode, eval_decode, eval_num_examples,
+                           vocabulary, model_dir)
   compile_seconds = trainer.compile()
   say(f'compiled the train step in {compile_seconds:.1f}s')
   step_fn = trainer.train_step
@@ -216,7 +220,7 @@ def train(*,
         last_metrics, history = metrics, []
         interval_start, interval_steps = time.perf_counter(), 0
       if evaluate and (step % eval_period == 0 or step == train_steps):
-        eval_metrics = evaluate(state.params, step)
+        eval_metrics = evaluate(state, step)
         writer.write(step, eval_metrics)
         last_eval = eval_metrics
         say(f'step {step}: ' + ', '.join(f'{k} {v:.2f}' for k, v in eval_metrics.items()))
@@ -251,14 +255,49 @@ class _Evaluation:
         num_examples=num_examples, vocabulary=vocabulary)
     self.model_dir = model_dir
 
-  def __call__(self, params, step: int) -> dict[str, float]:
-    results = [self.evaluator.evaluate(params, task) for task in self.tasks]
+  def __call__(self, state, step: int) -> dict[str, float]:
+    results = [self.evaluator.evaluate(state.params, task) for task in self.tasks]
     if jax.process_index() == 0:
       self._evaluation.write_results(
           os.path.join(self.model_dir, 'eval', str(step)), results, step)
     flat = {f'eval/{r.task}/{k}': v for r in results for k, v in r.metrics.items()}
     for name, avg in self._evaluation.averages(results).items():
       flat[f'eval/{name}'] = avg['value']
+    return flat
+
+
+class _LossEvaluation:
+  """eval_mode='loss': the model's own metrics (loss, accuracy; DPO: reward
+  accuracy, rewards, margin) on each task's held-out split, dropout off, as
+  `eval/<task>/<metric>`: the mean over full batches of up to `num_examples`
+  examples (default: all of the split)."""
+
+  def __init__(self, trainer, name, split, lengths, batch_size, num_examples, vocabulary):
+    task = pipeline.get_task_or_mixture(name)
+    subtasks = [task] if isinstance(task, seqio.Task) else seqio.get_subtasks(task)
+    self.tasks = [t.name for t in subtasks if split in t.splits]
+    if not self.tasks:
+      raise UserError(f"'{name}' has no task with a '{split}' split to evaluate; set "
+                      'EVAL_MIXTURE_OR_TASK_NAME or the eval split.')
+    self.trainer, self.batch_size, self.num_examples = trainer, batch_size, num_examples
+    self._datasets = {t: pipeline.get_dataset(
+        t, lengths, batch_size, split=split, shuffle=False, seed=None, pack=False, num_epochs=1,
+        vocabulary=vocabulary, feature_converter_cls=trainer.model.FEATURE_CONVERTER_CLS)
+        for t in self.tasks}
+
+  def __call__(self, state, step: int) -> dict[str, float]:
+    del step
+    flat = {}
+    for task, ds in self._datasets.items():
+      if self.num_examples:
+        ds = ds.take(max(self.num_examples // self.batch_size, 1))
+      history = [self.trainer.eval_metrics(state, self.trainer.partitioner.shard_batch(
+          {k: v.numpy() for k, v in batch.items()})) for batch in ds]
+      if not history:
+        raise UserError(f"'{task}' has fewer held-out examples than one batch of "
+                        f'{self.batch_size}; lower BATCH_SIZE or add examples.')
+      flat.update({f'eval/{task}/{k}': v
+                   for k, v in trainer_lib.mean_metrics(history).items()})
     return flat
 
 

@@ -6,7 +6,7 @@ pure `init` and `loss_fn`; nothing here knows which family it trains.
 """
 
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from t5x_lite import checkpoints
 from t5x_lite import optimizers
 from t5x_lite.partitioning import Partitioner
 
@@ -28,14 +29,20 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array
+  # A frozen copy of the initial params (DPO's reference model), or None.
+  reference: Any = None
 
   def to_dict(self) -> dict[str, Any]:
-    return {'step': self.step, 'params': self.params, 'opt_state': self.opt_state,
-            'rng': self.rng}
+    d = {'step': self.step, 'params': self.params, 'opt_state': self.opt_state,
+         'rng': self.rng}
+    if self.reference is not None:
+      d['reference'] = self.reference
+    return d
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> 'TrainState':
-    return cls(step=d['step'], params=d['params'], opt_state=d['opt_state'], rng=d['rng'])
+    return cls(step=d['step'], params=d['params'], opt_state=d['opt_state'], rng=d['rng'],
+               reference=d.get('reference'))
 
 
 def abstract_params(model: Any, partitioner: Partitioner,
@@ -48,7 +55,12 @@ def abstract_params(model: Any, partitioner: Partitioner,
 
 
 class Trainer:
-  """Builds the sharded train state and compiles the train step once."""
+  """Builds the sharded train state and compiles the train step once.
+
+  A model whose `uses_reference_params` is true (DPO) gets a frozen copy of
+  the initial params in the state, passed to its `loss_fn` as
+  `reference_params`.
+  """
 
   def __init__(self, model: Any, optimizer: optax.GradientTransformation,
                partitioner: Partitioner, batch_shapes: dict[str, jax.ShapeDtypeStruct]):
@@ -61,10 +73,13 @@ class Trainer:
     self.opt_shardings = partitioner.opt_state_shardings(
         self.tx, self.abstract_params, self.param_shardings)
     replicated = partitioner.replicated
-    self.state_shardings = TrainState(step=replicated, params=self.param_shardings,
-                                      opt_state=self.opt_shardings, rng=replicated)
+    self.keeps_reference = getattr(model, 'uses_reference_params', False)
+    self.state_shardings = TrainState(
+        step=replicated, params=self.param_shardings, opt_state=self.opt_shardings,
+        rng=replicated, reference=self.param_shardings if self.keeps_reference else None)
     self.batch_sharding = partitioner.batch_sharding()
     self._compiled_step = None
+    self._compiled_eval = None
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the train state, without computing it."""
@@ -74,8 +89,9 @@ class Trainer:
         abstract, self.state_shardings)
 
   def _make_state(self, rng, params):
+    reference = jax.tree_util.tree_map(jnp.copy, params) if self.keeps_reference else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=self.tx.init(params), rng=rng)
+                      opt_state=self.tx.init(params), rng=rng, reference=reference)
 
   def init_state(self, seed: int, params: Optional[Any] = None) -> TrainState:
     """A fresh state, created already sharded (no full copy on one device).
@@ -99,10 +115,23 @@ class Trainer:
     with self.partitioner.activate():
       return jax.jit(make, out_shardings=self.state_shardings)(init_rng, state_rng, given)
 
+  def initial_state(self, seed: int, initial_checkpoint_path: Optional[str] = None,
+                    fresh: Sequence[str] = ()) -> TrainState:
+    """`init_state` with the params of `initial_checkpoint_path` when given
+    (subtrees named in `fresh` may be missing from it and start at random)."""
+    params = None
+    if initial_checkpoint_path:
+      params = checkpoints.restore_params(initial_checkpoint_path, self.abstract_params,
+                                          fresh=fresh)
+    return self.init_state(seed, params)
+
+  def _loss_kwargs(self, state: TrainState) -> dict:
+    return {'reference_params': state.reference} if self.keeps_reference else {}
+
   def _step(self, state: TrainState, batch: dict[str, jax.Array]):
     dropout_rng = jax.random.fold_in(state.rng, state.step)
     grad_fn = jax.value_and_grad(self.model.loss_fn, has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, batch, dropout_rng)
+    (_, metrics), grads = grad_fn(state.params, batch, dropout_rng, **self._loss_kwargs(state))
     with jax.named_scope('optimizer'):
       updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
@@ -121,6 +150,18 @@ class Trainer:
                        donate_argnums=0)
       self._compiled_step = jitted.lower(self.abstract_state(), batch).compile()
     return time.perf_counter() - start
+
+  def eval_metrics(self, state: TrainState, batch: dict[str, jax.Array]) -> dict:
+    """The loss_fn's metrics of a batch, dropout off (jitted once per shape)."""
+    if self._compiled_eval is None:
+      def metrics(state, batch):
+        return self.model.loss_fn(state.params, batch, None, **self._loss_kwargs(state))[1]
+      with self.partitioner.activate():
+        self._compiled_eval = jax.jit(
+            metrics, in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=self.partitioner.replicated)
+    with self.partitioner.activate():
+      return self._compiled_eval(state, batch)
 
   @property
   def train_step(self) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict]]:

@@ -56,3 +56,4 @@ from tasks import bert
 from tasks import glue
 from tasks import glue_cls
 from tasks import instructions
+from tasks import preferences

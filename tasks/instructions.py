@@ -103,19 +103,20 @@ def to_inputs_targets(x):
   return {'inputs': x['prompt'], 'targets': x['response'], 'references': x['references']}
 
 
-def trim_and_add_eos(dataset, sequence_length=None, output_features=None):
-  """Fits 'inputs' (keeping its end) and 'targets' (keeping its start) to their
-  lengths, EOS included where the feature adds one."""
+def fit_features(dataset, lengths, output_features, keep_end=('inputs',)):
+  """Fits each feature of `lengths` to its length, EOS included where the
+  feature adds one: those in `keep_end` keep their end, the others their
+  start."""
   def fit(x):
     x = dict(x)
-    for key, keep_end in (('inputs', True), ('targets', False)):
-      if key not in x:
+    for key, length in lengths.items():
+      if key not in x or key not in output_features:
         continue
       eos = output_features[key].add_eos
       ids = x[key]
-      if sequence_length and sequence_length.get(key):
-        room = sequence_length[key] - int(eos)
-        ids = ids[-room:] if keep_end else ids[:room]
+      if length:
+        room = length - int(eos)
+        ids = ids[-room:] if key in keep_end else ids[:room]
         if room <= 0:
           ids = ids[:0]
       if eos:
@@ -123,6 +124,13 @@ def trim_and_add_eos(dataset, sequence_length=None, output_features=None):
       x[key] = ids
     return x
   return dataset.map(fit, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def trim_and_add_eos(dataset, sequence_length=None, output_features=None):
+  """Fits 'inputs' (keeping its end) and 'targets' (keeping its start) to their
+  lengths, EOS included where the feature adds one."""
+  lengths = {k: (sequence_length or {}).get(k) for k in ('inputs', 'targets')}
+  return fit_features(dataset, lengths, output_features)
 
 
 def _text(value) -> str:
@@ -158,13 +166,15 @@ class InstructionSource(sources.FunctionSource):
   then, never at registration) and again when they change.
   """
 
+  KIND = 'instruction'
+  FORMATS = instructions.FORMATS
+
   def __init__(self, paths, format, validation_paths=None, num_validation=0,  # pylint: disable=redefined-builtin
-               system_prompt=None, num_positive_examples=2):
-    if format not in instructions.FORMATS:
-      raise UserError(f'Unknown instruction format {format!r}; use one of '
-                      f'{", ".join(instructions.FORMATS)}.')
-    self._options = dict(format=format, system=system_prompt,
-                         num_positive_examples=num_positive_examples)
+               system_prompt=None, **options):
+    if format not in self.FORMATS:
+      raise UserError(f'Unknown {self.KIND} format {format!r}; use one of '
+                      f'{", ".join(self.FORMATS)}.')
+    self._options = dict(format=format, system=system_prompt, **options)
     self._paths = paths
     self._validation_paths = validation_paths
     self._num_validation = num_validation
@@ -176,7 +186,7 @@ class InstructionSource(sources.FunctionSource):
     files = instructions.resolve_paths(paths)
     key = tuple((f, os.path.getmtime(f)) for f in files)
     if key not in self._cache:
-      self._cache[key] = instructions.read_examples(files, **self._options)
+      self._cache[key] = self.read(files, **self._options)
     return self._cache[key]
 
   def examples(self, split: str) -> list:
@@ -198,11 +208,19 @@ class InstructionSource(sources.FunctionSource):
   def num_input_examples(self, split: str) -> int:
     return len(self.examples(split))
 
-  def _dataset_fn(self, split, shuffle_files, seed=None):
+  @staticmethod
+  def read(files, **options) -> list:
+    return instructions.read_examples(files, **options)
+
+  def shuffled_examples(self, split: str, shuffle: bool, seed=None) -> list:
     examples = self.examples(split)
-    if shuffle_files:
+    if shuffle:
       rng = np.random.default_rng(sources._shuffle_seed(seed))  # pylint: disable=protected-access
       examples = [examples[i] for i in rng.permutation(len(examples))]
+    return examples
+
+  def _dataset_fn(self, split, shuffle_files, seed=None):
+    examples = self.shuffled_examples(split, shuffle_files, seed)
     return tf.data.Dataset.from_tensor_slices({
         'prompt': tf.constant([e['prompt'] for e in examples], tf.string),
         'response': tf.constant([e['response'] for e in examples], tf.string),
@@ -239,7 +257,7 @@ def register_instruction_task(name: str, paths, format: str = 'alpaca',  # pylin
   """
   gpt = is_gpt(name) if gpt is None else gpt
   source = InstructionSource(paths, format, validation_paths, num_validation,
-                             system_prompt, num_positive_examples)
+                             system_prompt, num_positive_examples=num_positive_examples)
   seqio.TaskRegistry.remove(name)
   return seqio.TaskRegistry.add(
       name, source=source,

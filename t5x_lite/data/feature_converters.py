@@ -4,7 +4,8 @@ A converter turns a task's features into the model's batch features at fixed
 lengths: `converter(pack=...)(dataset, task_feature_lengths)`, as seqio's do.
 """
 
-from typing import Mapping
+import io
+from typing import Mapping, Optional
 
 import tensorflow as tf
 
@@ -139,3 +140,109 @@ class WitEncDecFeatureConverter:
       return dict(ex, decoder_loss_weights=tf.cast(ex['decoder_loss_weights'], tf.float32) * weight)
 
     return ds.map(scale, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+PREFERENCE_SIDES = ('chosen', 'rejected')
+
+
+def _reference_lookup(path: str):
+  """pair_key -> (reference chosen, rejected log-probs), from a cache file of
+  `t5x_lite.precompute_reference` (sorted keys: a binary search, no table)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if not tf.io.gfile.exists(path):
+    raise UserError(f'no reference log-probs at REFERENCE_LOGPS_PATH={path}; write them '
+                    'with `python -m t5x_lite.precompute_reference` and the same gin files, '
+                    'or set REFERENCE_LOGPS_PATH = None to keep the reference model.')
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    cache = np.load(io.BytesIO(f.read()))
+    order = np.argsort(cache['pair_key'])
+    keys = tf.constant(cache['pair_key'][order], tf.int64)
+    values = tf.constant(np.stack([cache['chosen'], cache['rejected']], 1)[order], tf.float32)
+
+  def lookup(key):
+    i = tf.minimum(tf.searchsorted(keys, key[None])[0], tf.shape(keys)[0] - 1)
+    check = tf.debugging.assert_equal(
+        tf.gather(keys, i), key, message=f'a preference pair has no reference log-probs in '
+        f'{path}: the data changed since they were written; run t5x_lite.precompute_reference '
+        'again')
+    with tf.control_dependencies([check]):
+      return tf.gather(values, i)
+  return lookup
+
+
+class PreferenceFeatureConverter:
+  """Preference pairs → two causal sequences per pair (decoder-only DPO).
+
+  For each side s of `PREFERENCE_SIDES`, the prompt ('inputs') and the
+  response (feature s, with its EOS) form ONE causal sequence of length
+  inputs + targets: `s_decoder_input_tokens` (shifted right, BOS 0),
+  `s_decoder_target_tokens` and `s_decoder_loss_weights` (1 on the response,
+  0 on the prompt and padding: the response's log-prob is their weighted
+  sum). Pairs are not packed. With `reference_logps_path` (a cache written
+  by `t5x_lite.precompute_reference`) the features also carry
+  `reference_chosen_logps` / `reference_rejected_logps`, looked up by the
+  task's 'pair_key'; `keep_pair_key` passes that key on (int64, host only).
+  """
+  DECODER_ONLY = True
+
+  def __init__(self, pack: bool = False, reference_logps_path: Optional[str] = None,
+               keep_pair_key: bool = False):
+    if pack:
+      raise UserError('preference pairs are not packed; set train_script.train.pack = False.')
+    self.reference_logps_path = reference_logps_path
+    self.keep_pair_key = keep_pair_key
+
+  def _shared(self, ex, lengths):
+    """Features both sides read (none: each side is its own sequence)."""
+    del ex, lengths
+    return {}
+
+  def _side(self, ex, side, lengths):
+    import seqio  # pylint: disable=g-import-not-at-top
+    prompt, response = tf.cast(ex['inputs'], tf.int32), tf.cast(ex[side], tf.int32)
+    length = lengths['inputs'] + lengths['targets']
+    targets = _fit(tf.concat([prompt, response], 0), length)
+    weights = _fit(tf.concat([tf.zeros_like(prompt, tf.float32),
+                              tf.ones_like(response, tf.float32)], 0), length)
+    inputs = seqio.utils.make_autoregressive_inputs(targets, bos_id=0)
+    return {'decoder_input_tokens': inputs, 'decoder_target_tokens': targets,
+            'decoder_loss_weights': weights}
+
+  def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]):
+    lookup = self.reference_logps_path and _reference_lookup(self.reference_logps_path)
+
+    def convert(ex):
+      out = self._shared(ex, task_feature_lengths)
+      for side in PREFERENCE_SIDES:
+        out.update({f'{side}_{k}': v for k, v in self._side(ex, side, task_feature_lengths).items()})
+      if lookup:
+        values = lookup(ex['pair_key'])
+        out['reference_chosen_logps'], out['reference_rejected_logps'] = values[0], values[1]
+      if self.keep_pair_key:
+        out['pair_key'] = ex['pair_key']
+      return out
+
+    return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+class PreferenceEncDecFeatureConverter(PreferenceFeatureConverter):
+  """Preference pairs → encoder-decoder features (DPO of T5 / BART).
+
+  The prompt is `encoder_input_tokens` (padded to 'inputs'), shared by both
+  sides; each side s has `s_decoder_input_tokens` (the response shifted
+  right, 0 first), `s_decoder_target_tokens` and `s_decoder_loss_weights`
+  (1 on the response), padded to 'targets'. Otherwise as
+  `PreferenceFeatureConverter`.
+  """
+  DECODER_ONLY = False
+
+  def _shared(self, ex, lengths):
+    return {'encoder_input_tokens': _fit(tf.cast(ex['inputs'], tf.int32), lengths['inputs'])}
+
+  def _side(self, ex, side, lengths):
+    import seqio  # pylint: disable=g-import-not-at-top
+    response = tf.cast(ex[side], tf.int32)
+    targets = _fit(response, lengths['targets'])
+    return {'decoder_input_tokens': seqio.utils.make_autoregressive_inputs(targets, bos_id=0),
+            'decoder_target_tokens': targets,
+            'decoder_loss_weights': _fit(tf.ones_like(response, tf.float32), lengths['targets'])}

@@ -36,8 +36,8 @@ def with_vocabulary(task: seqio.Task | seqio.Mixture,
   if not isinstance(task, seqio.Task):
     raise UserError(f"a vocabulary override applies to a task, but '{task.name}' is a mixture; "
                     'register the mixture over tasks built with your vocabulary instead.')
-  features = {k: dataclasses.replace(f, vocabulary=vocabulary)
-              for k, f in task.output_features.items()}
+  features = {k: dataclasses.replace(f, vocabulary=vocabulary) if f.dtype == tf.int32 else f
+              for k, f in task.output_features.items()}  # token features only
   return task.replace(output_features=features)
 
 
@@ -60,13 +60,14 @@ def get_dataset(mixture_or_task_name: str,
                 vocabulary: Optional[seqio.Vocabulary] = None,
                 feature_converter_cls=seqio.EncDecFeatureConverter,
                 shard_id: Optional[int] = None,
-                num_shards: Optional[int] = None) -> tf.data.Dataset:
+                num_shards: Optional[int] = None,
+                drop_remainder: bool = True) -> tf.data.Dataset:
   """This host's share of each global batch, as a tf.data.Dataset of numpy-able dicts.
 
   `batch_size` is the global batch size; each of `num_shards` hosts (default:
   the JAX processes) gets `batch_size // num_shards` examples of its own shard.
   A resumed run restores its iterator from the checkpoint (or `.skip`s to its
-  data position).
+  data position). `drop_remainder=False` keeps a last, shorter batch.
   """
   num_shards = jax.process_count() if num_shards is None else num_shards
   shard_id = jax.process_index() if shard_id is None else shard_id
@@ -79,7 +80,7 @@ def get_dataset(mixture_or_task_name: str,
       num_epochs=num_epochs, use_cached=False,
       shard_info=seqio.ShardInfo(index=shard_id, num_shards=num_shards))
   ds = feature_converter_cls(pack=pack)(ds, dict(task_feature_lengths))
-  ds = ds.batch(batch_size // num_shards, drop_remainder=True)
+  ds = ds.batch(batch_size // num_shards, drop_remainder=drop_remainder)
   options = tf.data.Options()
   options.deterministic = True
   return ds.with_options(options).prefetch(tf.data.AUTOTUNE)

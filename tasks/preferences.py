@@ -1,0 +1,146 @@
+"""Preference tasks for DPO: (prompt, chosen, rejected) from local files.
+
+Every task has the features 'inputs' (the prompt), 'chosen' and 'rejected'
+(the two responses, each ending with EOS), their '*_pretokenized' texts, and
+'pair_key', an int64 fingerprint of the three texts that names the pair in a
+cache of reference log-probs (`t5x_lite.precompute_reference`). The prompt
+is fitted to the 'inputs' length keeping its end, each response to the
+'targets' length keeping its start. As for instruction tasks, a name ending
+in '_gpt' uses the embedded BPE vocabulary and no EOS after the prompt (one
+causal sequence), other names the embedded SentencePiece vocabulary (T5).
+
+Your own files:
+
+    import tasks
+    tasks.preferences.register_preference_task(
+        'my_prefs_gpt', '/data/prefs/*.jsonl', format='pairs', num_validation=500)
+
+Built in, over the samples in ../shared/data/preferences next to the
+repository ($T5X_LITE_PREFERENCES_DIR overrides; registered when it
+exists), each also with a '_gpt' twin:
+
+  hh_rlhf_harmless_sample   HH-RLHF harmless-base (format 'hh'); the first
+                            20 pairs are 'validation'
+  dpo_en_demo               LLaMA-Factory's dpo_en_demo.json (format
+                            'sharegpt'); the first 30 pairs are 'validation'
+  preference_mixture        both, by example count
+"""
+
+import os
+from typing import Optional
+
+import seqio
+import tensorflow as tf
+
+from t5x_lite.data import preferences
+from tasks import instructions as instruction_tasks
+
+DATA_DIR_ENV = 'T5X_LITE_PREFERENCES_DIR'
+RESPONSES = ('chosen', 'rejected')
+# Separates the texts in the pair fingerprint.
+_SEP = '\x1f'
+
+
+def data_dir() -> str:
+  return os.environ.get(DATA_DIR_ENV) or os.path.normpath(
+      os.path.join(instruction_tasks.data_dir(), '..', 'preferences'))
+
+
+def pair_key(prompt, chosen, rejected) -> tf.Tensor:
+  """The int64 fingerprint of a pair's three texts (strings or string tensors)."""
+  joined = tf.strings.join([prompt, chosen, rejected], separator=_SEP)
+  return tf.strings.to_hash_bucket_fast(joined, 2**62)
+
+
+class PreferenceSource(instruction_tasks.InstructionSource):
+  """Pairs of preference files as a seqio source ('train', 'validation')."""
+  KIND = 'preference'
+  FORMATS = preferences.FORMATS
+
+  @staticmethod
+  def read(files, **options) -> list:
+    return preferences.read_pairs_files(files, **options)
+
+  def _dataset_fn(self, split, shuffle_files, seed=None):
+    pairs = self.shuffled_examples(split, shuffle_files, seed)
+    return tf.data.Dataset.from_tensor_slices(
+        {k: tf.constant([p[k] for p in pairs], tf.string)
+         for k in ('prompt',) + RESPONSES})
+
+
+@seqio.map_over_dataset
+def to_features(x):
+  """{'prompt', 'chosen', 'rejected'} -> 'inputs', 'chosen', 'rejected', 'pair_key'."""
+  return {'inputs': x['prompt'], 'chosen': x['chosen'], 'rejected': x['rejected'],
+          'pair_key': pair_key(x['prompt'], x['chosen'], x['rejected'])}
+
+
+def trim_and_add_eos(dataset, sequence_length=None, output_features=None):
+  """The prompt fitted to 'inputs', each response to 'targets' (EOS included)."""
+  lengths = dict(sequence_length or {})
+  lengths.update({k: lengths.get('targets') for k in RESPONSES})
+  return instruction_tasks.fit_features(dataset, lengths, output_features,
+                                        keep_end=('inputs',))
+
+
+def output_features(gpt: bool = False, vocabulary: Optional[seqio.Vocabulary] = None):
+  """'inputs', 'chosen', 'rejected' (tokens) and 'pair_key' (int64, passed through)."""
+  features = instruction_tasks.output_features(gpt, vocabulary)
+  return {'inputs': features['inputs'],
+          **{k: features['targets'] for k in RESPONSES},
+          'pair_key': seqio.Feature(seqio.PassThroughVocabulary(1), add_eos=False,
+                                    dtype=tf.int64, rank=0)}
+
+
+def register_preference_task(name: str, paths, format: str = 'pairs',  # pylint: disable=redefined-builtin
+                             vocabulary: Optional[seqio.Vocabulary] = None,
+                             validation_paths=None, num_validation: int = 0,
+                             system_prompt: Optional[str] = None,
+                             gpt: Optional[bool] = None) -> seqio.Task:
+  """Registers (or replaces) a preference task over local files.
+
+  Args:
+    name: the task name; ending in '_gpt' selects the GPT family's vocabulary
+      and prompt format.
+    paths: a file, a glob, or a list of them.
+    format: one of `t5x_lite.data.preferences.FORMATS`.
+    vocabulary: overrides the family's vocabulary.
+    validation_paths: files of the 'validation' split.
+    num_validation: else the first N pairs of `paths` form 'validation' (and
+      are left out of 'train').
+    system_prompt: an instruction put before every prompt (Orca-style).
+    gpt: overrides the family chosen by the name.
+
+  Returns:
+    The seqio.Task.
+  """
+  gpt = instruction_tasks.is_gpt(name) if gpt is None else gpt
+  source = PreferenceSource(paths, format, validation_paths, num_validation, system_prompt)
+  seqio.TaskRegistry.remove(name)
+  return seqio.TaskRegistry.add(
+      name, source=source,
+      preprocessors=[to_features, seqio.preprocessors.tokenize, trim_and_add_eos],
+      output_features=output_features(gpt, vocabulary))
+
+
+def register_shared_samples(directory: Optional[str] = None) -> list:
+  """Registers the built-in tasks over `directory` (default `data_dir()`)."""
+  directory = directory or data_dir()
+  names = []
+  for sfx in ('', instruction_tasks.GPT_SUFFIX):
+    hh = os.path.join(directory, 'hh-rlhf', 'harmless-base', 'test_first200.jsonl')
+    demo = os.path.join(directory, 'llama_factory', 'dpo_en_demo.json')
+    found = []
+    if os.path.exists(hh):
+      found.append(register_preference_task('hh_rlhf_harmless_sample' + sfx, hh, 'hh',
+                                            num_validation=20).name)
+    if os.path.exists(demo):
+      found.append(register_preference_task('dpo_en_demo' + sfx, demo, 'sharegpt',
+                                            num_validation=30).name)
+    if found:
+      instruction_tasks.register_instruction_mixture('preference_mixture' + sfx, found)
+    names += found
+  return names
+
+
+register_shared_samples()
