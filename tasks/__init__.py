@@ -41,6 +41,10 @@ instruction files (Alpaca, Dolly, chat, Super-NaturalInstructions,
 Self-Instruct; `register_instruction_task`), Flan-style GLUE / SuperGLUE
 instructions (glue_sst2_instruct, ...), SNI train / held-out mixtures and
 `register_instruction_mixture`; names ending in '_gpt' are the GPT family's.
+
+Preference pairs (`tasks.preferences`): DPO tasks over local pair files
+(`register_preference_task`; HH-RLHF, LLaMA-Factory sharegpt, plain
+prompt / chosen / rejected) and the shared samples' `preference_mixture`.
 """
 
 from tasks.span import C4_TFDS_NAME
