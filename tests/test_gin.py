@@ -66,6 +66,8 @@ def test_every_gin_file_builds(path):
   lengths = _macro('TASK_FEATURE_LENGTHS')
   if 'targets' in task.output_features:
     assert lengths and set(lengths) <= set(task.output_features)
+  elif 'chosen' in task.output_features:  # preference pairs: prompt and response lengths
+    assert set(lengths) == {'inputs', 'targets'}
   else:  # classification: one sequence of 'inputs' tokens built from text_a / text_b
     assert set(lengths) == {'inputs'}
   assert objs['partitioner'].mesh.size == jax.device_count()
