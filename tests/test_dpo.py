@@ -275,12 +275,13 @@ def test_loss_fn_matches_log_probs_by_hand(family):
       lambda x: getattr(x, 'value', x), dpo.init(jax.random.PRNGKey(0), shapes)['params'],
       is_leaf=lambda x: hasattr(x, 'value'))
   reference = jax.tree_util.tree_map(lambda x: x * 0.9, params)
+  logits_fn = jax.jit(base.logits)
 
   def logps(p, side):
     feats = {k[len(side) + 1:]: v for k, v in batch.items() if k.startswith(side + '_')}
     if 'encoder_input_tokens' in batch:
       feats['encoder_input_tokens'] = batch['encoder_input_tokens']
-    logits = np.asarray(jax.jit(base.logits)(p, feats), np.float64)
+    logits = np.asarray(logits_fn(p, feats), np.float64)
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     tok = np.take_along_axis(logp, feats['decoder_target_tokens'][..., None], -1)[..., 0]
