@@ -74,9 +74,13 @@ def test_dpo_gradient_is_the_papers():
   def total(pc):
     v = {k: jnp.asarray(x) for k, x in LOGPS.items()}
     v['policy_chosen'] = pc
-    pair_losses, cr, rr = losses.dpo_loss(*v.values(), beta=beta)
-    return jnp.sum(pair_losses) + 0.0 * jnp.sum(cr + rr)
-  grad = jax.grad(total)(jnp.asarray(LOGPS['policy_chosen']))
+    return jnp.sum(losses.dpo_loss(*v.values(), beta=beta)[0])
+  def rewards(pc):
+    v = dict(LOGPS, policy_chosen=pc)
+    return jnp.sum(sum(losses.dpo_loss(*(jnp.asarray(x) for x in v.values()), beta=beta)[1:]))
+  pc = jnp.asarray(LOGPS['policy_chosen'])
+  grad = jax.grad(total)(pc)
+  np.testing.assert_array_equal(jax.grad(rewards)(pc), 0.0)
   for i in range(3):
     pc, pr, rc, rr = (LOGPS[k][i] for k in LOGPS)
     h = (pc - rc) - (pr - rr)

@@ -114,21 +114,24 @@ class DPOModel:
     token_loss, _ = losses.token_cross_entropy(logits, batch['decoder_target_tokens'])
     return -jnp.sum(token_loss * batch['decoder_loss_weights'], axis=-1)
 
-  def reference_logps(self, reference_params, batch: Mapping[str, Array]) -> Tuple[Array, Array]:
-    """(chosen, rejected) [B] log-probs of the reference model, without gradient."""
+  def reference_logps(self, reference_params, batch: Mapping[str, Array],
+                      pair: Mapping[str, Array]) -> Tuple[Array, Array]:
+    """(chosen, rejected) [B] log-probs of the reference model, without gradient:
+    the batch's precomputed ones, else the reference params' on `pair`
+    (`pair_batch(batch)`)."""
     if all(k in batch for k in REFERENCE_FEATURES):
       return tuple(jnp.asarray(batch[k], jnp.float32) for k in REFERENCE_FEATURES)
     if reference_params is None:
       raise UserError('DPO needs the reference model: train through t5x_lite.trainer (it keeps '
                       'the initial params) or give REFERENCE_LOGPS_PATH.')
-    logps = self.sequence_logps(jax.lax.stop_gradient(reference_params), pair_batch(batch))
-    return tuple(jnp.split(jax.lax.stop_gradient(logps), 2))
+    return tuple(jnp.split(jax.lax.stop_gradient(self.sequence_logps(reference_params, pair)), 2))
 
   def loss_fn(self, params, batch: Mapping[str, Array], dropout_rng: Optional[Array],
               reference_params: Any = None) -> Tuple[Array, dict]:
     """(mean pair loss, metrics) of a preference batch."""
-    chosen, rejected = jnp.split(self.sequence_logps(params, pair_batch(batch), dropout_rng), 2)
-    ref_chosen, ref_rejected = self.reference_logps(reference_params, batch)
+    pair = pair_batch(batch)
+    chosen, rejected = jnp.split(self.sequence_logps(params, pair, dropout_rng), 2)
+    ref_chosen, ref_rejected = self.reference_logps(reference_params, batch, pair)
     pair_losses, chosen_rewards, rejected_rewards = losses.dpo_loss(
         chosen, rejected, ref_chosen, ref_rejected, beta=self.beta,
         loss_type=self.loss_type, label_smoothing=self.label_smoothing)
