@@ -31,6 +31,9 @@ names come from the CPU runtime's trace; other backends may name them
 differently, and then the list is empty.
 
 Prints one summary line; the last line of stdout is one JSON object.
+`host_malloc` says whether freed host memory is kept for reuse ('reuse', the
+default on a Linux host without accelerators; see t5x_lite/__init__.py) or
+malloc was left as it is ('system', with T5X_LITE_MALLOC=system).
 
 Analytic FLOPs (`model_flops_per_step`) count matmuls only, forward + backward
 = 3 x forward, a multiply-add being 2 FLOPs. With d = emb_dim,
@@ -75,6 +78,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import t5x_lite
 from t5x_lite import gin_utils
 from t5x_lite import precompile
 from t5x_lite import trainer as trainer_lib
@@ -359,7 +363,8 @@ def summary(result: Mapping[str, Any]) -> str:
     parts.append(f"decode {result['decode_batch_size']} x {result['decode_length']}: greedy "
                  f"{result['greedy_tokens_per_second']:,.0f} tokens/s, {beam} "
                  f"{result[f'{beam}_tokens_per_second']:,.0f} tokens/s")
-  parts.append(f"peak RSS {result['peak_host_bytes'] / 2**30:.2f} GiB")
+  parts.append(f"peak RSS {result['peak_host_bytes'] / 2**30:.2f} GiB "
+               f"(host malloc {result['host_malloc']})")
   return '; '.join(parts)
 
 
@@ -412,7 +417,8 @@ def main(argv: Sequence[str]) -> None:
   if 'decode' in modes:
     result.update(benchmark_decode(run, random_params(run) if params is None else params,
                                    decode_runs))
-  result.update(peak_host_bytes=peak_host_bytes(), peak_device_bytes=peak_device_bytes())
+  result.update(peak_host_bytes=peak_host_bytes(), peak_device_bytes=peak_device_bytes(),
+                host_malloc=t5x_lite.HOST_MALLOC)
   for ms, part in result.get('profile', []):
     print(f'{ms:9.1f} ms  {part}')
   print(summary(result))
