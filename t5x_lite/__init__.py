@@ -22,6 +22,11 @@ def host_has_tpu() -> bool:
   return any(_glob.glob(pattern) for pattern in _TPU_DEVICES)
 
 
+def host_has_accelerator() -> bool:
+  """Whether this host has TPU chips or GPUs attached."""
+  return host_has_tpu() or any(_glob.glob(pattern) for pattern in _GPU_DEVICES)
+
+
 def _prefer_cpu_without_accelerator() -> None:
   """With libtpu installed (to compile for TPU slices, see t5x_lite.precompile)
   on a host without any accelerator, JAX would still start libtpu's TPU runtime,
@@ -29,7 +34,7 @@ def _prefer_cpu_without_accelerator() -> None:
   host has only its CPU: say so, unless JAX_PLATFORMS already chooses."""
   if _importlib_util.find_spec('libtpu') is None:
     return
-  if host_has_tpu() or any(_glob.glob(pattern) for pattern in _GPU_DEVICES):
+  if host_has_accelerator():
     return
   if 'JAX_PLATFORMS' in _os.environ:
     return
@@ -52,9 +57,8 @@ def _reuse_freed_host_memory() -> bool:
   shrink. `T5X_LITE_MALLOC=system` leaves malloc as it is. Returns whether it
   applied.
   """
-  if _sys.platform != 'linux' or _os.environ.get('T5X_LITE_MALLOC') == 'system':
-    return False
-  if host_has_tpu() or any(_glob.glob(pattern) for pattern in _GPU_DEVICES):
+  if (_sys.platform != 'linux' or _os.environ.get('T5X_LITE_MALLOC') == 'system'
+      or host_has_accelerator()):
     return False
   import ctypes  # pylint: disable=g-import-not-at-top
   try:
