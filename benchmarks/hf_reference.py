@@ -12,6 +12,8 @@ mode train: R alternating rounds of N timed steps (after one warm-up) of
 t5x_lite's train step (`t5x_lite.benchmark.benchmark_train`) and of HF's
 (forward, loss, backward, `transformers.optimization.Adafactor` step; torch
 on T threads, default all cores) on the gin task's real batches; medians.
+Each framework's model FLOP/s is also given as a fraction of its own float32
+2048^3 matmul (jax.jit / torch.mm) timed in the same rounds.
 mode decode: greedy decoding of the task's first batch to the decoder length,
 EOS unreachable in both (HF: `generate` with eos_token_id None and
 min_new_tokens = max_new_tokens), median of 3 timed runs each; the tokens of
@@ -105,6 +107,19 @@ def hf_train(model, batches, steps):
   return times
 
 
+def torch_matmul_roofline(size=benchmark.ROOFLINE_SIZE, repeats=5):
+  """FLOP/s of a float32 size^3 torch matmul on torch's threads (median), the
+  ceiling of HF's products as `benchmark.matmul_roofline` is of ours."""
+  x, y = (torch.randn(size, size) for _ in range(2))
+  torch.mm(x, y)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    torch.mm(x, y)
+    times.append(time.perf_counter() - start)
+  return 2 * size**3 / statistics.median(times)
+
+
 def hf_greedy(model, batch, length, encoder_decoder, repeats=3):
   """(tokens [B, length], median seconds) of HF greedy `generate`."""
   model.eval()
@@ -149,11 +164,13 @@ def main(argv):
   if 'train' in modes:
     tokens = sum(v.size for k, v in batches[0].items() if k.endswith('input_tokens'))
     hf_batches = [torch_batch(b, encoder_decoder) for b in batches]
-    ours_times, hf_times = [], []
+    ours_times, hf_times, rooflines, torch_rooflines = [], [], [], []
     for r in range(rounds):
       ours_result, _ = benchmark.benchmark_train(run, args['optimizer'], steps, input_seconds=0.1)
       ours_times.append(ours_result['seconds_per_step'])
+      rooflines.append(ours_result['roofline_flops_per_second'])
       hf_times.append(statistics.median(hf_train(model, hf_batches, steps)))
+      torch_rooflines.append(torch_matmul_roofline())
       print(f'round {r + 1}: t5x_lite {ours_times[-1]:.3f} s/step, HF {hf_times[-1]:.3f} s/step',
             flush=True)
     ours_s, hf_s = statistics.median(ours_times), statistics.median(hf_times)
@@ -161,8 +178,20 @@ def main(argv):
                   ours_seconds_per_step=ours_s, hf_seconds_per_step=hf_s,
                   ours_tokens_per_second=tokens / ours_s, hf_tokens_per_second=tokens / hf_s,
                   train_speedup=hf_s / ours_s, ours_rounds=ours_times, hf_rounds=hf_times)
+    # Each framework's model FLOP/s over its own matmul ceiling in the same sitting;
+    # the step time a speedup S over HF needs is hf_s / S.
+    flops = benchmark.model_flops_per_step(run.model.config, run.batch_shapes)
+    roofline, torch_roofline = statistics.median(rooflines), statistics.median(torch_rooflines)
+    result.update(model_flops_per_step=flops, roofline_flops_per_second=roofline,
+                  torch_roofline_flops_per_second=torch_roofline,
+                  ours_roofline_fraction=flops / ours_s / roofline,
+                  hf_roofline_fraction=flops / hf_s / torch_roofline)
     print(f'train: t5x_lite {ours_s:.3f} s/step ({tokens / ours_s:,.0f} tokens/s), HF '
-          f'{hf_s:.3f} s/step ({tokens / hf_s:,.0f} tokens/s): {hf_s / ours_s:.2f}x')
+          f'{hf_s:.3f} s/step ({tokens / hf_s:,.0f} tokens/s): {hf_s / ours_s:.2f}x; '
+          f'{100 * flops / ours_s / roofline:.0f}% of the {roofline / 1e9:.0f} GFLOP/s JAX '
+          f'matmul roofline against HF\'s {100 * flops / hf_s / torch_roofline:.0f}% of the '
+          f'{torch_roofline / 1e9:.0f} GFLOP/s torch one; 1.2x HF would be '
+          f'{100 * 1.2 * flops / hf_s / roofline:.0f}% of ours')
   if 'decode' in modes:
     batch, length = benchmark.decode_batch(run)
     rows = next(iter(batch.values())).shape[0]
