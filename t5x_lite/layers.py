@@ -71,8 +71,41 @@ def matmul(x: Array, kernel: Array, num_contract: int = 1) -> Array:
   lead, in_dims = x.shape[:x.ndim - num_contract], x.shape[x.ndim - num_contract:]
   out_dims = kernel.shape[num_contract:]
   n_in = int(np.prod(in_dims))
-  y = x.reshape(-1, n_in) @ kernel.reshape(n_in, -1)
+  y = product(x.reshape(-1, n_in), kernel.reshape(n_in, -1))
   return y.reshape(lead + out_dims)
+
+
+def _swap(x: Array) -> Array:
+  """x with its last two axes swapped, as a materialised copy."""
+  return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
+
+
+@jax.custom_vjp
+def product(a: Array, b: Array) -> Array:
+  """a @ b ([..., T, S] x [..., S, H]) whose gradient of b is taken the fast way round.
+
+  That gradient, a^T g, contracts both operands' major axis, which XLA's CPU
+  backend runs 1.1-2x slower than a product contracting the left operand's
+  minor axis (and it folds any plain transpose back into the product). So
+  the smaller of a and g is transposed as a copy first: (a^T) g, or (g^T a)^T.
+  Other backends pay one small transpose."""
+  return a @ b
+
+
+def _product_fwd(a, b):
+  return product(a, b), (a, b)
+
+
+def _product_bwd(residuals, g):
+  a, b = residuals
+  if a.shape[-1] <= g.shape[-1]:
+    db = jax.lax.optimization_barrier(_swap(a) @ g)
+  else:
+    db = _swap(jax.lax.optimization_barrier(_swap(g) @ a))
+  return (g @ jnp.swapaxes(b, -1, -2)).astype(a.dtype), db.astype(b.dtype)
+
+
+product.defvjp(_product_fwd, _product_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -243,16 +276,20 @@ def dot_product_attention(q: Array, k: Array, v: Array,
   the batch (a position bias) is expanded with `expand_batch`. `dropout`, if
   given, acts on the attention weights.
   """
-  logits = jnp.einsum('BNTH,BNSH->BNTS', q, k).astype(jnp.float32)
+  logits = product(q, jnp.swapaxes(k, -1, -2)).astype(jnp.float32)
   for bias in biases:
     if bias is not None and bias.shape[0] == 1:
       logits = logits + expand_batch(bias.astype(jnp.float32), q.shape[0])
     elif bias is not None:
       logits = logits + bias.astype(jnp.float32)
-  weights = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+  # Normalised after the product with v, on [.., T, H] rather than [.., T, S]:
+  # the backward pass then needs no sum over S (FlashAttention's rowsum(dO O)).
+  weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+  total = weights.sum(-1, keepdims=True)
+  weights = weights.astype(q.dtype)
   if dropout is not None:
     weights = dropout(weights)
-  x = jnp.einsum('BNTS,BNSH->BNTH', weights, v).transpose(0, 2, 1, 3)
+  x = (product(weights, v) / total).astype(q.dtype).transpose(0, 2, 1, 3)
   return constrain(x, ('batch', 'length', 'heads', 'kv'))
 
 
