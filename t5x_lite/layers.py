@@ -80,15 +80,22 @@ def _swap(x: Array) -> Array:
   return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
 
 
+def _major_contract(a: Array, g: Array) -> Array:
+  """a^T g, [..., T, S] x [..., T, H] -> [..., S, H]: a product's gradient form.
+
+  It contracts both operands' major axis, which XLA's CPU backend runs
+  1.1-2x slower than a product contracting the left operand's minor axis
+  (and it folds any plain transpose back into the product). So the smaller
+  of a and g is transposed as a copy first: (a^T) g, or (g^T a)^T. Other
+  backends pay one small transpose."""
+  if a.shape[-1] <= g.shape[-1]:
+    return jax.lax.optimization_barrier(_swap(a) @ g)
+  return _swap(jax.lax.optimization_barrier(_swap(g) @ a))
+
+
 @jax.custom_vjp
 def product(a: Array, b: Array) -> Array:
-  """a @ b ([..., T, S] x [..., S, H]) whose gradient of b is taken the fast way round.
-
-  That gradient, a^T g, contracts both operands' major axis, which XLA's CPU
-  backend runs 1.1-2x slower than a product contracting the left operand's
-  minor axis (and it folds any plain transpose back into the product). So
-  the smaller of a and g is transposed as a copy first: (a^T) g, or (g^T a)^T.
-  Other backends pay one small transpose."""
+  """a @ b, [..., T, S] x [..., S, H] -> [..., T, H], with b's gradient by `_major_contract`."""
   return a @ b
 
 
@@ -98,14 +105,29 @@ def _product_fwd(a, b):
 
 def _product_bwd(residuals, g):
   a, b = residuals
-  if a.shape[-1] <= g.shape[-1]:
-    db = jax.lax.optimization_barrier(_swap(a) @ g)
-  else:
-    db = _swap(jax.lax.optimization_barrier(_swap(g) @ a))
-  return (g @ jnp.swapaxes(b, -1, -2)).astype(a.dtype), db.astype(b.dtype)
+  return ((g @ jnp.swapaxes(b, -1, -2)).astype(a.dtype),
+          _major_contract(a, g).astype(b.dtype))
 
 
 product.defvjp(_product_fwd, _product_bwd)
+
+
+@jax.custom_vjp
+def scores(q: Array, k: Array) -> Array:
+  """q k^T, [..., T, H] x [..., S, H] -> [..., T, S], with k's gradient by `_major_contract`."""
+  return jnp.einsum('...TH,...SH->...TS', q, k)
+
+
+def _scores_fwd(q, k):
+  return scores(q, k), (q, k)
+
+
+def _scores_bwd(residuals, g):
+  q, k = residuals
+  return (g @ k).astype(q.dtype), _major_contract(g, q).astype(k.dtype)
+
+
+scores.defvjp(_scores_fwd, _scores_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -276,7 +298,7 @@ def dot_product_attention(q: Array, k: Array, v: Array,
   the batch (a position bias) is expanded with `expand_batch`. `dropout`, if
   given, acts on the attention weights.
   """
-  logits = product(q, jnp.swapaxes(k, -1, -2)).astype(jnp.float32)
+  logits = scores(q, k).astype(jnp.float32)
   for bias in biases:
     if bias is not None and bias.shape[0] == 1:
       logits = logits + expand_batch(bias.astype(jnp.float32), q.shape[0])

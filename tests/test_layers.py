@@ -104,6 +104,40 @@ def test_attention_matches_manual_computation():
                              atol=1e-5)
 
 
+@pytest.mark.parametrize('a_shape,b_shape', [((3, 7, 4), (3, 4, 9)),   # a narrower than g
+                                              ((3, 7, 9), (3, 9, 4)),   # g narrower than a
+                                              ((12, 6), (6, 6))])
+def test_product_and_scores_gradients_are_the_plain_ones(a_shape, b_shape):
+  rng = np.random.default_rng(0)
+  a, b = (rng.normal(size=s).astype(np.float32) for s in (a_shape, b_shape))
+  g = rng.normal(size=a_shape[:-1] + b_shape[-1:]).astype(np.float32)
+  da, db = jax.grad(lambda a, b: jnp.sum(layers.product(a, b) * g), (0, 1))(a, b)
+  np.testing.assert_allclose(da, g @ np.swapaxes(b, -1, -2), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(db, np.swapaxes(a, -1, -2) @ g, rtol=1e-5, atol=1e-5)
+  k = np.swapaxes(b, -1, -2)
+  dq, dk = jax.grad(lambda q, k: jnp.sum(layers.scores(q, k) * g), (0, 1))(a, k)
+  np.testing.assert_allclose(dq, da, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dk, np.swapaxes(db, -1, -2), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_gradients_match_a_plain_softmax():
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 3, 5, 4)).astype(np.float32)) for _ in range(3))
+  bias = jnp.asarray(np.where(rng.random((2, 1, 5, 5)) < 0.3, layers.MASK_LOGIT, 0.0),
+                     jnp.float32)
+  g = jnp.asarray(rng.normal(size=(2, 5, 3, 4)).astype(np.float32))
+
+  def plain(q, k, v):
+    w = jax.nn.softmax(jnp.einsum('bnth,bnsh->bnts', q, k) + bias, axis=-1)
+    return jnp.einsum('bnts,bnsh->btnh', w, v)
+
+  want = jax.grad(lambda *x: jnp.sum(plain(*x) * g), (0, 1, 2))(q, k, v)
+  got = jax.grad(lambda *x: jnp.sum(layers.dot_product_attention(*x, (bias,)) * g),
+                 (0, 1, 2))(q, k, v)
+  for w, x in zip(want, got):
+    np.testing.assert_allclose(x, w, rtol=1e-5, atol=1e-6)
+
+
 def test_attention_masked_keys_do_not_matter():
   attn, params, x = attention_setup()
   valid = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
