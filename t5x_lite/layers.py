@@ -87,7 +87,7 @@ def _major_contract(a: Array, g: Array) -> Array:
   1.1-2x slower than a product contracting the left operand's minor axis
   (and it folds any plain transpose back into the product). So the smaller
   of a and g is transposed as a copy first: (a^T) g, or (g^T a)^T. Other
-  backends pay one small transpose."""
+  backends pay for the small transposed copies."""
   if a.shape[-1] <= g.shape[-1]:
     return jax.lax.optimization_barrier(_swap(a) @ g)
   return _swap(jax.lax.optimization_barrier(_swap(g) @ a))
