@@ -107,17 +107,11 @@ def hf_train(model, batches, steps):
   return times
 
 
-def torch_matmul_roofline(size=benchmark.ROOFLINE_SIZE, repeats=5):
+def torch_matmul_roofline(size=benchmark.ROOFLINE_SIZE):
   """FLOP/s of a float32 size^3 torch matmul on torch's threads (median), the
   ceiling of HF's products as `benchmark.matmul_roofline` is of ours."""
-  x, y = (torch.randn(size, size) for _ in range(2))
-  torch.mm(x, y)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    torch.mm(x, y)
-    times.append(time.perf_counter() - start)
-  return 2 * size**3 / statistics.median(times)
+  return benchmark.matmul_roofline(size, dot=torch.mm,
+                                   operands=[torch.randn(size, size) for _ in range(2)])
 
 
 def hf_greedy(model, batch, length, encoder_decoder, repeats=3):
@@ -182,16 +176,15 @@ def main(argv):
     # the step time a speedup S over HF needs is hf_s / S.
     flops = benchmark.model_flops_per_step(run.model.config, run.batch_shapes)
     roofline, torch_roofline = statistics.median(rooflines), statistics.median(torch_rooflines)
+    ours_fraction, hf_fraction = flops / ours_s / roofline, flops / hf_s / torch_roofline
     result.update(model_flops_per_step=flops, roofline_flops_per_second=roofline,
                   torch_roofline_flops_per_second=torch_roofline,
-                  ours_roofline_fraction=flops / ours_s / roofline,
-                  hf_roofline_fraction=flops / hf_s / torch_roofline)
+                  ours_roofline_fraction=ours_fraction, hf_roofline_fraction=hf_fraction)
     print(f'train: t5x_lite {ours_s:.3f} s/step ({tokens / ours_s:,.0f} tokens/s), HF '
           f'{hf_s:.3f} s/step ({tokens / hf_s:,.0f} tokens/s): {hf_s / ours_s:.2f}x; '
-          f'{100 * flops / ours_s / roofline:.0f}% of the {roofline / 1e9:.0f} GFLOP/s JAX '
-          f'matmul roofline against HF\'s {100 * flops / hf_s / torch_roofline:.0f}% of the '
-          f'{torch_roofline / 1e9:.0f} GFLOP/s torch one; 1.2x HF would be '
-          f'{100 * 1.2 * flops / hf_s / roofline:.0f}% of ours')
+          f'{100 * ours_fraction:.0f}% of the {roofline / 1e9:.0f} GFLOP/s JAX matmul roofline '
+          f'against HF\'s {100 * hf_fraction:.0f}% of the {torch_roofline / 1e9:.0f} GFLOP/s '
+          f'torch one; 1.2x HF would be {100 * 1.2 * flops / hf_s / roofline:.0f}% of ours')
   if 'decode' in modes:
     batch, length = benchmark.decode_batch(run)
     rows = next(iter(batch.values())).shape[0]

@@ -122,16 +122,20 @@ def xla_flops(compiled: Any) -> Optional[float]:
   return float(flops) if flops is not None and flops > 0 else None
 
 
-def matmul_roofline(size: int = ROOFLINE_SIZE, repeats: int = 5) -> float:
-  """FLOP/s of a jitted float32 size^3 matmul on the default device (median)."""
-  rng = np.random.default_rng(0)
-  x, y = (jnp.asarray(rng.standard_normal((size, size), np.float32)) for _ in range(2))
-  dot = jax.jit(jnp.dot)
-  jax.block_until_ready(dot(x, y))
+def matmul_roofline(size: int = ROOFLINE_SIZE, repeats: int = 5, dot: Any = None,
+                    operands: Any = None) -> float:
+  """FLOP/s of a float32 size^3 matmul (median of `repeats` after a warm-up):
+  jitted on the default device, or `dot(*operands)` (e.g. torch.mm), which
+  must return when its result is ready."""
+  if dot is None:
+    rng = np.random.default_rng(0)
+    operands = [jnp.asarray(rng.standard_normal((size, size), np.float32)) for _ in range(2)]
+    dot = lambda x, y, f=jax.jit(jnp.dot): jax.block_until_ready(f(x, y))
+  dot(*operands)
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(dot(x, y))
+    dot(*operands)
     times.append(time.perf_counter() - start)
   return 2 * size**3 / statistics.median(times)
 

@@ -114,7 +114,10 @@ product.defvjp(_product_fwd, _product_bwd)
 
 @jax.custom_vjp
 def scores(q: Array, k: Array) -> Array:
-  """q k^T, [..., T, H] x [..., S, H] -> [..., T, S], with k's gradient by `_major_contract`."""
+  """q k^T, [..., T, H] x [..., S, H] -> [..., T, S], with k's gradient by `_major_contract`.
+
+  Not `product(q, k^T)`: XLA's CPU backend would then copy k^T at every
+  decoding step, a whole cross-attention cache (1.4x slower greedy decoding)."""
   return jnp.einsum('...TH,...SH->...TS', q, k)
 
 
