@@ -22,8 +22,9 @@ Tokens/s counts rows x steps. The params are random, or with train,decode the
 ones the timed steps left.
 
 --profile=N (train mode): traces two more steps with `jax.profiler` and
-prints the N costliest parts of the step: the time of every executed XLA
-operation, summed by the model code it came from (its `op_name` metadata with
+prints the N costliest parts of the step: the wall time during which the
+executed XLA operations ran (counted once however many threads ran them),
+gathered by the model code they came from (its `op_name` metadata with
 layer numbers folded: `fwd|bwd <module path>/<primitive>`, or with no
 prefix for work outside the model, such as `optimizer/...`). The JSON then
 carries them as `profile` [[milliseconds per step, part], ...]. The thunk
@@ -281,12 +282,23 @@ def profile_step(step_fn: Any, state: Any, batch: Any, top: int,
       with gzip.open(path) as f:
         trace = json.load(f)
       events += trace['traceEvents'] if isinstance(trace, dict) else trace
-  totals = {}
+  spans = {}  # part -> [(start, end)] in microseconds, over every thread
   for event in events:
     part = names.get(event.get('name'))
     if event.get('ph') == 'X' and part:
-      totals[part] = totals.get(part, 0.0) + event['dur'] / 1e3 / steps
+      spans.setdefault(part, []).append((event['ts'], event['ts'] + event['dur']))
+  totals = {part: _covered(intervals) / 1e3 / steps for part, intervals in spans.items()}
   return sorted(((ms, part) for part, ms in totals.items()), reverse=True)[:top], state
+
+
+def _covered(intervals: list[tuple[float, float]]) -> float:
+  """The length of the union of the intervals: wall time, however many threads
+  ran a part at once."""
+  total, reached = 0.0, float('-inf')
+  for start, end in sorted(intervals):
+    total += max(0.0, end - max(start, reached))
+    reached = max(reached, end)
+  return total
 
 
 def random_params(run: _Run) -> Any:

@@ -92,6 +92,13 @@ def test_train_and_decode_on_a_small_t5():
   assert sum(p[0] for p in parts) < 1e3 * result['seconds_per_step_max'] * 1.5
 
 
+def test_profile_counts_overlapping_thread_spans_once():
+  # Two threads run one operation over [0, 10) and [5, 15); later it runs over [20, 25).
+  assert benchmark._covered([(20, 25), (5, 15), (0, 10)]) == 20
+  assert benchmark._covered([(0, 10), (2, 3)]) == 10
+  assert benchmark._covered([]) == 0
+
+
 def test_decode_mode_needs_a_generating_model():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from t5x_lite.errors import UserError  # pylint: disable=g-import-not-at-top
