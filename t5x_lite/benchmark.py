@@ -47,6 +47,8 @@ decoder lengths (Te = B Le, Td = B Ld tokens):
                      (self-attention, cross-attention q and o, MLP)
                      + 2 d a (cross-attention k and v)     on Te tokens
   output layer       d V                                   on Td tokens
+                     (none for a classifier with no LM loss: its head
+                     sees one position per example)
   attention          2 a Lq Lk per sequence for q.k and as much for the
                      weighted sum of v: Le^2 (encoder), Ld^2 and Ld Le (decoder)
 
@@ -91,9 +93,12 @@ ROOFLINE_SIZE = 2048
 DECODE_BEAMS = 4
 
 
-def model_flops_per_step(config: Any, batch_shapes: Mapping[str, Any]) -> float:
-  """Analytic training FLOPs of one step (see the module docstring)."""
-  d, f, vocab = config.emb_dim, config.mlp_dim, config.vocab_size
+def model_flops_per_step(config: Any, batch_shapes: Mapping[str, Any],
+                         vocab_logits: bool = True) -> float:
+  """Analytic training FLOPs of one step (see the module docstring); with
+  `vocab_logits` False (a classifier's step) no output layer over the vocabulary."""
+  d, f = config.emb_dim, config.mlp_dim
+  vocab = config.vocab_size if vocab_logits else 0
   a = config.num_heads * config.head_dim
   mlp_inputs = len(getattr(config, 'mlp_activations', ('linear',)))
   attention_proj, mlp = 4 * d * a, (mlp_inputs + 1) * d * f
@@ -113,6 +118,12 @@ def model_flops_per_step(config: Any, batch_shapes: Mapping[str, Any]) -> float:
     dense = batch * length * (config.num_layers * (attention_proj + mlp) + d * vocab)
     attention = 4 * a * batch * config.num_layers * length * length
   return float(3 * (2 * dense + attention))
+
+
+def computes_vocab_logits(model: Any) -> bool:
+  """Whether a train step computes logits over the vocabulary at every position
+  (a classifier does only for GPT-1's auxiliary LM loss, `lm_weight` > 0)."""
+  return getattr(model, 'lm_weight', 0) > 0 if hasattr(model, 'num_classes') else True
 
 
 def xla_flops(compiled: Any) -> Optional[float]:
@@ -226,7 +237,7 @@ def benchmark_train(run: _Run, optimizer: Any, steps: int = 20, input_seconds: f
   seconds = statistics.median(times)
   shapes = run.batch_shapes
   tokens = sum(math.prod(v.shape) for k, v in shapes.items() if k.endswith('input_tokens'))
-  model_flops = model_flops_per_step(run.model.config, shapes)
+  model_flops = model_flops_per_step(run.model.config, shapes, computes_vocab_logits(run.model))
   roofline = matmul_roofline()
   input_batches = input_throughput(run.dataset, input_seconds)
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_params))

@@ -51,6 +51,21 @@ def test_bench_gin_is_the_25_9m_t5_and_its_flop_count():
   attention = 12 * a * batch_size * 4 * (le * le + ld * ld + ld * le)  # 4 layers each
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
   assert benchmark.model_flops_per_step(cfg, shapes) == dense + attention
+  output_layer = 6 * cfg.emb_dim * cfg.vocab_size * dec_tokens
+  assert benchmark.model_flops_per_step(cfg, shapes, vocab_logits=False) == (
+      dense - output_layer + attention)
+
+
+def test_only_lm_steps_count_an_output_layer_over_the_vocabulary():
+  from t5x_lite.models import classification, decoder, encoder  # pylint: disable=g-import-not-at-top
+  assert benchmark.computes_vocab_logits(decoder.DecoderModel(decoder.GPTConfig()))
+  assert benchmark.computes_vocab_logits(encoder.EncoderModel(encoder.BertConfig()))
+  assert not benchmark.computes_vocab_logits(
+      classification.BertClassificationModel(encoder.BertConfig()))
+  assert not benchmark.computes_vocab_logits(
+      classification.GptClassificationModel(decoder.GPTConfig()))
+  assert benchmark.computes_vocab_logits(
+      classification.GptClassificationModel(decoder.GPTConfig(), lm_weight=0.5))
 
 
 def _positive(result, key):
