@@ -81,6 +81,33 @@ def test_relative_position_bias_shape_and_values():
   np.testing.assert_allclose(bias[0, :, 1, 4], table[:, 0])
 
 
+@pytest.mark.parametrize('make, args', [
+    (lambda: layers.RelativePositionBias(num_heads=2, dtype='bfloat16'), (300, 300)),
+    (lambda: layers.Embed(num_embeddings=4, features=2, dtype='bfloat16'),
+     (jnp.zeros((1, 300), jnp.int32),)),
+    (lambda: layers.PositionEmbed(num_embeddings=4, features=2, dtype='bfloat16'),
+     (jnp.zeros((1, 300), jnp.int32),)),
+])
+def test_bfloat16_lookups_accumulate_their_gradient_in_the_param_dtype(make, args):
+  """A bfloat16 lookup of a float32 table returns bfloat16, but the gradient's
+  scatter-add runs in float32: summing 300 ones in bfloat16 stops at 256."""
+  module = make()
+  params = nn.unbox(module.init(KEY, *args))['params']
+  out = module.apply({'params': params}, *args)
+  assert out.dtype == jnp.bfloat16
+  grad = jax.grad(lambda p: module.apply({'params': p}, *args).astype(jnp.float32).sum())(params)
+  table = jax.tree_util.tree_leaves(grad)[0]
+  assert table.dtype == jnp.float32
+  if isinstance(module, layers.RelativePositionBias):
+    buckets = module.bucket(np.arange(300)[None, :] - np.arange(300)[:, None],
+                            True, module.num_buckets, module.max_distance)
+    want = np.broadcast_to(np.bincount(buckets.ravel(), minlength=module.num_buckets), table.shape)
+  else:  # 300 lookups of id 0, each adding a cotangent of ones
+    want = np.zeros(table.shape, np.float32)
+    want[0] = 300
+  np.testing.assert_array_equal(table, want)
+
+
 def attention_setup(num_heads=2, head_dim=4, dim=8, length=5):
   attn = layers.MultiHeadAttention(num_heads=num_heads, head_dim=head_dim)
   x = jax.random.normal(jax.random.key(1), (2, length, dim))
