@@ -100,7 +100,7 @@ def test_bfloat16_lookups_accumulate_their_gradient_in_the_param_dtype(make, arg
   assert table.dtype == jnp.float32
   if isinstance(module, layers.RelativePositionBias):
     buckets = module.bucket(np.arange(300)[None, :] - np.arange(300)[:, None],
-                            True, module.num_buckets, module.max_distance)
+                            module.bidirectional, module.num_buckets, module.max_distance)
     want = np.broadcast_to(np.bincount(buckets.ravel(), minlength=module.num_buckets), table.shape)
   else:  # 300 lookups of id 0, each adding a cotangent of ones
     want = np.zeros(table.shape, np.float32)
