@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 
 import gin
 
+from t5x_lite import ops
 from t5x_lite.errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,8 +60,16 @@ def one_line(e: Exception) -> str:
   return lines[0] + (f" ({'; '.join(lines[1:])})" if len(lines) > 1 else '')
 
 
+@gin.configurable('kernels', module='ops')
+def kernels(name: str = 'auto') -> str:
+  """The model kernels of a run, `--gin.ops.kernels.name="'plain'"`: 'auto',
+  'plain' or 'cpu' (see t5x_lite.ops); applied by `parse_gin`."""
+  return name
+
+
 def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
-  """Parses gin files (each may `include` configs/...) and then the overrides."""
+  """Parses gin files (each may `include` configs/...) and then the overrides,
+  and applies the run's kernel setting (see `kernels`)."""
   for search_path in (os.getcwd(), REPO_ROOT):
     gin.add_config_file_search_path(search_path)
   paths = [find_gin_file(f) for f in files]
@@ -78,6 +87,10 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
   if unset:
     raise UserError(f"gin: {', '.join(unset)} must be set (%gin.REQUIRED in the config); "
                     f'bind each in a gin file or with --gin.{unset[0]}=VALUE.')
+  try:
+    ops.set_kernels(kernels())
+  except ValueError as e:
+    raise UserError(f'gin: ops.kernels.name: {e}') from None
 
 
 def call_configured(fn: Callable, argv: Sequence[str]) -> None:

@@ -1,16 +1,21 @@
 """Flax linen building blocks shared by the model zoo.
 
-Every parameter is created through `nn.with_logical_partitioning` with names
-from this small set, and key activations carry logical constraints:
+The math is plain einsum with one letter per axis, run through `t5x_lite.ops`
+(which picks the kernels for the backend; see there):
 
-  batch, length, embed, heads, kv, joined_kv, mlp, vocab, relpos_buckets
-
-Shapes in einsum strings use one letter per axis:
   B batch, T query length, S key length, D embed, N heads, H head dim,
   F mlp, V vocab.
 
-Masks are boolean `[B, 1, T, S]` arrays (True = may attend); they become
-additive biases once per stack with `mask_to_bias`.
+Every parameter is created through `nn.with_logical_partitioning` with names
+from this small set, and key activations carry logical constraints:
+
+  batch, length, embed, heads, kv, joined_kv, mlp, vocab, relpos_buckets, layers
+
+(plus `abspos`, the rows of small learned tables indexed by absolute position
+or token type, which no rule set maps, so they are replicated).
+
+Masks are boolean `[B|1, 1, T|1, S]` arrays (True = may attend), built once
+per stack by `make_attention_mask` for every family.
 """
 
 import functools
@@ -22,16 +27,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t5x_lite import ops
+
 Array = jax.Array
 DType = Any
 Initializer = Callable[..., Array]
 
-# Large negative logit for masked positions; finite so that a fully masked row
-# gives a uniform softmax instead of NaN.
-MASK_LOGIT = -1e10
-
 LOGICAL_AXIS_NAMES = ('batch', 'length', 'embed', 'heads', 'kv', 'joined_kv',
                       'mlp', 'vocab', 'relpos_buckets', 'layers')
+
+# Logical names of the one-letter axes of the einsum strings.
+AXIS_NAMES = {'B': 'batch', 'T': 'length', 'S': 'length', 'D': 'embed',
+              'N': 'heads', 'H': 'kv', 'F': 'mlp', 'V': 'vocab'}
 
 default_kernel_init = nn.initializers.variance_scaling(
     1.0, 'fan_in', 'truncated_normal')
@@ -49,6 +56,11 @@ def constrain(x: Array, names: Sequence[str]) -> Array:
   return nn.with_logical_constraint(x, tuple(names))
 
 
+def named(x: Array, layout: str) -> Array:
+  """`constrain` by a layout string of one-letter axes ('BTNH')."""
+  return constrain(x, [AXIS_NAMES[c] for c in layout])
+
+
 def activation_fn(name_or_fn: Union[str, Callable]) -> Callable:
   """'linear' | 'gelu_exact' (erf GELU) | a flax.linen name ('gelu' is the tanh
   form, 'relu', 'silu', ...) | a callable."""
@@ -61,18 +73,11 @@ def activation_fn(name_or_fn: Union[str, Callable]) -> Callable:
   return name_or_fn
 
 
-def matmul(x: Array, kernel: Array, num_contract: int = 1) -> Array:
-  """Contracts the last `num_contract` axes of `x` with the leading ones of `kernel`.
-
-  Computed as one 2-D [tokens, in] x [in, out] matrix product: XLA's CPU
-  backend runs the backward pass of the equivalent 3-D einsum through
-  transposed copies that cost more than the product itself.
-  """
-  lead, in_dims = x.shape[:x.ndim - num_contract], x.shape[x.ndim - num_contract:]
-  out_dims = kernel.shape[num_contract:]
-  n_in = int(np.prod(in_dims))
-  y = product(x.reshape(-1, n_in), kernel.reshape(n_in, -1))
-  return y.reshape(lead + out_dims)
+def dense_spec(lead: int, contract: int, features: int) -> str:
+  """The einsum of `lead` free axes and `contract` contracted axes of x with a
+  kernel [contracted..., features...]: e.g. (2, 1, 1) -> 'abD,DF->abF'."""
+  a, k, f = 'abcdefg'[:lead], 'DEGHIJ'[:contract], 'FKLMOP'[:features]
+  return f'{a}{k},{k}{f}->{a}{f}'
 
 
 def lookup(table: Array, ids: Array, axis: int, dtype: DType) -> Array:
@@ -85,86 +90,6 @@ def lookup(table: Array, ids: Array, axis: int, dtype: DType) -> Array:
   14 ms); and summing more than 256 ones in bfloat16 is inexact.
   """
   return jnp.take(table, ids, axis=axis).astype(canonicalize_dtype(dtype))
-
-
-def _swap(x: Array) -> Array:
-  """x with its last two axes swapped, as a materialised copy."""
-  return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
-
-
-def _major_contract(a: Array, g: Array) -> Array:
-  """a^T g, [..., T, S] x [..., T, H] -> [..., S, H]: a product's gradient form.
-
-  It contracts both operands' major axis, which XLA's CPU backend runs
-  1.1-2x slower than a product contracting the left operand's minor axis
-  (and it folds any plain transpose back into the product). So the smaller
-  of a and g is transposed as a copy first: (a^T) g, or (g^T a)^T. Other
-  backends pay for the small transposed copies."""
-  if a.shape[-1] <= g.shape[-1]:
-    return jax.lax.optimization_barrier(_swap(a) @ g)
-  return _swap(jax.lax.optimization_barrier(_swap(g) @ a))
-
-
-@jax.custom_vjp
-def product(a: Array, b: Array) -> Array:
-  """a @ b, [..., T, S] x [..., S, H] -> [..., T, H], with b's gradient by `_major_contract`."""
-  return a @ b
-
-
-def _product_fwd(a, b):
-  return product(a, b), (a, b)
-
-
-def _product_bwd(residuals, g):
-  a, b = residuals
-  return ((g @ jnp.swapaxes(b, -1, -2)).astype(a.dtype),
-          _major_contract(a, g).astype(b.dtype))
-
-
-product.defvjp(_product_fwd, _product_bwd)
-
-
-@jax.custom_vjp
-def scores(q: Array, k: Array) -> Array:
-  """q k^T, [..., T, H] x [..., S, H] -> [..., T, S], with k's gradient by `_major_contract`.
-
-  Not `product(q, k^T)`: XLA's CPU backend would then copy k^T at every
-  decoding step, a whole cross-attention cache (1.4x slower greedy decoding)."""
-  return jnp.einsum('...TH,...SH->...TS', q, k)
-
-
-def _scores_fwd(q, k):
-  return scores(q, k), (q, k)
-
-
-def _scores_bwd(residuals, g):
-  q, k = residuals
-  return (g @ k).astype(q.dtype), _major_contract(g, q).astype(k.dtype)
-
-
-scores.defvjp(_scores_fwd, _scores_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def expand_batch(bias: Array, batch: int) -> Array:
-  """A [1, ...] bias broadcast to [batch, ...], whose gradient is a contraction.
-
-  The gradient of a broadcast over the leading axis is a sum over that axis,
-  which XLA's CPU backend runs about 40x slower than the same sum written as
-  a contraction with a vector of ones; the forward broadcast stays lazy.
-  """
-  return jnp.broadcast_to(bias, (batch,) + bias.shape[1:])
-
-
-def _expand_batch_fwd(bias, batch):
-  return expand_batch(bias, batch), None
-
-
-def _expand_batch_bwd(batch, _, grad):
-  return (jnp.einsum('b,b...->...', jnp.ones((batch,), grad.dtype), grad)[None],)
-
-
-expand_batch.defvjp(_expand_batch_fwd, _expand_batch_bwd)
 
 
 # -----------------------------------------------------------------------------
@@ -211,21 +136,25 @@ class Embed(nn.Module):
 
   def attend(self, x: Array) -> Array:
     """[B,T,D] -> [B,T,V] float32 logits against the embedding table."""
-    logits = matmul(x.astype(jnp.float32), self.embedding.astype(jnp.float32).T)
+    logits = ops.einsum('BTD,VD->BTV', x.astype(jnp.float32),
+                        self.embedding.astype(jnp.float32))
     return constrain(logits, ('batch', 'length', 'vocab'))
 
 
 class DenseGeneral(nn.Module):
-  """Bias-free linear map contracting the last `num_contract` input axes.
+  """Linear map contracting the last `num_contract` input axes, optionally biased.
 
-  The kernel has shape `in_dims + features` and logical names `kernel_axes`;
-  it is initialised as a 2D [fan_in, fan_out] matrix (as T5X does), so
-  fan-in based initialisers see the true fan-in.
+  The kernel has shape `in_dims + features` and logical names `kernel_axes`
+  (the bias, shape `features`, takes the output names); it is initialised
+  as a 2D [fan_in, fan_out] matrix (as T5X does), so fan-in based
+  initialisers see the true fan-in.
   """
   features: Union[int, Sequence[int]]
-  kernel_axes: Sequence[str]
+  kernel_axes: Sequence[Optional[str]]
   num_contract: int = 1
+  use_bias: bool = False
   kernel_init: Initializer = default_kernel_init
+  bias_init: Initializer = nn.initializers.zeros
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
 
@@ -239,11 +168,22 @@ class DenseGeneral(nn.Module):
     def init(rng, shape, dtype):
       return self.kernel_init(rng, (n_in, n_out), dtype).reshape(shape)
 
-    kernel = self.param(
-        'kernel', nn.with_logical_partitioning(init, tuple(self.kernel_axes)),
-        tuple(in_dims) + features, canonicalize_dtype(self.param_dtype))
+    axes, param_dtype = tuple(self.kernel_axes), canonicalize_dtype(self.param_dtype)
+    kernel = self.param('kernel', nn.with_logical_partitioning(init, axes),
+                        tuple(in_dims) + features, param_dtype)
     dtype = canonicalize_dtype(self.dtype)
-    return matmul(x.astype(dtype), kernel.astype(dtype), self.num_contract)
+    spec = dense_spec(x.ndim - self.num_contract, self.num_contract, len(features))
+    y = ops.einsum(spec, x.astype(dtype), kernel.astype(dtype))
+    if self.use_bias:
+      bias = self.param('bias', nn.with_logical_partitioning(
+          self.bias_init, axes[self.num_contract:]), features, param_dtype)
+      y = y + bias.astype(dtype)
+    return y
+
+
+class Dense(DenseGeneral):
+  """`x @ kernel + bias` over the last axis; kernel [in, out], bias [out]."""
+  use_bias: bool = True
 
 
 class RelativePositionBias(nn.Module):
@@ -296,170 +236,155 @@ class RelativePositionBias(nn.Module):
     return bias[None]
 
 
-def heads_major(x: Array) -> Array:
-  """[B,T,N,H] -> [B,N,T,H], the layout attention contracts in."""
-  return constrain(x.transpose(0, 2, 1, 3), ('batch', 'heads', 'length', 'kv'))
+def _cache_write(buffer: Array, new: Array, index: Array, axis: int) -> Array:
+  """Each row's `new` written into `buffer` at its `index` along `axis`."""
+  def write(b, x, i):
+    start = [0] * b.ndim
+    start[axis - 1] = i
+    return jax.lax.dynamic_update_slice(b, x.astype(b.dtype), start)
+  return jax.vmap(write)(buffer, new, index)
 
 
-def dot_product_attention(q: Array, k: Array, v: Array,
-                          biases: Sequence[Optional[Array]] = (),
-                          dropout: Optional[Callable[[Array], Array]] = None) -> Array:
-  """softmax(q.k + biases) v, heads-major: [B,N,T,H], [B,N,S,H] -> [B,T,N,H].
-
-  Logits and softmax are float32; the weights go back to q's dtype. `biases`
-  are additive [B|1, N|1, T, S] logit biases (None skipped); one shared over
-  the batch (a position bias) is expanded with `expand_batch`. `dropout`, if
-  given, acts on the attention weights.
-  """
-  logits = scores(q, k).astype(jnp.float32)
-  for bias in biases:
-    if bias is not None and bias.shape[0] == 1:
-      logits = logits + expand_batch(bias.astype(jnp.float32), q.shape[0])
-    elif bias is not None:
-      logits = logits + bias.astype(jnp.float32)
-  # Normalised after the product with v, on [.., T, H] rather than [.., T, S]:
-  # the backward pass then needs no sum over S (FlashAttention's rowsum(dO O)).
-  weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
-  total = weights.sum(-1, keepdims=True)
-  weights = weights.astype(q.dtype)
-  if dropout is not None:
-    weights = dropout(weights)
-  x = (product(weights, v) / total).astype(q.dtype).transpose(0, 2, 1, 3)
-  return constrain(x, ('batch', 'length', 'heads', 'kv'))
-
-
-def _cached_key_value(module: nn.Module, k: Optional[Array],
-                      v: Optional[Array], mode: str,
-                      mask_bias: Optional[Array] = None):
-  """Heads-major keys and values [B,N,S,H] to attend to under a decode-time KV cache.
-
-  mode 'self': the T new keys / values ([B,N,T,H]) are written into the
-  `cached_key` / `cached_value` buffers [B,N,S,H] (S: the key length of `mask_bias`, fixed
-  when the cache is created) of the 'cache' collection at each
-  row's `cache_index` [B], which then advances by T; all S slots are
-  returned (the caller's mask hides slots not yet written).
-  mode 'cross': the keys / values of the first call are stored and reused.
-  """
-  names = ('batch', 'heads', 'length', 'kv')
-  if mode == 'cross':
-    cached_key = module.variable('cache', 'cached_key', lambda: k)
-    cached_value = module.variable('cache', 'cached_value', lambda: v)
-    return cached_key.value, cached_value.value
-  if mode != 'self':
-    raise ValueError(f"cache={mode!r}; use None, 'self' or 'cross'.")
-  if mask_bias is None:
-    raise ValueError('Cached attention needs a mask_bias over the cache slots.')
-  batch, heads, steps, head_dim = k.shape
-  shape = (batch, heads, mask_bias.shape[-1], head_dim)
-  cached_key = module.variable('cache', 'cached_key', jnp.zeros, shape, k.dtype)
-  cached_value = module.variable('cache', 'cached_value', jnp.zeros, shape,
-                                 v.dtype)
-  cache_index = module.variable('cache', 'cache_index', jnp.zeros, (batch,),
-                                jnp.int32)
-  index = cache_index.value
-
-  def write(buffer, new):
-    update = jax.vmap(
-        lambda b, x, i: jax.lax.dynamic_update_slice(b, x, (0, i, 0)))
-    return constrain(update(buffer, new.astype(buffer.dtype), index), names)
-
-  cached_key.value = write(cached_key.value, k)
-  cached_value.value = write(cached_value.value, v)
-  cache_index.value = index + steps
-  return cached_key.value, cached_value.value
-
-
-def _has_cross_cache(module: nn.Module, mode: Optional[str]) -> bool:
-  """Whether cross-attention keys / values are already in the cache (then
-  `inputs_kv` may be None)."""
-  return mode == 'cross' and module.has_variable('cache', 'cached_key')
-
-
-class _Kernel(nn.Module):
-  """Holds one `kernel` param, so attention params read `query/kernel`."""
+class _Weights(nn.Module):
+  """One projection's `kernel` [in, out] and, with `use_bias`, `bias` [out],
+  cast to `dtype`; so attention params read `query/kernel`, `query/bias`."""
   shape: Sequence[int]
   axes: Sequence[str]
   init: Initializer
+  use_bias: bool = False
+  dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
 
   @nn.compact
-  def __call__(self) -> Array:
-    return self.param(
-        'kernel', nn.with_logical_partitioning(self.init, tuple(self.axes)),
-        tuple(self.shape), canonicalize_dtype(self.param_dtype))
+  def __call__(self):
+    param_dtype, dtype = canonicalize_dtype(self.param_dtype), canonicalize_dtype(self.dtype)
+    kernel = self.param('kernel', nn.with_logical_partitioning(self.init, tuple(self.axes)),
+                        tuple(self.shape), param_dtype).astype(dtype)
+    if not self.use_bias:
+      return kernel, None
+    bias = self.param('bias', nn.with_logical_partitioning(
+        nn.initializers.zeros, tuple(self.axes[-1:])), self.shape[-1:], param_dtype)
+    return kernel, bias.astype(dtype)
 
 
-class MultiHeadAttention(nn.Module):
-  """Multi-head dot-product attention with T5 conventions.
+def _heads_bias(bias: Optional[Array], layout: str, n: int, h: int):
+  """A projection's bias [N*H] shaped to broadcast over heads in `layout`."""
+  if bias is None:
+    return 0.0
+  return bias.reshape([{'N': n, 'H': h}.get(c, 1) for c in layout])
 
-  Kernels are stored 2D as in T5X checkpoints: q/k/v `[D, N*H]`
-  ('embed', 'joined_kv') and out `[N*H, D]` ('joined_kv', 'embed'). Logits
-  are not scaled by 1/sqrt(H): the query initialiser carries that factor.
-  Dropout on the attention weights is shared across queries, as in T5X.
+
+class Attention(nn.Module):
+  """Multi-head dot-product attention, the one attention of every family.
+
+  Params (as in T5X and Hugging Face checkpoints): `{query,key,value}/kernel`
+  [D, N*H] ('embed', 'joined_kv') and `out/kernel` [N*H, D]; with `use_bias`
+  also `{query,key,value}/bias` [N*H] and `out/bias` [D].
+
+  Logit scaling: `scale_logits=False` (T5) leaves logits unscaled and folds
+  1/sqrt(H) into the query kernel's initialiser; True (BERT, GPT-2, BART)
+  scales them by 1/sqrt(H). Dropout acts on the attention weights [B,N,T,S],
+  shared along `dropout_broadcast_dims` ((-2,): across queries, as T5X; ():
+  element-wise, as BERT). `out_kernel_init` (default `kernel_init`)
+  initialises `out`.
   """
   num_heads: int
   head_dim: int
+  use_bias: bool = False
+  scale_logits: bool = False
   dropout_rate: float = 0.0
+  dropout_broadcast_dims: Sequence[int] = (-2,)
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
   kernel_init: Initializer = attention_kernel_init
+  out_kernel_init: Optional[Initializer] = None
 
-  def _kernel(self, name: str, shape, axes, init) -> Array:
-    kernel = _Kernel(shape, tuple(axes), init, self.param_dtype, name=name)()
-    return kernel.astype(canonicalize_dtype(self.dtype))
+  def _weights(self, name: str, shape, axes, init: Initializer):
+    return _Weights(tuple(shape), tuple(axes), init, self.use_bias, self.dtype,
+                    self.param_dtype, name=name)()
 
   @nn.compact
   def __call__(self,
                inputs_q: Array,
-               inputs_kv: Array,
-               mask_bias: Optional[Array] = None,
-               position_bias: Optional[Array] = None,
+               inputs_kv: Optional[Array],
+               mask: Optional[Array] = None,
+               bias: Optional[Array] = None,
                deterministic: bool = True,
                cache: Optional[str] = None) -> Array:
     """[B,T,D] attending to [B,S,D] -> [B,T,D].
 
-    `mask_bias` ([B,1,T,S]) and `position_bias` ([1|B,N,T,S]) are additive
-    logit biases, built once per stack and added here so that no
-    [B,N,T,S] bias is ever materialised outside the logits.
-    `cache` (decoding only): None, 'self' (KV cache of S = mask_bias's key
-    length slots; see `_cached_key_value`) or 'cross' (keys / values of
-    `inputs_kv` computed on the first call, then reused).
+    `mask`: boolean [B|1,1,T|1,S]; `bias`: additive [1|B,N,T,S] (a position
+    bias). `cache` (decoding only): None; 'self', a KV cache of S slots (S:
+    the mask's key length, fixed when the cache is created) that the T new
+    keys / values are written into at each row's `cache_index`, which then
+    advances by T (the mask hides slots not yet written); or 'cross', the
+    keys / values of `inputs_kv` computed on the first call, then reused
+    (later calls may pass None).
     """
     dtype = canonicalize_dtype(self.dtype)
     n, h, d = self.num_heads, self.head_dim, inputs_q.shape[-1]
-    depth_scaling = float(np.sqrt(h))  # a Python float keeps param_dtype
+    kernel_init = self.kernel_init
 
     def query_init(*args):
-      return self.kernel_init(*args) / depth_scaling
+      return kernel_init(*args) / float(np.sqrt(h))  # a Python float keeps the dtype
 
+    layout = ops.kv_layout()  # of keys and values: 'BSNH', or 'BNSH' on CPU kernels
     in_axes = ('embed', 'joined_kv')
-    wq = self._kernel('query', (d, n * h), in_axes, query_init)
-    wk = self._kernel('key', (d, n * h), in_axes, self.kernel_init)
-    wv = self._kernel('value', (d, n * h), in_axes, self.kernel_init)
-    wo = self._kernel('out', (n * h, d), ('joined_kv', 'embed'),
-                      self.kernel_init)
-
-    heads = ('batch', 'length', 'heads', 'kv')
-
-    def project(x, kernel):
-      y = matmul(x.astype(dtype), kernel)
-      return heads_major(constrain(y.reshape(y.shape[:-1] + (n, h)), heads))
-
-    q = project(inputs_q, wq)
-    if _has_cross_cache(self, cache):
-      k, v = _cached_key_value(self, None, None, cache)
+    wq, bq = self._weights('query', (d, n * h), in_axes,
+                           kernel_init if self.scale_logits else query_init)
+    q = ops.einsum('BTD,DNH->BTNH', inputs_q.astype(dtype), wq.reshape(d, n, h))
+    q = named(q + _heads_bias(bq, 'BTNH', n, h), 'BTNH')
+    if cache == 'cross' and self.has_variable('cache', 'cached_key'):
+      k = self.get_variable('cache', 'cached_key')
+      v = self.get_variable('cache', 'cached_value')
     else:
-      k, v = project(inputs_kv, wk), project(inputs_kv, wv)
+      x = inputs_kv.astype(dtype)
+      wk, bk = self._weights('key', (d, n * h), in_axes, kernel_init)
+      wv, bv = self._weights('value', (d, n * h), in_axes, kernel_init)
+      k = ops.einsum(f'BSD,DNH->{layout}', x, wk.reshape(d, n, h))
+      v = ops.einsum(f'BSD,DNH->{layout}', x, wv.reshape(d, n, h))
+      k = named(k + _heads_bias(bk, layout, n, h), layout)
+      v = named(v + _heads_bias(bv, layout, n, h), layout)
       if cache is not None:
-        k, v = _cached_key_value(self, k, v, cache, mask_bias)
-
+        k, v = self._cache(k, v, cache, layout, mask)
     dropout = None
     if not deterministic and self.dropout_rate > 0.0:
       dropout = functools.partial(
-          nn.Dropout(self.dropout_rate, broadcast_dims=(-2,)), deterministic=False)
-    x = dot_product_attention(q, k, v, (mask_bias, position_bias), dropout)
-    out = matmul(x.reshape(x.shape[:-2] + (n * h,)), wo)
-    return constrain(out, ('batch', 'length', 'embed'))
+          nn.Dropout(self.dropout_rate, broadcast_dims=self.dropout_broadcast_dims),
+          deterministic=False)
+    scale = 1.0 / float(np.sqrt(h)) if self.scale_logits else 1.0
+    x = ops.attention(q, k, v, bias=bias, mask=mask, scale=scale, dropout=dropout)
+    x = named(x.astype(dtype), 'BTNH')
+    wo, bo = self._weights('out', (n * h, d), ('joined_kv', 'embed'),
+                           self.out_kernel_init or kernel_init)
+    out = ops.einsum('BTNH,NHD->BTD', x, wo.reshape(n, h, d))
+    return named(out + (0.0 if bo is None else bo), 'BTD')
+
+  def _cache(self, k: Array, v: Array, mode: str, layout: str,
+             mask: Optional[Array]):
+    """Keys and values to attend to under a decode-time KV cache (see __call__)."""
+    if mode == 'cross':
+      self.variable('cache', 'cached_key', lambda: k)
+      self.variable('cache', 'cached_value', lambda: v)
+      return k, v
+    if mode != 'self':
+      raise ValueError(f"cache={mode!r}; use None, 'self' or 'cross'.")
+    if mask is None:
+      raise ValueError('Cached attention needs a mask over the cache slots.')
+    axis = layout.index('S')
+    shape = list(k.shape)
+    steps, shape[axis] = shape[axis], mask.shape[-1]
+    cached_key = self.variable('cache', 'cached_key', jnp.zeros, tuple(shape), k.dtype)
+    cached_value = self.variable('cache', 'cached_value', jnp.zeros, tuple(shape),
+                                 v.dtype)
+    cache_index = self.variable('cache', 'cache_index', jnp.zeros, (k.shape[0],),
+                                jnp.int32)
+    index = cache_index.value
+    cached_key.value = named(_cache_write(cached_key.value, k, index, axis), layout)
+    cached_value.value = named(_cache_write(cached_value.value, v, index, axis),
+                               layout)
+    cache_index.value = index + steps
+    return cached_key.value, cached_value.value
 
 
 class GatedMlp(nn.Module):
@@ -492,69 +417,70 @@ class GatedMlp(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Masks. Boolean [B, 1, T, S]; True means "may attend".
+# Masks. Boolean [B|1, 1, T|1, S]; True means "may attend".
 # -----------------------------------------------------------------------------
-def make_attention_mask(query_input: Array,
-                        key_input: Array,
-                        pairwise_fn: Callable = jnp.logical_and) -> Array:
-  """[B,T], [B,S] -> [B,1,T,S] from a pairwise function (default: both valid)."""
-  mask = pairwise_fn(query_input[:, :, None], key_input[:, None, :])
-  return mask[:, None].astype(bool)
+def make_attention_mask(query_valid: Optional[Array],
+                        key_valid: Optional[Array],
+                        *,
+                        query_segment_ids: Optional[Array] = None,
+                        key_segment_ids: Optional[Array] = None,
+                        causal: bool = False,
+                        query_positions: Optional[Array] = None,
+                        key_positions: Optional[Array] = None,
+                        query_prefix: Optional[Array] = None,
+                        key_prefix: Optional[Array] = None) -> Array:
+  """The attention mask of every family: self, cross, causal, prefix-LM,
+  packed, and over a decoding cache's slots.
 
+  A query may attend to a key when all of these hold:
+    - both are valid: `query_valid` [B,T], `key_valid` [B,S] (None: all
+      valid; BERT masks keys only, so padded queries get ignored outputs);
+    - with segment ids ([B,T], [B,S]), both are in the same packed segment;
+    - with `causal`, the key's position is at most the query's (positions
+      [B|1,T] / [B|1,S], default 0, 1, ...) ... unless both lie in the
+      bidirectional prefix of a prefix LM: `key_prefix` [B,S] and
+      `query_prefix` [B,T] (None: every query) mark it.
+  """
+  def pairs(q, k, fn=jnp.logical_and):
+    return fn(q[:, :, None], k[:, None, :])[:, None]
 
-def make_causal_mask(length: int) -> Array:
-  """[1,1,T,T] lower-triangular mask (a query sees itself and the past)."""
-  idx = jnp.arange(length)
-  return (idx[None, :] <= idx[:, None])[None, None]
-
-
-def combine_masks(*masks: Optional[Array]) -> Optional[Array]:
-  """Logical AND of the given masks (None entries are skipped)."""
-  masks = [m for m in masks if m is not None]
-  if not masks:
-    return None
+  masks = []
+  if key_valid is not None:
+    query = jnp.ones(key_valid.shape[:1] + (1,), bool) if query_valid is None else query_valid
+    masks.append(pairs(query > 0, key_valid > 0))
+  if query_segment_ids is not None:
+    masks.append(pairs(query_segment_ids, key_segment_ids, jnp.equal))
+  if causal:
+    if query_positions is None:
+      query_positions = jnp.arange(query_valid.shape[-1])[None]
+    if key_positions is None:
+      key_positions = jnp.arange(key_valid.shape[-1])[None]
+    visible = pairs(query_positions, key_positions, jnp.greater_equal)
+    if key_prefix is not None:
+      query = jnp.ones_like(key_prefix[:, :1]) if query_prefix is None else query_prefix
+      visible = visible | pairs(query > 0, key_prefix > 0)
+    masks.append(visible)
   return functools.reduce(jnp.logical_and, masks)
 
 
 def make_decoder_mask(decoder_target_tokens: Array,
                       decoder_causal_attention: Optional[Array] = None,
                       decoder_segment_ids: Optional[Array] = None) -> Array:
-  """Decoder self-attention mask as in T5X.
-
-  Causal AND padding, where valid positions are `decoder_target_tokens > 0`
-  (so a leading BOS=0 in the decoder inputs is not masked), AND same-segment
-  when packed. Where `decoder_causal_attention` is 1 (a prefix-LM "inputs"
-  span), attention is bidirectional within that span.
-  """
-  valid = decoder_target_tokens > 0
-  causal = make_causal_mask(decoder_target_tokens.shape[-1])
-  if decoder_causal_attention is not None:
-    prefix = make_attention_mask(decoder_causal_attention > 0,
-                                 decoder_causal_attention > 0)
-    causal = jnp.logical_or(causal, prefix)
-  mask = combine_masks(causal, make_attention_mask(valid, valid))
-  if decoder_segment_ids is not None:
-    mask = combine_masks(
-        mask,
-        make_attention_mask(decoder_segment_ids, decoder_segment_ids,
-                            jnp.equal))
-  return mask
-
-
-def mask_to_bias(mask: Optional[Array], dtype: DType = jnp.float32):
-  """Boolean mask -> additive bias (0 where allowed, MASK_LOGIT elsewhere)."""
-  if mask is None:
-    return None
-  return jnp.where(mask, 0.0, MASK_LOGIT).astype(canonicalize_dtype(dtype))
+  """Decoder self-attention mask as in T5X: causal and padding, where valid
+  positions are `decoder_target_tokens > 0` (so a leading BOS=0 in the
+  decoder inputs is not masked), and same-segment when packed. Where
+  `decoder_causal_attention` is 1 (a prefix-LM "inputs" span), attention is
+  bidirectional within that span."""
+  return make_attention_mask(
+      decoder_target_tokens, decoder_target_tokens,
+      query_segment_ids=decoder_segment_ids, key_segment_ids=decoder_segment_ids,
+      causal=True, query_prefix=decoder_causal_attention,
+      key_prefix=decoder_causal_attention)
 
 
 # -----------------------------------------------------------------------------
-# Biased blocks (BERT family): LayerNorm with bias, Dense with bias, learned
-# absolute position tables and scaled attention with biases.
-#
-# One more logical name is used here:
-#   abspos  rows of a small learned table indexed by absolute position or by
-#           token type. No rule set maps it, so these tables are replicated.
+# Biased blocks (BERT, GPT-2, BART): LayerNorm with bias, learned absolute
+# position tables and an MLP with biases.
 # -----------------------------------------------------------------------------
 class LayerNorm(nn.Module):
   """Standard layer norm (mean and variance, then scale and bias), float32 math."""
@@ -580,30 +506,6 @@ class LayerNorm(nn.Module):
     return y.astype(canonicalize_dtype(self.dtype))
 
 
-class Dense(nn.Module):
-  """`x @ kernel + bias` over the last axis; kernel [in, out], bias [out].
-
-  `kernel_axes` names the two kernel axes; the bias takes the output name.
-  """
-  features: int
-  kernel_axes: Sequence[Optional[str]]
-  kernel_init: Initializer = default_kernel_init
-  bias_init: Initializer = nn.initializers.zeros
-  dtype: DType = jnp.float32
-  param_dtype: DType = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    axes = tuple(self.kernel_axes)
-    param_dtype = canonicalize_dtype(self.param_dtype)
-    kernel = self.param('kernel', nn.with_logical_partitioning(
-        self.kernel_init, axes), (x.shape[-1], self.features), param_dtype)
-    bias = self.param('bias', nn.with_logical_partitioning(
-        self.bias_init, axes[-1:]), (self.features,), param_dtype)
-    dtype = canonicalize_dtype(self.dtype)
-    return matmul(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
-
-
 class PositionEmbed(nn.Module):
   """A learned table `[num_embeddings, D]` ('abspos', 'embed') looked up by id.
 
@@ -624,62 +526,6 @@ class PositionEmbed(nn.Module):
         canonicalize_dtype(self.param_dtype))
     x = lookup(table, ids.astype(jnp.int32), 0, self.dtype)
     return constrain(x, ('batch', 'length', 'embed'))
-
-
-class BiasedMultiHeadAttention(nn.Module):
-  """BERT-style attention: q/k/v/out projections with biases, 1/sqrt(H) scaling.
-
-  Params: `{query,key,value}/{kernel [D, N*H], bias [N*H]}` ('embed',
-  'joined_kv') and `out/{kernel [N*H, D], bias [D]}`. Dropout acts on the
-  attention probabilities, element-wise (as in BERT). `out_kernel_init`
-  (default: `kernel_init`) initialises the output projection.
-  """
-  num_heads: int
-  head_dim: int
-  dropout_rate: float = 0.0
-  dtype: DType = jnp.float32
-  param_dtype: DType = jnp.float32
-  kernel_init: Initializer = default_kernel_init
-  out_kernel_init: Optional[Initializer] = None
-
-  @nn.compact
-  def __call__(self,
-               inputs_q: Array,
-               inputs_kv: Array,
-               mask_bias: Optional[Array] = None,
-               deterministic: bool = True,
-               cache: Optional[str] = None) -> Array:
-    """[B,T,D] attending to [B,S,D] -> [B,T,D]; `mask_bias` is [B,1,T|1,S].
-
-    `cache`: as in `MultiHeadAttention` (decoding only).
-    """
-    dtype = canonicalize_dtype(self.dtype)
-    n, h, d = self.num_heads, self.head_dim, inputs_q.shape[-1]
-    dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
-    in_axes = ('embed', 'joined_kv')
-    heads = ('batch', 'length', 'heads', 'kv')
-
-    def project(name, x):
-      y = dense(n * h, kernel_axes=in_axes, kernel_init=self.kernel_init, name=name)(x)
-      return heads_major(constrain(y.reshape(y.shape[:-1] + (n, h)), heads))
-
-    q = project('query', inputs_q)
-    if _has_cross_cache(self, cache):
-      k, v = _cached_key_value(self, None, None, cache)
-    else:
-      k = project('key', inputs_kv)
-      v = project('value', inputs_kv)
-      if cache is not None:
-        k, v = _cached_key_value(self, k, v, cache, mask_bias)
-    q = q / jnp.asarray(np.sqrt(h), dtype)
-    dropout = None
-    if not deterministic and self.dropout_rate > 0.0:
-      dropout = functools.partial(nn.Dropout(self.dropout_rate), deterministic=False)
-    x = dot_product_attention(q, k, v, (mask_bias,), dropout)
-    x = x.reshape(x.shape[:-2] + (n * h,))
-    out = dense(d, kernel_axes=('joined_kv', 'embed'),
-                kernel_init=self.out_kernel_init or self.kernel_init, name='out')(x)
-    return constrain(out, ('batch', 'length', 'embed'))
 
 
 class BiasedMlp(nn.Module):

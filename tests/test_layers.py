@@ -109,7 +109,7 @@ def test_bfloat16_lookups_accumulate_their_gradient_in_the_param_dtype(make, arg
 
 
 def attention_setup(num_heads=2, head_dim=4, dim=8, length=5):
-  attn = layers.MultiHeadAttention(num_heads=num_heads, head_dim=head_dim)
+  attn = layers.Attention(num_heads=num_heads, head_dim=head_dim)
   x = jax.random.normal(jax.random.key(1), (2, length, dim))
   variables = attn.init(KEY, x, x)
   return attn, nn.unbox(variables), x
@@ -131,52 +131,18 @@ def test_attention_matches_manual_computation():
                              atol=1e-5)
 
 
-@pytest.mark.parametrize('a_shape,b_shape', [((3, 7, 4), (3, 4, 9)),   # a narrower than g
-                                              ((3, 7, 9), (3, 9, 4)),   # g narrower than a
-                                              ((12, 6), (6, 6))])
-def test_product_and_scores_gradients_are_the_plain_ones(a_shape, b_shape):
-  rng = np.random.default_rng(0)
-  a, b = (rng.normal(size=s).astype(np.float32) for s in (a_shape, b_shape))
-  g = rng.normal(size=a_shape[:-1] + b_shape[-1:]).astype(np.float32)
-  da, db = jax.grad(lambda a, b: jnp.sum(layers.product(a, b) * g), (0, 1))(a, b)
-  np.testing.assert_allclose(da, g @ np.swapaxes(b, -1, -2), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(db, np.swapaxes(a, -1, -2) @ g, rtol=1e-5, atol=1e-5)
-  k = np.swapaxes(b, -1, -2)
-  dq, dk = jax.grad(lambda q, k: jnp.sum(layers.scores(q, k) * g), (0, 1))(a, k)
-  np.testing.assert_allclose(dq, da, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(dk, np.swapaxes(db, -1, -2), rtol=1e-5, atol=1e-5)
-
-
-def test_attention_gradients_match_a_plain_softmax():
-  rng = np.random.default_rng(1)
-  q, k, v = (jnp.asarray(rng.normal(size=(2, 3, 5, 4)).astype(np.float32)) for _ in range(3))
-  bias = jnp.asarray(np.where(rng.random((2, 1, 5, 5)) < 0.3, layers.MASK_LOGIT, 0.0),
-                     jnp.float32)
-  g = jnp.asarray(rng.normal(size=(2, 5, 3, 4)).astype(np.float32))
-
-  def plain(q, k, v):
-    w = jax.nn.softmax(jnp.einsum('bnth,bnsh->bnts', q, k) + bias, axis=-1)
-    return jnp.einsum('bnts,bnsh->btnh', w, v)
-
-  want = jax.grad(lambda *x: jnp.sum(plain(*x) * g), (0, 1, 2))(q, k, v)
-  got = jax.grad(lambda *x: jnp.sum(layers.dot_product_attention(*x, (bias,)) * g),
-                 (0, 1, 2))(q, k, v)
-  for w, x in zip(want, got):
-    np.testing.assert_allclose(x, w, rtol=1e-5, atol=1e-6)
-
-
 def test_attention_masked_keys_do_not_matter():
   attn, params, x = attention_setup()
   valid = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
-  bias = layers.mask_to_bias(layers.make_attention_mask(valid, valid))
-  y1 = attn.apply(params, x, x, bias)
+  mask = layers.make_attention_mask(valid, valid)
+  y1 = attn.apply(params, x, x, mask)
   x2 = x.at[0, 3:].set(100.0)
-  y2 = attn.apply(params, x2, x2, bias)
+  y2 = attn.apply(params, x2, x2, mask)
   np.testing.assert_allclose(y1[0, :3], y2[0, :3], rtol=1e-5, atol=1e-6)
 
 
 def test_attention_initialisers_fold_depth_scaling_into_query():
-  attn = layers.MultiHeadAttention(num_heads=8, head_dim=64)
+  attn = layers.Attention(num_heads=8, head_dim=64)
   x = jnp.ones((1, 2, 512))
   p = nn.unbox(attn.init(KEY, x, x))['params']
   std = {k: float(np.std(p[k]['kernel'])) for k in p}
@@ -187,7 +153,7 @@ def test_attention_initialisers_fold_depth_scaling_into_query():
 
 
 def test_attention_dropout_needs_rng_and_changes_output():
-  attn = layers.MultiHeadAttention(num_heads=2, head_dim=4, dropout_rate=0.5)
+  attn = layers.Attention(num_heads=2, head_dim=4, dropout_rate=0.5)
   x = jax.random.normal(jax.random.key(1), (2, 5, 8))
   params = nn.unbox(attn.init(KEY, x, x))
   y_det = attn.apply(params, x, x)
@@ -232,9 +198,27 @@ def test_decoder_mask_segments_and_prefix():
   assert not mask[6].any()
 
 
-def test_mask_to_bias_values():
-  bias = layers.mask_to_bias(jnp.array([True, False]), 'bfloat16')
-  assert bias.dtype == jnp.bfloat16
-  assert float(bias[0]) == 0.0 and float(bias[1]) < -1e9
-  assert layers.mask_to_bias(None) is None
-  assert layers.combine_masks(None, None) is None
+def test_attention_mask_cross_segments_and_keys_only():
+  dec_valid = jnp.array([[1, 1, 0]], bool)
+  enc_valid = jnp.array([[1, 1, 1, 0]], bool)
+  mask = np.asarray(layers.make_attention_mask(
+      dec_valid, enc_valid, query_segment_ids=jnp.array([[1, 2, 0]]),
+      key_segment_ids=jnp.array([[1, 1, 2, 0]])))
+  assert mask.shape == (1, 1, 3, 4)
+  np.testing.assert_array_equal(mask[0, 0], [[1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
+  keys_only = np.asarray(layers.make_attention_mask(None, enc_valid))
+  assert keys_only.shape == (1, 1, 1, 4)
+  np.testing.assert_array_equal(keys_only[0, 0, 0], [1, 1, 1, 0])
+
+
+def test_attention_mask_over_decoding_cache_slots():
+  # Queries at positions 1 and 3 over 5 slots; the prompt (prefix) is 2 slots.
+  slots = jnp.arange(5)[None]
+  positions = jnp.array([[1, 3]])
+  mask = np.asarray(layers.make_attention_mask(
+      None, None, causal=True, query_positions=positions, key_positions=slots))
+  np.testing.assert_array_equal(mask[0, 0], [[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
+  prefix = np.asarray(layers.make_attention_mask(
+      None, None, causal=True, query_positions=jnp.array([[0]]), key_positions=slots,
+      key_prefix=slots < 3))
+  np.testing.assert_array_equal(prefix[0, 0], [[1, 1, 1, 0, 0]])

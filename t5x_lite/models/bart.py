@@ -105,58 +105,27 @@ BART_TINY = BartConfig(vocab_size=8192, emb_dim=128, num_heads=4, head_dim=32,
 SIZES = {'tiny': BART_TINY, 'base': BART_BASE, 'large': BART_LARGE}
 
 
-def _attention(cfg: BartConfig, name: str) -> layers.BiasedMultiHeadAttention:
-  return layers.BiasedMultiHeadAttention(
-      num_heads=cfg.num_heads, head_dim=cfg.head_dim,
-      dropout_rate=cfg.attention_dropout_rate, kernel_init=common.normal_init(cfg),
-      name=name, **common.dtypes(cfg))
-
-
-def _mlp(cfg: BartConfig) -> layers.BiasedMlp:
-  return layers.BiasedMlp(cfg.mlp_dim, activation=cfg.activation,
-                          dropout_rate=cfg.activation_dropout_rate,
-                          kernel_init=common.normal_init(cfg), name='mlp', **common.dtypes(cfg))
-
-
-class EncoderLayer(nn.Module):
-  """Post-norm block: x = LN(x + attn(x)); x = LN(x + mlp(x))."""
-  config: BartConfig
-
-  @nn.compact
-  def __call__(self, x, mask_bias, deterministic):
-    cfg = self.config
-    y = _attention(cfg, 'attention')(x, x, mask_bias, deterministic)
-    x = common.layer_norm(cfg, 'post_attention_layer_norm')(
-        x + common.dropout(cfg, y, deterministic))
-    y = _mlp(cfg)(x, deterministic)
-    x = common.layer_norm(cfg, 'post_mlp_layer_norm')(
-        x + common.dropout(cfg, y, deterministic))
-    return layers.constrain(x, ('batch', 'length', 'embed'))
-
-
 class DecoderLayer(nn.Module):
   """Self-attention, cross-attention and MLP, each + residual then LN.
 
-  `decode=True`: KV-cached (see `layers.BiasedMultiHeadAttention`'s `cache`).
+  `decode=True`: KV-cached (see `layers.Attention`'s `cache`).
   """
   config: BartConfig
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x, encoded, self_bias, cross_bias, deterministic):
+  def __call__(self, x, encoded, self_mask, cross_mask, deterministic):
     cfg = self.config
-    y = _attention(cfg, 'self_attention')(
-        x, x, self_bias, deterministic, cache='self' if self.decode else None)
-    x = common.layer_norm(cfg, 'post_self_attention_layer_norm')(
-        x + common.dropout(cfg, y, deterministic))
-    y = _attention(cfg, 'encoder_decoder_attention')(
-        x, encoded, cross_bias, deterministic,
+    y = common.attention(cfg, 'self_attention')(
+        x, x, self_mask, deterministic=deterministic,
+        cache='self' if self.decode else None)
+    x = common.post_norm(cfg, 'post_self_attention_layer_norm', x, y, deterministic)
+    y = common.attention(cfg, 'encoder_decoder_attention')(
+        x, encoded, cross_mask, deterministic=deterministic,
         cache='cross' if self.decode else None)
-    x = common.layer_norm(cfg, 'post_cross_attention_layer_norm')(
-        x + common.dropout(cfg, y, deterministic))
-    y = _mlp(cfg)(x, deterministic)
-    x = common.layer_norm(cfg, 'post_mlp_layer_norm')(
-        x + common.dropout(cfg, y, deterministic))
+    x = common.post_norm(cfg, 'post_cross_attention_layer_norm', x, y, deterministic)
+    y = common.mlp(cfg)(x, deterministic)
+    x = common.post_norm(cfg, 'post_mlp_layer_norm', x, y, deterministic)
     return layers.constrain(x, ('batch', 'length', 'embed'))
 
 
@@ -185,11 +154,11 @@ class Encoder(nn.Module):
   shared_embedding: nn.Module
 
   @nn.compact
-  def __call__(self, tokens, positions, mask_bias, deterministic):
+  def __call__(self, tokens, positions, mask, deterministic):
     cfg = self.config
     x = _embed(cfg, self.shared_embedding, tokens, positions, deterministic)
-    return common.run_layers(EncoderLayer, cfg, cfg.num_encoder_layers, x,
-                             mask_bias, deterministic)
+    return common.run_layers(common.PostNormEncoderLayer, cfg,
+                             cfg.num_encoder_layers, x, mask, deterministic)
 
 
 class Decoder(nn.Module):
@@ -198,12 +167,12 @@ class Decoder(nn.Module):
   shared_embedding: nn.Module
 
   @nn.compact
-  def __call__(self, encoded, tokens, positions, self_bias, cross_bias,
+  def __call__(self, encoded, tokens, positions, self_mask, cross_mask,
                deterministic, decode: bool = False):
     cfg = self.config
     y = _embed(cfg, self.shared_embedding, tokens, positions, deterministic)
     return common.run_layers(DecoderLayer, cfg, cfg.num_decoder_layers, y,
-                             encoded, self_bias, cross_bias, deterministic,
+                             encoded, self_mask, cross_mask, deterministic,
                              decode=decode)
 
 
@@ -256,13 +225,10 @@ class BartNetwork(nn.Module):
     cfg = self.config
     tokens = encoder_input_tokens.astype(jnp.int32)
     valid = self._encoder_valid(tokens, encoder_attention_mask)
-    mask = layers.make_attention_mask(valid, valid)
-    if encoder_segment_ids is not None:
-      mask = layers.combine_masks(mask, layers.make_attention_mask(
-          encoder_segment_ids, encoder_segment_ids, jnp.equal))
+    mask = layers.make_attention_mask(valid, valid, query_segment_ids=encoder_segment_ids,
+                                      key_segment_ids=encoder_segment_ids)
     positions = _positions(tokens, encoder_positions, cfg)
-    return self.encoder(tokens, positions, layers.mask_to_bias(mask, cfg.dtype),
-                        not enable_dropout)
+    return self.encoder(tokens, positions, mask, not enable_dropout)
 
   def decode(self, encoded, encoder_input_tokens, decoder_input_tokens,
              decoder_target_tokens, encoder_segment_ids=None,
@@ -278,20 +244,11 @@ class BartNetwork(nn.Module):
       dec_valid = decoder_target_tokens != cfg.pad_id
     enc_valid = self._encoder_valid(encoder_input_tokens,
                                     encoder_attention_mask)
-    # make_decoder_mask reads validity as `> 0`: pass it as 0/1 ids.
-    self_mask = layers.make_decoder_mask(
-        dec_valid.astype(jnp.int32), decoder_segment_ids=decoder_segment_ids)
-    cross_mask = layers.make_attention_mask(dec_valid, enc_valid)
-    if encoder_segment_ids is not None:
-      if decoder_segment_ids is None:
-        raise ValueError('Packed batches need both encoder_segment_ids and '
-                         'decoder_segment_ids.')
-      cross_mask = layers.combine_masks(cross_mask, layers.make_attention_mask(
-          decoder_segment_ids, encoder_segment_ids, jnp.equal))
+    self_mask = layers.make_decoder_mask(dec_valid, decoder_segment_ids=decoder_segment_ids)
+    cross_mask = encoder_decoder.cross_attention_mask(
+        dec_valid, enc_valid, decoder_segment_ids, encoder_segment_ids)
     positions = _positions(tokens, decoder_positions, cfg)
-    y = self.decoder(encoded, tokens, positions,
-                     layers.mask_to_bias(self_mask, cfg.dtype),
-                     layers.mask_to_bias(cross_mask, cfg.dtype),
+    y = self.decoder(encoded, tokens, positions, self_mask, cross_mask,
                      not enable_dropout)
     logits = (self.token_embedder.attend(y) +
               self.final_logits_bias.astype(jnp.float32))
@@ -308,12 +265,9 @@ class BartNetwork(nn.Module):
     cfg = self.config
     tokens = decoder_input_tokens.astype(jnp.int32)
     self_mask = common.decode_self_mask(decoder_positions, cache_length)
-    cross_mask = layers.make_attention_mask(jnp.ones(tokens.shape, bool),
-                                            encoder_mask > 0)
-    y = self.decoder(encoded, tokens, decoder_positions,
-                     layers.mask_to_bias(self_mask, cfg.dtype),
-                     layers.mask_to_bias(cross_mask, cfg.dtype), True,
-                     decode=True)
+    cross_mask = layers.make_attention_mask(None, encoder_mask)
+    y = self.decoder(encoded, tokens, decoder_positions, self_mask, cross_mask,
+                     True, decode=True)
     logits = (self.token_embedder.attend(y) +
               self.final_logits_bias.astype(jnp.float32))
     return layers.constrain(logits, ('batch', 'length', 'vocab'))

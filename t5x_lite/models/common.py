@@ -95,11 +95,10 @@ def decode_self_mask(positions: Array, cache_length: int,
   `prefix_lengths` [B] also every slot < prefix_lengths (a prefix LM's
   bidirectional prompt).
   """
-  slots = jnp.arange(cache_length)
-  visible = slots[None, None, :] <= positions[:, :, None]
-  if prefix_lengths is not None:
-    visible = visible | (slots[None, None, :] < prefix_lengths[:, None, None])
-  return visible[:, None]
+  slots = jnp.arange(cache_length)[None]
+  prefix = None if prefix_lengths is None else slots < prefix_lengths[:, None]
+  return layers.make_attention_mask(None, None, causal=True, query_positions=positions,
+                                    key_positions=slots, key_prefix=prefix)
 
 
 def set_cache_index(cache: Any, index: Array) -> Any:
@@ -171,6 +170,43 @@ def layer_norm(config: Any, name: str) -> layers.LayerNorm:
 def dropout(config: Any, x: Array, deterministic: bool) -> Array:
   """Element-wise dropout at `config.dropout_rate` (embeddings, residuals)."""
   return nn.Dropout(config.dropout_rate)(x, deterministic=deterministic)
+
+
+def attention(config: Any, name: str, **kwargs) -> layers.Attention:
+  """The attention of BERT, GPT-2 and BART: biased projections, logits scaled
+  by 1/sqrt(head_dim), element-wise dropout on the weights."""
+  return layers.Attention(
+      num_heads=config.num_heads, head_dim=config.head_dim, use_bias=True,
+      scale_logits=True, dropout_rate=config.attention_dropout_rate,
+      dropout_broadcast_dims=(), kernel_init=normal_init(config), name=name,
+      **kwargs, **dtypes(config))
+
+
+def mlp(config: Any, **kwargs) -> layers.BiasedMlp:
+  """The MLP of BERT, GPT-2 and BART (`activation_dropout_rate`: BART's)."""
+  return layers.BiasedMlp(
+      config.mlp_dim, activation=config.activation,
+      dropout_rate=getattr(config, 'activation_dropout_rate', 0.0),
+      kernel_init=normal_init(config), name='mlp', **kwargs, **dtypes(config))
+
+
+def post_norm(config: Any, name: str, x: Array, y: Array, deterministic: bool) -> Array:
+  """LN(x + dropout(y)): a post-norm residual (BERT, BART)."""
+  return layer_norm(config, name)(x + dropout(config, y, deterministic))
+
+
+class PostNormEncoderLayer(nn.Module):
+  """The encoder block of BERT and BART: x = LN(x + attn(x)); x = LN(x + mlp(x))."""
+  config: Any
+
+  @nn.compact
+  def __call__(self, x, mask, deterministic):
+    cfg = self.config
+    y = attention(cfg, 'attention')(x, x, mask, deterministic=deterministic)
+    x = post_norm(cfg, 'post_attention_layer_norm', x, y, deterministic)
+    y = mlp(cfg)(x, deterministic)
+    x = post_norm(cfg, 'post_mlp_layer_norm', x, y, deterministic)
+    return layers.constrain(x, ('batch', 'length', 'embed'))
 
 
 def init_module(module: nn.Module, rng: jax.Array, inputs: Mapping[str, Any]):

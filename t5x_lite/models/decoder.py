@@ -107,26 +107,20 @@ def _residual_init(cfg: GPTConfig):
 class DecoderLayer(nn.Module):
   """Pre-norm block: x += attn(ln(x)); x += mlp(ln(x)).
 
-  `decode=True`: KV-cached self-attention (see `layers.BiasedMultiHeadAttention`).
+  `decode=True`: KV-cached self-attention (see `layers.Attention`).
   """
   config: GPTConfig
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x, mask_bias, deterministic):
+  def __call__(self, x, mask, deterministic):
     cfg = self.config
     y = common.layer_norm(cfg, 'pre_self_attention_layer_norm')(x)
-    y = layers.BiasedMultiHeadAttention(
-        num_heads=cfg.num_heads, head_dim=cfg.head_dim,
-        dropout_rate=cfg.attention_dropout_rate, kernel_init=common.normal_init(cfg),
-        out_kernel_init=_residual_init(cfg), name='self_attention',
-        **common.dtypes(cfg))(y, y, mask_bias, deterministic,
-                              cache='self' if self.decode else None)
+    y = common.attention(cfg, 'self_attention', out_kernel_init=_residual_init(cfg))(
+        y, y, mask, deterministic=deterministic, cache='self' if self.decode else None)
     x = x + common.dropout(cfg, y, deterministic)
     y = common.layer_norm(cfg, 'pre_mlp_layer_norm')(x)
-    y = layers.BiasedMlp(cfg.mlp_dim, activation=cfg.activation,
-                         kernel_init=common.normal_init(cfg), out_kernel_init=_residual_init(cfg),
-                         name='mlp', **common.dtypes(cfg))(y)
+    y = common.mlp(cfg, out_kernel_init=_residual_init(cfg))(y)
     x = x + common.dropout(cfg, y, deterministic)
     return layers.constrain(x, ('batch', 'length', 'embed'))
 
@@ -136,9 +130,9 @@ class Decoder(nn.Module):
   config: GPTConfig
 
   @nn.compact
-  def __call__(self, x, mask_bias, deterministic, decode: bool = False):
+  def __call__(self, x, mask, deterministic, decode: bool = False):
     x = common.run_layers(DecoderLayer, self.config, self.config.num_layers,
-                          x, mask_bias, deterministic, decode=decode)
+                          x, mask, deterministic, decode=decode)
     x = common.layer_norm(self.config, 'decoder_norm')(x)
     return layers.constrain(x, ('batch', 'length', 'embed'))
 
@@ -189,7 +183,7 @@ class GPTNetwork(nn.Module):
     x = layers.constrain(x, ('batch', 'length', 'embed'))
     mask = common.decode_self_mask(decoder_positions, cache_length,
                                    prefix_lengths)
-    x = self.decoder(x, layers.mask_to_bias(mask, cfg.dtype), True, decode=True)
+    x = self.decoder(x, mask, True, decode=True)
     return self.token_embedder.attend(x)
 
   def hidden_states(self,
@@ -225,8 +219,7 @@ class GPTNetwork(nn.Module):
     # `valid > 0` is all make_decoder_mask reads from its first argument.
     mask = layers.make_decoder_mask(valid, decoder_causal_attention,
                                     decoder_segment_ids)
-    return self.decoder(x, layers.mask_to_bias(mask, cfg.dtype),
-                        not enable_dropout)
+    return self.decoder(x, mask, not enable_dropout)
 
 
 class DecoderModel(common.TokenLossModel):

@@ -99,34 +99,14 @@ def _dense(cfg: BertConfig, features: int, axes, name: str) -> layers.Dense:
                       name=name, **common.dtypes(cfg))
 
 
-class EncoderLayer(nn.Module):
-  """Post-norm block: x = LN(x + attn(x)); x = LN(x + mlp(x))."""
-  config: BertConfig
-
-  @nn.compact
-  def __call__(self, x, mask_bias, deterministic):
-    cfg = self.config
-    y = layers.BiasedMultiHeadAttention(
-        num_heads=cfg.num_heads, head_dim=cfg.head_dim,
-        dropout_rate=cfg.attention_dropout_rate, kernel_init=common.normal_init(cfg),
-        name='attention', **common.dtypes(cfg))(x, x, mask_bias, deterministic)
-    x = common.layer_norm(cfg, 'post_attention_layer_norm')(
-        x + common.dropout(cfg, y, deterministic))
-    y = layers.BiasedMlp(cfg.mlp_dim, activation=cfg.activation,
-                         kernel_init=common.normal_init(cfg), name='mlp', **common.dtypes(cfg))(x)
-    x = common.layer_norm(cfg, 'post_mlp_layer_norm')(
-        x + common.dropout(cfg, y, deterministic))
-    return layers.constrain(x, ('batch', 'length', 'embed'))
-
-
 class Encoder(nn.Module):
   """The stack of encoder layers."""
   config: BertConfig
 
   @nn.compact
-  def __call__(self, x, mask_bias, deterministic):
-    return common.run_layers(EncoderLayer, self.config, self.config.num_layers,
-                             x, mask_bias, deterministic)
+  def __call__(self, x, mask, deterministic):
+    return common.run_layers(common.PostNormEncoderLayer, self.config,
+                             self.config.num_layers, x, mask, deterministic)
 
 
 class MlmHead(nn.Module):
@@ -192,8 +172,7 @@ class BertNetwork(nn.Module):
     x = self.embedding_dropout(x, deterministic=not enable_dropout)
     x = layers.constrain(x, ('batch', 'length', 'embed'))
     # Keys only, as in BERT: padded queries still get (ignored) outputs.
-    mask = jnp.asarray(attention_mask, bool)[:, None, None, :]
-    x = self.encoder(x, layers.mask_to_bias(mask, cfg.dtype),
+    x = self.encoder(x, layers.make_attention_mask(None, jnp.asarray(attention_mask)),
                      not enable_dropout)
     pooled = jnp.tanh(self.pooler(x[:, 0]))
     return x, layers.constrain(pooled, ('batch', 'embed'))

@@ -91,8 +91,8 @@ def _common(cfg: T5Config):
   return dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
 
 
-def _attention(cfg: T5Config, name: str) -> layers.MultiHeadAttention:
-  return layers.MultiHeadAttention(
+def _attention(cfg: T5Config, name: str) -> layers.Attention:
+  return layers.Attention(
       num_heads=cfg.num_heads, head_dim=cfg.head_dim,
       dropout_rate=cfg.dropout_rate, name=name, **_common(cfg))
 
@@ -116,11 +116,10 @@ class EncoderLayer(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, x, mask_bias, position_bias, deterministic):
+  def __call__(self, x, mask, position_bias, deterministic):
     cfg = self.config
     y = layers.RMSNorm(name='pre_attention_layer_norm', **_common(cfg))(x)
-    y = _attention(cfg, 'attention')(y, y, mask_bias, position_bias,
-                                     deterministic)
+    y = _attention(cfg, 'attention')(y, y, mask, position_bias, deterministic)
     x = x + _dropout(cfg, y, deterministic)
     y = layers.RMSNorm(name='pre_mlp_layer_norm', **_common(cfg))(x)
     y = _mlp(cfg)(y, deterministic)
@@ -131,23 +130,23 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
   """Self-attention, cross-attention and MLP blocks, each pre-norm.
 
-  `decode=True`: KV-cached (see `layers.MultiHeadAttention`'s `cache`).
+  `decode=True`: KV-cached (see `layers.Attention`'s `cache`).
   """
   config: T5Config
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x, encoded, self_bias, position_bias, cross_bias,
+  def __call__(self, x, encoded, self_mask, position_bias, cross_mask,
                deterministic):
     cfg = self.config
     y = layers.RMSNorm(name='pre_self_attention_layer_norm', **_common(cfg))(x)
     y = _attention(cfg, 'self_attention')(
-        y, y, self_bias, position_bias, deterministic,
+        y, y, self_mask, position_bias, deterministic,
         cache='self' if self.decode else None)
     x = x + _dropout(cfg, y, deterministic)
     y = layers.RMSNorm(name='pre_cross_attention_layer_norm', **_common(cfg))(x)
     y = _attention(cfg, 'encoder_decoder_attention')(
-        y, encoded, cross_bias, None, deterministic,
+        y, encoded, cross_mask, None, deterministic,
         cache='cross' if self.decode else None)
     x = x + _dropout(cfg, y, deterministic)
     y = layers.RMSNorm(name='pre_mlp_layer_norm', **_common(cfg))(x)
@@ -162,14 +161,14 @@ class Encoder(nn.Module):
   shared_embedding: nn.Module
 
   @nn.compact
-  def __call__(self, tokens, mask_bias, deterministic):
+  def __call__(self, tokens, mask, deterministic):
     cfg = self.config
     length = tokens.shape[-1]
     position_bias = _relpos(cfg, bidirectional=True)(length, length)
     x = self.shared_embedding(tokens)
     x = _dropout(cfg, x, deterministic)
     x = common.run_layers(EncoderLayer, cfg, cfg.num_encoder_layers, x,
-                          mask_bias, position_bias, deterministic)
+                          mask, position_bias, deterministic)
     x = layers.RMSNorm(name='encoder_norm', **_common(cfg))(x)
     return _dropout(cfg, x, deterministic, broadcast=False)
 
@@ -180,15 +179,15 @@ class Decoder(nn.Module):
   shared_embedding: nn.Module
 
   @nn.compact
-  def __call__(self, encoded, tokens, self_bias, cross_bias, deterministic,
+  def __call__(self, encoded, tokens, self_mask, cross_mask, deterministic,
                decoder_positions=None):
     """`decoder_positions` [B,T]: KV-cached decoding of tokens at those
-    positions, attending to the cache slots of `self_bias` [B,1,T,C]."""
+    positions, attending to the cache slots of `self_mask` [B,1,T,C]."""
     cfg = self.config
     length = tokens.shape[-1]
     decode = decoder_positions is not None
     if decode:
-      slots = self_bias.shape[-1]
+      slots = self_mask.shape[-1]
       table = _relpos(cfg, bidirectional=False)(slots, slots)[0]  # [N,C,C]
       position_bias = jnp.moveaxis(
           jnp.take(table, decoder_positions, axis=1), 0, 1)  # [B,N,T,C]
@@ -197,7 +196,7 @@ class Decoder(nn.Module):
     y = self.shared_embedding(tokens)
     y = _dropout(cfg, y, deterministic)
     y = common.run_layers(DecoderLayer, cfg, cfg.num_decoder_layers, y,
-                          encoded, self_bias, position_bias, cross_bias,
+                          encoded, self_mask, position_bias, cross_mask,
                           deterministic, decode=decode)
     y = layers.RMSNorm(name='decoder_norm', **_common(cfg))(y)
     y = _dropout(cfg, y, deterministic)
@@ -232,34 +231,22 @@ class Transformer(nn.Module):
   def encode(self, encoder_input_tokens, encoder_segment_ids=None,
              enable_dropout: bool = False):
     """[B,L] tokens -> [B,L,D] encodings."""
-    valid = encoder_input_tokens > 0
-    mask = layers.make_attention_mask(valid, valid)
-    if encoder_segment_ids is not None:
-      mask = layers.combine_masks(mask, layers.make_attention_mask(
-          encoder_segment_ids, encoder_segment_ids, jnp.equal))
-    bias = layers.mask_to_bias(mask, self.config.dtype)
-    return self.encoder(encoder_input_tokens.astype(jnp.int32), bias,
+    mask = layers.make_attention_mask(
+        encoder_input_tokens, encoder_input_tokens,
+        query_segment_ids=encoder_segment_ids, key_segment_ids=encoder_segment_ids)
+    return self.encoder(encoder_input_tokens.astype(jnp.int32), mask,
                         not enable_dropout)
 
   def decode(self, encoded, encoder_input_tokens, decoder_input_tokens,
              decoder_target_tokens, encoder_segment_ids=None,
              decoder_segment_ids=None, enable_dropout: bool = False):
     """Teacher-forced decoder pass -> [B,T,V] float32 logits."""
-    dtype = self.config.dtype
     self_mask = layers.make_decoder_mask(
         decoder_target_tokens, decoder_segment_ids=decoder_segment_ids)
-    cross_mask = layers.make_attention_mask(decoder_target_tokens > 0,
-                                            encoder_input_tokens > 0)
-    if encoder_segment_ids is not None:
-      if decoder_segment_ids is None:
-        raise ValueError('Packed batches need both encoder_segment_ids and '
-                         'decoder_segment_ids.')
-      cross_mask = layers.combine_masks(cross_mask, layers.make_attention_mask(
-          decoder_segment_ids, encoder_segment_ids, jnp.equal))
+    cross_mask = cross_attention_mask(decoder_target_tokens > 0, encoder_input_tokens > 0,
+                                      decoder_segment_ids, encoder_segment_ids)
     return self.decoder(encoded, decoder_input_tokens.astype(jnp.int32),
-                        layers.mask_to_bias(self_mask, dtype),
-                        layers.mask_to_bias(cross_mask, dtype),
-                        not enable_dropout)
+                        self_mask, cross_mask, not enable_dropout)
 
   def cached_decode(self, encoded, encoder_mask, decoder_input_tokens,
                     decoder_positions, cache_length: int):
@@ -270,13 +257,10 @@ class Transformer(nn.Module):
     read on the first call only (cross-attention keys / values are cached;
     later calls may pass None); `encoder_mask` [B,S] marks real inputs.
     """
-    dtype = self.config.dtype
     tokens = decoder_input_tokens.astype(jnp.int32)
     self_mask = common.decode_self_mask(decoder_positions, cache_length)
-    cross_mask = layers.make_attention_mask(jnp.ones(tokens.shape, bool),
-                                            encoder_mask > 0)
-    return self.decoder(encoded, tokens, layers.mask_to_bias(self_mask, dtype),
-                        layers.mask_to_bias(cross_mask, dtype), True,
+    cross_mask = layers.make_attention_mask(None, encoder_mask)
+    return self.decoder(encoded, tokens, self_mask, cross_mask, True,
                         decoder_positions)
 
   def __call__(self,
@@ -346,6 +330,21 @@ class EncoderDecoderModel(common.TokenLossModel):
     dec = np.ones((batch_size, target_length), np.int32)
     return dict(encoder_input_tokens=enc, decoder_input_tokens=dec,
                 decoder_target_tokens=dec, decoder_loss_weights=dec)
+
+
+def cross_attention_mask(decoder_valid: Array, encoder_valid: Array,
+                         decoder_segment_ids: Optional[Array],
+                         encoder_segment_ids: Optional[Array]) -> Array:
+  """[B,1,T,S]: valid decoder positions see valid encoder positions of their
+  own packed segment (T5 and BART)."""
+  if encoder_segment_ids is None:
+    return layers.make_attention_mask(decoder_valid, encoder_valid)
+  if decoder_segment_ids is None:
+    raise ValueError('Packed batches need both encoder_segment_ids and '
+                     'decoder_segment_ids.')
+  return layers.make_attention_mask(
+      decoder_valid, encoder_valid, query_segment_ids=decoder_segment_ids,
+      key_segment_ids=encoder_segment_ids)
 
 
 def prefill_encoder_decoder(model: common.TokenLossModel, params, batch: Batch,
