@@ -22,6 +22,10 @@ the two are compared.
 Prints one readable line per measurement and, last, one JSON object.
 """
 
+if __name__ == '__main__':  # a run starts here: tune the host before jax and TensorFlow load
+  from t5x_lite import host  # pylint: disable=g-import-not-at-top
+  host.prepare()
+
 import copy
 import json
 import os

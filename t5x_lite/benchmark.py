@@ -33,7 +33,7 @@ differently, and then the list is empty.
 
 Prints one summary line; the last line of stdout is one JSON object.
 `host_malloc` says whether freed host memory is kept for reuse ('reuse', the
-default on a Linux host without accelerators; see t5x_lite/__init__.py) or
+default on a Linux host without accelerators; see t5x_lite/host.py) or
 malloc was left as it is ('system', with T5X_LITE_MALLOC=system).
 
 Analytic FLOPs (`model_flops_per_step`) count matmuls only, forward + backward
@@ -67,6 +67,10 @@ step times the devices of the mesh; `roofline_fraction` is the achieved
 model FLOP/s per device over the roofline of one device.
 """
 
+if __name__ == '__main__':  # a run starts here: tune the host before jax and TensorFlow load
+  from t5x_lite import host  # pylint: disable=g-import-not-at-top
+  host.prepare()
+
 import functools
 import json
 import math
@@ -81,8 +85,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import t5x_lite
 from t5x_lite import gin_utils
+from t5x_lite import host
 from t5x_lite import precompile
 from t5x_lite import trainer as trainer_lib
 from t5x_lite.data import pipeline
@@ -445,7 +449,7 @@ def main(argv: Sequence[str]) -> None:
     result.update(benchmark_decode(run, random_params(run) if params is None else params,
                                    decode_runs))
   result.update(peak_host_bytes=peak_host_bytes(), peak_device_bytes=peak_device_bytes(),
-                host_malloc=t5x_lite.HOST_MALLOC)
+                host_malloc=host.malloc_policy())
   for ms, part in result.get('profile', []):
     print(f'{ms:9.1f} ms  {part}')
   print(summary(result))

@@ -29,6 +29,10 @@ ones). Outputs (`DecodeOutput`):
 `python -m t5x_lite.decoding --bench` prints decoding speed on a tiny T5.
 """
 
+if __name__ == '__main__':  # a run starts here: tune the host before jax and TensorFlow load
+  from t5x_lite import host  # pylint: disable=g-import-not-at-top
+  host.prepare()
+
 import argparse
 import functools
 import time

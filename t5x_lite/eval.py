@@ -7,6 +7,10 @@ Writes MODEL_DIR/eval/metrics.json (task -> metrics, the GLUE / SuperGLUE
 averages) and one `<task>.jsonl` of predictions per task, and prints the table.
 """
 
+if __name__ == '__main__':  # a run starts here: tune the host before jax and TensorFlow load
+  from t5x_lite import host  # pylint: disable=g-import-not-at-top
+  host.prepare()
+
 import os
 from typing import Any, Mapping, Optional, Sequence
 

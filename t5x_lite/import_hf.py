@@ -16,6 +16,10 @@ To fine-tune from it, in a run gin:
   INITIAL_CHECKPOINT_PATH = 'OUT/checkpoint'
 """
 
+if __name__ == '__main__':  # a run starts here: tune the host before jax and TensorFlow load
+  from t5x_lite import host  # pylint: disable=g-import-not-at-top
+  host.prepare()
+
 import argparse
 import logging
 import os

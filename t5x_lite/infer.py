@@ -9,6 +9,10 @@ Each output line is {"inputs", "outputs", "score"} (plus "targets" for a task
 split), in input order, written to MODEL_DIR/infer/<name>.jsonl.
 """
 
+if __name__ == '__main__':  # a run starts here: tune the host before jax and TensorFlow load
+  from t5x_lite import host  # pylint: disable=g-import-not-at-top
+  host.prepare()
+
 import json
 import os
 from typing import Any, Mapping, Optional, Sequence

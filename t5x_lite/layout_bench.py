@@ -15,10 +15,12 @@ import statistics
 import sys
 import time
 
-if 'jax' not in sys.modules and 'xla_force_host_platform_device_count' not in os.environ.get(
-    'XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                             ' --xla_force_host_platform_device_count=8').strip()
+if __name__ == '__main__':  # a run starts here: tune the host before jax and TensorFlow load
+  if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                               ' --xla_force_host_platform_device_count=8').strip()
+  from t5x_lite import host  # pylint: disable=g-import-not-at-top
+  host.prepare()
 
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top

@@ -12,6 +12,10 @@ one line "does not fit: ..." (status 2) when the step needs more HBM than a
 device has. Needs libtpu: `pip install -e .[tpu]`.
 """
 
+if __name__ == '__main__':  # a run starts here: tune the host before jax and TensorFlow load
+  from t5x_lite import host  # pylint: disable=g-import-not-at-top
+  host.prepare()
+
 import dataclasses
 import importlib.util
 import inspect
@@ -24,8 +28,8 @@ import gin
 import jax
 import numpy as np
 
-import t5x_lite
 from t5x_lite import gin_utils
+from t5x_lite import host
 from t5x_lite import trainer as trainer_lib
 from t5x_lite import train as train_script
 from t5x_lite.errors import UserError
@@ -82,7 +86,7 @@ def tpu_slice(topology: str) -> Slice:
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   chip = CHIPS[match.group(1)]
   num_chips = math.prod(int(d) for d in match.group(2).split('x'))
-  if not t5x_lite.host_has_tpu():
+  if not host.host_has_tpu():
     # libtpu reads the slice from the TPU VM's metadata and warns without it;
     # with no chip here to guard, compiling processes need not lock each other out.
     accelerator_type = f'{chip.accelerator_type}-{num_chips * chip.cores}'

@@ -12,6 +12,10 @@ log-probs). Training with the same gin files and that path reads them into
 each batch instead of running the reference model.
 """
 
+if __name__ == '__main__':  # a run starts here: tune the host before jax and TensorFlow load
+  from t5x_lite import host  # pylint: disable=g-import-not-at-top
+  host.prepare()
+
 import io
 import os
 from typing import Mapping, Optional, Sequence

@@ -15,6 +15,10 @@ with is_classification and its instances) and OUTPUT_DIR/self_instruct_stats.jso
 (counts per stage and filter reason).
 """
 
+if __name__ == '__main__':  # a run starts here: tune the host before jax and TensorFlow load
+  from t5x_lite import host  # pylint: disable=g-import-not-at-top
+  host.prepare()
+
 import collections
 import json
 import logging

@@ -7,6 +7,10 @@ Re-running the same command resumes from the latest checkpoint in MODEL_DIR.
 SIGTERM (a preempted VM) saves a checkpoint before exiting.
 """
 
+if __name__ == '__main__':  # a run starts here: tune the host before jax and TensorFlow load
+  from t5x_lite import host  # pylint: disable=g-import-not-at-top
+  host.prepare()
+
 import json
 import math
 import os

@@ -5,6 +5,12 @@ import os
 import subprocess
 import sys
 
+from t5x_lite import host
+
+# The test processes run as an entry point does (the CPU platform where libtpu
+# finds no chip, quiet TensorFlow, the malloc policy), set before jax loads.
+host.prepare()
+
 import jax
 import pytest
 from flax import linen as nn

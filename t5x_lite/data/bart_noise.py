@@ -81,6 +81,10 @@ replaced by a mask).
 prints text-infilling statistics over documents of the embedded corpus.
 """
 
+if __name__ == '__main__':  # a run starts here: tune the host before jax and TensorFlow load
+  from t5x_lite import host  # pylint: disable=g-import-not-at-top
+  host.prepare()
+
 import argparse
 import math
 

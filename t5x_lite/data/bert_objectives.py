@@ -54,6 +54,10 @@ ids are looked up by token string).
 prints the MLM and NSP statistics over the embedded corpus.
 """
 
+if __name__ == '__main__':  # a run starts here: tune the host before jax and TensorFlow load
+  from t5x_lite import host  # pylint: disable=g-import-not-at-top
+  host.prepare()
+
 import argparse
 
 import numpy as np

@@ -16,6 +16,10 @@ gives the same model. seqio adds the 100 extra ids (`<extra_id_*>`: T5's
 sentinels, BART's mask) on top: see `t5x_lite.data.vocab`.
 """
 
+if __name__ == '__main__':  # a run starts here: tune the host first
+  from t5x_lite import host  # pylint: disable=g-import-not-at-top
+  host.prepare(tensorflow=False)
+
 import argparse
 import io
 import os

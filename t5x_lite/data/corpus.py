@@ -12,6 +12,10 @@ by path, then definitions in source order), so the corpus is identical across
 runs on the same Python version.
 """
 
+if __name__ == '__main__':  # a run starts here: tune the host first
+  from t5x_lite import host  # pylint: disable=g-import-not-at-top
+  host.prepare(tensorflow=False)
+
 import ast
 import functools
 import hashlib

@@ -14,9 +14,6 @@ import tensorflow as tf
 
 from t5x_lite.errors import UserError
 
-# TensorFlow is here only to read data: keep it off the accelerators.
-tf.config.set_visible_devices([], 'GPU')
-
 
 def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
   import tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the built-in tasks)

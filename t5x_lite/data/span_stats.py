@@ -11,6 +11,10 @@ included, over 512 and 114). T5 expects a noise fraction near 0.15, ~28
 sentinels and fills of 1.0 for full examples.
 """
 
+if __name__ == '__main__':  # a run starts here: tune the host before jax and TensorFlow load
+  from t5x_lite import host  # pylint: disable=g-import-not-at-top
+  host.prepare()
+
 import argparse
 
 import numpy as np
@@ -74,7 +78,6 @@ def main(argv=None):
   parser.add_argument('--num_docs', type=int, default=1000)
   parser.add_argument('--seed', type=int, default=0)
   args = parser.parse_args(argv)
-  tf.config.set_visible_devices([], 'GPU')
   docs = corpus.split_documents('train')
   rng = np.random.default_rng(args.seed)
   picked = [docs[i] for i in rng.choice(len(docs), args.num_docs,

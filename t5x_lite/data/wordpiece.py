@@ -23,6 +23,10 @@ BERT), dropping `[PAD]`. There is no EOS (`eos_id` is None): BERT inputs are
 framed by `[CLS]` / `[SEP]`, which the preprocessors add.
 """
 
+if __name__ == '__main__':  # a run starts here: tune the host before jax and TensorFlow load
+  from t5x_lite import host  # pylint: disable=g-import-not-at-top
+  host.prepare()
+
 import argparse
 import functools
 import os
