@@ -2,7 +2,7 @@
 
     python -m t5x_lite.benchmark --gin_file=gin/bench_t5_cpu.gin [--gin.NAME=VALUE ...]
         [--mode=train|decode|train,decode] [--steps=N] [--decode_runs=N]
-        [--input_seconds=S] [--profile=N]
+        [--input_seconds=S] [--profile=N] [--peak_flops=F]
 
 The gin is a training gin: `train_script.train`'s bindings give the model,
 optimizer, task, feature lengths, batch size, partitioner, vocabulary and
@@ -65,6 +65,16 @@ update are left out, which is why XLA's count is somewhat higher.
 `xla_flops_per_step` is XLA's cost analysis of the compiled (partitioned)
 step times the devices of the mesh; `roofline_fraction` is the achieved
 model FLOP/s per device over the roofline of one device.
+
+`mfu` (model FLOPs utilisation) is the achieved model FLOP/s per device over
+the device's dense bfloat16 peak, `peak_flops_per_second`: looked up by the
+device's name in PEAK_BF16_FLOPS, or given with --peak_flops=F (FLOP/s of one
+device); null where neither gives one (a CPU). It uses that peak whatever the
+step's dtype, so a float32 step's MFU says how far it is from the chip's
+bfloat16 ceiling.
+
+`kernels` says which model kernels the step ran on ('plain' or 'cpu', see
+t5x_lite.ops).
 """
 
 if __name__ == '__main__':  # a run starts here: tune the host before jax and TensorFlow load
@@ -75,6 +85,7 @@ import functools
 import json
 import math
 import os
+import re
 import resource
 import statistics
 import sys
@@ -87,6 +98,7 @@ import numpy as np
 
 from t5x_lite import gin_utils
 from t5x_lite import host
+from t5x_lite import ops
 from t5x_lite import precompile
 from t5x_lite import trainer as trainer_lib
 from t5x_lite.data import pipeline
@@ -95,6 +107,30 @@ from t5x_lite.errors import UserError
 
 ROOFLINE_SIZE = 2048
 DECODE_BEAMS = 4
+
+# Dense (not 2:4 sparse) bfloat16 peak FLOP/s of one device, by the device's
+# name as torch.cuda.get_device_name() and jax's `device_kind` give it
+# ('NVIDIA H100 80GB HBM3', 'TPU v5 lite'): the first key found in the
+# lower-cased name as whole words wins, so the more specific keys come first.
+# From the vendors' data sheets, at boost clock; --peak_flops overrides.
+PEAK_BF16_FLOPS = (
+    ('h100 pcie', 756e12),
+    ('h100 nvl', 835e12),
+    ('h100', 989e12),  # SXM
+    ('h200 nvl', 835e12),
+    ('h200', 989e12),  # SXM
+    ('gh200', 989e12),
+    ('a100', 312e12),
+    ('l40s', 362e12),
+    ('l4', 121e12),
+    ('tpu v4', 275e12),
+    ('tpu v5 lite', 197e12),
+    ('tpu v5e', 197e12),
+    ('tpu v5p', 459e12),
+    ('tpu v5', 459e12),  # v5p
+    ('tpu v6 lite', 918e12),
+    ('tpu v6e', 918e12),
+)
 
 
 def model_flops_per_step(config: Any, batch_shapes: Mapping[str, Any],
@@ -154,6 +190,23 @@ def matmul_roofline(size: int = ROOFLINE_SIZE, repeats: int = 5, dot: Any = None
     dot(*operands)
     times.append(time.perf_counter() - start)
   return 2 * size**3 / statistics.median(times)
+
+
+def peak_flops(device_name: str) -> Optional[float]:
+  """The dense bfloat16 peak FLOP/s of a device by its name (PEAK_BF16_FLOPS),
+  None for a device not listed (CPUs among them)."""
+  name = ' '.join(re.split(r'[\s_-]+', device_name.lower()))
+  for key, flops in PEAK_BF16_FLOPS:
+    if re.search(rf'(?<![a-z0-9]){re.escape(key)}(?![a-z0-9])', name):
+      return flops
+  return None
+
+
+def mfu(model_flops: float, seconds: float, peak: Optional[float],
+        devices: int = 1) -> Optional[float]:
+  """Model FLOPs utilisation: model FLOPs per step / step seconds / devices /
+  one device's peak FLOP/s (None without a peak)."""
+  return model_flops / seconds / devices / peak if peak else None
 
 
 def input_throughput(ds: Any, seconds: float) -> float:
@@ -219,8 +272,10 @@ def setup(args: Mapping[str, Any]) -> _Run:
 
 
 def benchmark_train(run: _Run, optimizer: Any, steps: int = 20, input_seconds: float = 3.0,
-                    profile: int = 0) -> tuple[dict[str, Any], Any]:
-  """(train-step speed, FLOPs and input-pipeline headroom, the final params)."""
+                    profile: int = 0, peak: Optional[float] = None) -> tuple[dict[str, Any], Any]:
+  """(train-step speed, FLOPs, MFU and input-pipeline headroom, the final
+  params); `peak`: one device's peak FLOP/s for the MFU (default: looked up
+  by the mesh's device name)."""
   trainer = trainer_lib.Trainer(run.model, optimizer, run.partitioner, run.batch_shapes)
   compile_seconds = trainer.compile()
   step_fn = trainer.train_step
@@ -247,6 +302,7 @@ def benchmark_train(run: _Run, optimizer: Any, steps: int = 20, input_seconds: f
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_params))
   achieved = model_flops / seconds
   devices = run.partitioner.mesh.size
+  peak = peak or peak_flops(run.partitioner.mesh.devices.flat[0].device_kind)
   per_device = xla_flops(step_fn)
   loss = float(metrics['loss'])
   return {
@@ -265,6 +321,8 @@ def benchmark_train(run: _Run, optimizer: Any, steps: int = 20, input_seconds: f
       'model_flops_per_second': achieved,
       'roofline_flops_per_second': roofline,
       'roofline_fraction': achieved / devices / roofline,
+      'peak_flops_per_second': peak,
+      'mfu': mfu(model_flops, seconds, peak, devices),
       'input_batches_per_second': input_batches,
       'input_examples_per_second': input_batches * run.batch_size,
       'step_batches_per_second': 1 / seconds,
@@ -388,14 +446,16 @@ def summary(result: Mapping[str, Any]) -> str:
         f"{result['model_flops_per_second'] / 1e9:.1f} GFLOP/s = "
         f"{100 * result['roofline_fraction']:.0f}% of the "
         f"{result['roofline_flops_per_second'] / 1e9:.0f} GFLOP/s matmul roofline, "
-        f"input pipeline {result['input_to_step_ratio']:.1f}x the step's rate")
+        + (f"MFU {100 * result['mfu']:.1f}% of {result['peak_flops_per_second'] / 1e12:.0f} "
+           f"TFLOP/s, " if result.get('mfu') else '')
+        + f"input pipeline {result['input_to_step_ratio']:.1f}x the step's rate")
   if 'greedy_tokens_per_second' in result:
     beam = f'beam{DECODE_BEAMS}'
     parts.append(f"decode {result['decode_batch_size']} x {result['decode_length']}: greedy "
                  f"{result['greedy_tokens_per_second']:,.0f} tokens/s, {beam} "
                  f"{result[f'{beam}_tokens_per_second']:,.0f} tokens/s")
   parts.append(f"peak RSS {result['peak_host_bytes'] / 2**30:.2f} GiB "
-               f"(host malloc {result['host_malloc']})")
+               f"(host malloc {result['host_malloc']}, {result.get('kernels')} kernels)")
   return '; '.join(parts)
 
 
@@ -436,6 +496,7 @@ def main(argv: Sequence[str]) -> None:
   decode_runs = _number(_pop_option(argv, 'decode_runs'), 'decode_runs', int, 3)
   input_seconds = _number(_pop_option(argv, 'input_seconds'), 'input_seconds', float, 3.0)
   profile = _number(_pop_option(argv, 'profile'), 'profile', int, 0)
+  peak = _number(_pop_option(argv, 'peak_flops'), 'peak_flops', float, None)
   gin_utils.parse_gin(*gin_utils.parse_flags(argv))
   args = precompile.train_arguments(jax.devices())
   run = setup(args)
@@ -443,13 +504,13 @@ def main(argv: Sequence[str]) -> None:
   params = None
   if 'train' in modes:
     train_result, params = benchmark_train(run, args['optimizer'], steps, input_seconds,
-                                           profile)
+                                           profile, peak)
     result.update(train_result)
   if 'decode' in modes:
     result.update(benchmark_decode(run, random_params(run) if params is None else params,
                                    decode_runs))
   result.update(peak_host_bytes=peak_host_bytes(), peak_device_bytes=peak_device_bytes(),
-                host_malloc=host.malloc_policy())
+                host_malloc=host.malloc_policy(), kernels=ops.active())
   for ms, part in result.get('profile', []):
     print(f'{ms:9.1f} ms  {part}')
   print(summary(result))
