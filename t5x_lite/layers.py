@@ -84,10 +84,8 @@ def lookup(table: Array, ids: Array, axis: int, dtype: DType) -> Array:
   """`table` gathered at `ids` along `axis`, then cast to `dtype`.
 
   Cast after the gather, so that the gradient's scatter-add accumulates in the
-  table's (param) dtype. A bfloat16 scatter-add runs as compare-and-swap loops
-  on GPU: the relative position bias's backward pass of the bench model took
-  1.27 s that way on an H200, against 0.86 ms in float32 (the whole train step:
-  14 ms); and summing more than 256 ones in bfloat16 is inexact.
+  table's (param) dtype: a bfloat16 scatter-add runs as slow compare-and-swap
+  loops on GPU, and summing more than 256 ones in bfloat16 is inexact.
   """
   return jnp.take(table, ids, axis=axis).astype(canonicalize_dtype(dtype))
 

@@ -83,3 +83,13 @@ def assert_logical_names(model, batch, allowed, unnamed_last_axis=()):
     if any(part in jax.tree_util.keystr(path) for part in unnamed_last_axis):
       names = names[:-1]
     assert all(name in allowed for name in names), (path, spec)
+
+
+@pytest.fixture(params=['cpu', 'plain'])
+def kernels(request):
+  """Runs a test once on each model kernel setting (see t5x_lite.ops)."""
+  from t5x_lite import ops  # pylint: disable=g-import-not-at-top
+  jax.clear_caches()  # the setting is read when a function is traced
+  with ops.use_kernels(request.param):
+    yield request.param
+  jax.clear_caches()

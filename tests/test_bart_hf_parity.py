@@ -79,7 +79,7 @@ def run_hf(model, batch):
 
 
 @pytest.mark.parametrize('scale_embedding', [False, True])
-def test_logits_and_loss_match_hf(scale_embedding, tmp_path):
+def test_logits_and_loss_match_hf(scale_embedding, tmp_path, kernels):
   """Through `hf.load` on a `save_pretrained` directory."""
   hf = random_hf_model(seed=int(scale_embedding),
                        scale_embedding=scale_embedding)

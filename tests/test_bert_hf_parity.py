@@ -64,7 +64,7 @@ def test_bert_base_param_count_matches_hf():
   assert ours == sum(p.numel() for p in hf.parameters()) == 110_106_428
 
 
-def test_logits_and_loss_match_hf():
+def test_logits_and_loss_match_hf(kernels):
   cfg = SMALL
   hf = random_hf_model(cfg)
   state = {k: v.numpy() for k, v in hf.state_dict().items()}

@@ -86,7 +86,7 @@ def test_gpt2_small_param_count_matches_hf():
       dec.GPT2_SMALL)
 
 
-def test_logits_loss_and_causality_match_hf(tmp_path):
+def test_logits_loss_and_causality_match_hf(tmp_path, kernels):
   """Through `hf.load` on a `save_pretrained` directory."""
   cfg = SMALL
   hf = random_hf_model(cfg)

@@ -69,7 +69,7 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize('name', sorted(CONFIGS))
-def test_logits_and_loss_match_hf(name):
+def test_logits_and_loss_match_hf(name, kernels):
   cfg = CONFIGS[name]
   model = ed.EncoderDecoderModel(cfg, z_loss=0.0)
   batch = make_batch(np.random.default_rng(0), 3, 40, 36, cfg.vocab_size,

@@ -262,7 +262,6 @@ class BartNetwork(nn.Module):
     `decoder_positions` [B,T] see the cache slots up to their own position;
     `encoded` is read on the first call only; `encoder_mask` [B,S].
     """
-    cfg = self.config
     tokens = decoder_input_tokens.astype(jnp.int32)
     self_mask = common.decode_self_mask(decoder_positions, cache_length)
     cross_mask = layers.make_attention_mask(None, encoder_mask)

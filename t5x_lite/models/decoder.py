@@ -177,7 +177,6 @@ class GPTNetwork(nn.Module):
     to their own position (`cache_length` slots in all), and with
     `prefix_lengths` [B] every slot of the prompt (prefix LM).
     """
-    cfg = self.config
     tokens = decoder_input_tokens.astype(jnp.int32)
     x = self.token_embedder(tokens) + self.position_embedder(decoder_positions)
     x = layers.constrain(x, ('batch', 'length', 'embed'))
