@@ -10,6 +10,12 @@ per-device memory against the chip's HBM, the FLOPs of one step, the step time
 at the chip's peak and at half of it, and the days for TRAIN_STEPS. Exits with
 one line "does not fit: ..." (status 2) when the step needs more HBM than a
 device has. Needs libtpu: `pip install -e .[tpu]`.
+
+The model kernels are those of the slice, not of this host: the run's
+`ops.kernels.name` ('auto' unless bound) resolves for TPU, so 'auto' compiles
+the plain einsum path that training on the slice runs;
+`--gin.ops.kernels.name="'cpu'"` compiles the XLA:CPU kernels instead, to
+compare the two.
 """
 
 if __name__ == '__main__':  # a run starts here: tune the host before jax and TensorFlow load
@@ -30,6 +36,7 @@ import numpy as np
 
 from t5x_lite import gin_utils
 from t5x_lite import host
+from t5x_lite import ops
 from t5x_lite import trainer as trainer_lib
 from t5x_lite import train as train_script
 from t5x_lite.errors import UserError
@@ -151,6 +158,8 @@ class Report:
   flops: float
   step_seconds: float
   train_steps: int
+  kernels: str  # the model kernels compiled, 'plain' or 'cpu' (see t5x_lite.ops)
+  loop_factor: float = 1.0  # XLA's FLOP count x this = `flops` (see _loop_factor)
 
   @property
   def fits(self) -> bool:
@@ -178,6 +187,50 @@ def _out_of_memory(error: Exception, hbm_bytes: float) -> UserError:
   return does_not_fit(f'{float(used.group(1)) * scale[used.group(2)] / GiB:.2f} GiB', hbm_bytes)
 
 
+def _dot_flops(jaxpr: Any, repeat_scans: bool) -> float:
+  """Matmul FLOPs (2 per multiply-add) of `jaxpr` and the jaxprs inside it. A
+  scan's body counts `length` times, or once when not `repeat_scans`; a cond
+  counts its costliest branch."""
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'dot_general':
+      (contracting, _), _ = eqn.params['dimension_numbers']
+      lhs = eqn.invars[0].aval.shape
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contracting)
+      continue
+    inner = []
+    for value in eqn.params.values():
+      for v in value if isinstance(value, (tuple, list)) else (value,):
+        v = getattr(v, 'jaxpr', v)  # ClosedJaxpr -> Jaxpr
+        if hasattr(v, 'eqns'):
+          inner.append(_dot_flops(v, repeat_scans))
+    if not inner:
+      continue
+    if eqn.primitive.name == 'cond':
+      total += max(inner)
+    else:
+      times = eqn.params['length'] if repeat_scans and eqn.primitive.name == 'scan' else 1
+      total += times * sum(inner)
+  return total
+
+
+def _loop_factor(trainer: Any, compiled: Any) -> float:
+  """What XLA's FLOP count of a step with loops is multiplied by to count every
+  iteration. XLA's cost analysis counts a while loop's body once, so a step
+  with `scan_layers` would show one layer of each stack; the factor is the
+  step's matmul FLOPs with every scan body repeated over those with each body
+  once, both counted from its jaxpr (so the loops' other operations are taken
+  to be in the same proportion to their matmuls as in the whole step)."""
+  if not re.search(r'\bwhile\(', compiled.as_text() or ''):
+    return 1.0
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in trainer.batch_shapes.items()}
+  step = trainer._step  # pylint: disable=protected-access
+  with trainer.partitioner.activate():
+    jaxpr = jax.make_jaxpr(step)(trainer.abstract_state(), batch).jaxpr
+  once = _dot_flops(jaxpr, repeat_scans=False)
+  return _dot_flops(jaxpr, repeat_scans=True) / once if once else 1.0
+
+
 def precompile(topology: str) -> Report:
   """Compiles the gin-configured train step for `topology`; gin must be parsed."""
   tpu = tpu_slice(topology)
@@ -186,20 +239,24 @@ def precompile(topology: str) -> Report:
   partitioner.check_batch_size(args['batch_size'])
   shapes = batch_shapes(args['model'], args['task_feature_lengths'], args['batch_size'],
                         args['pack'])
-  trainer = trainer_lib.Trainer(args['model'], args['optimizer'], partitioner, shapes)
-  try:
-    seconds = trainer.compile()
-  except jax.errors.JaxRuntimeError as e:
-    if 'RESOURCE_EXHAUSTED' in str(e):
-      raise _out_of_memory(e, tpu.hbm_bytes_per_device) from None
-    raise
-  compiled = trainer.train_step
+  # Traced for the slice: 'auto' resolves against TPU, not this host's CPU.
+  with ops.use_kernels(gin_utils.kernels(), platform='tpu'):
+    kernels = ops.active()
+    trainer = trainer_lib.Trainer(args['model'], args['optimizer'], partitioner, shapes)
+    try:
+      seconds = trainer.compile()
+    except jax.errors.JaxRuntimeError as e:
+      if 'RESOURCE_EXHAUSTED' in str(e):
+        raise _out_of_memory(e, tpu.hbm_bytes_per_device) from None
+      raise
+    compiled = trainer.train_step
+    loop_factor = _loop_factor(trainer, compiled)
   memory = compiled.memory_analysis()
   total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
            - memory.alias_size_in_bytes + memory.temp_size_in_bytes
            + memory.generated_code_size_in_bytes)
   cost = compiled.cost_analysis()
-  flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
+  flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops']) * loop_factor
   return Report(mesh=dict(partitioner.mesh.shape),
                 compile_seconds=seconds,
                 argument_bytes=memory.argument_size_in_bytes,
@@ -209,17 +266,22 @@ def precompile(topology: str) -> Report:
                 hbm_bytes=tpu.hbm_bytes_per_device,
                 flops=flops,
                 step_seconds=flops / tpu.peak_flops_per_device,
-                train_steps=int(args['train_steps']))
+                train_steps=int(args['train_steps']),
+                kernels=kernels,
+                loop_factor=loop_factor)
 
 
 def describe(topology: str, report: Report) -> str:
   r = report
   return '\n'.join([
-      f'{topology}: mesh {r.mesh}; compiled the train step in {r.compile_seconds:.1f}s',
+      f'{topology}: mesh {r.mesh}; compiled the train step ({r.kernels} kernels) in '
+      f'{r.compile_seconds:.1f}s',
       f'per device: arguments {r.argument_bytes / GiB:.2f} GiB, outputs '
       f'{r.output_bytes / GiB:.2f} GiB, temporaries {r.temp_bytes / GiB:.2f} GiB, '
       f'total {r.total_bytes / GiB:.2f} GiB of {r.hbm_bytes / GiB:.2f} GiB HBM',
-      f'FLOPs per step per device: {r.flops:.3e}',
+      f'FLOPs per step per device: {r.flops:.3e}' + (
+          f" (XLA's count, which has each scanned loop's body once, x {r.loop_factor:.2f})"
+          if r.loop_factor != 1 else ''),
       f'step time: {r.step_seconds * 1e3:.1f} ms at peak, {2 * r.step_seconds * 1e3:.1f} ms '
       f'at 50% of peak',
       f'TRAIN_STEPS={r.train_steps:,}: {r.days():.2f} days at peak, '
