@@ -81,6 +81,7 @@ def test_compiles_for_the_slice(reports, name, devices, kind, hbm_gib, peak):
       r['argument_bytes'] + r['output_bytes'] + r['temp_bytes'] + 2**26)
   assert r['step_seconds'] == r['flops'] / peak
   assert r['flops'] > 0 and r['total_bytes'] < r['hbm_bytes']
+  assert r['kernels'] == 'plain'  # 'auto' resolves for the TPU compiled for, not this CPU host
 
 
 def test_step_is_the_gins_train_step(reports):
