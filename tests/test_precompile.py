@@ -11,10 +11,13 @@ import json
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from conftest import REPO, run_env
 from t5x_lite import host
+from t5x_lite import precompile
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
                                 reason='libtpu is not installed (pip install -e .[tpu])')
@@ -132,3 +135,16 @@ def test_cpu_host_starts_quietly_with_libtpu_installed():
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.strip() == "['cpu']"
   assert 'TPU' not in proc.stderr and 'libtpu' not in proc.stderr, proc.stderr
+
+
+def test_scanned_matmuls_count_once_per_iteration():
+  """XLA counts a loop body once; precompile's factor counts every scan iteration."""
+  w = np.ones((3, 4, 4), np.float32)
+
+  def step(x):
+    return jax.lax.scan(lambda h, wi: (h @ wi, None), x, w)[0] @ w[0]
+
+  jaxpr = jax.make_jaxpr(step)(np.ones((2, 4), np.float32)).jaxpr
+  one = 2 * 2 * 4 * 4  # one [2, 4] x [4, 4] product
+  assert precompile._dot_flops(jaxpr, repeat_scans=False) == 2 * one
+  assert precompile._dot_flops(jaxpr, repeat_scans=True) == 4 * one

@@ -56,12 +56,16 @@ def use_kernels(name: str, platform: Optional[str] = None) -> Iterator[None]:
     _setting.update(before)
 
 
+def _platform() -> str:
+  """The platform compiled for: the one given to `set_kernels`, else jax's default."""
+  return _setting['platform'] or jax.default_backend()
+
+
 def active() -> str:
   """'plain' or 'cpu': what the setting resolves to now."""
   if _setting['kernels'] != 'auto':
     return _setting['kernels']
-  platform = _setting['platform'] or jax.default_backend()
-  return 'cpu' if platform == 'cpu' else 'plain'
+  return 'cpu' if _platform() == 'cpu' else 'plain'
 
 
 def kv_layout() -> str:
@@ -80,8 +84,7 @@ def einsum(spec: str, a: Array, b: Array) -> Array:
 def _implementation(q: Array) -> Optional[str]:
   """cuDNN's fused kernel on GPU for 16-bit inputs, else XLA's
   (`implementation=None` means XLA in jax 0.10)."""
-  platform = _setting['platform'] or jax.default_backend()
-  if platform in ('gpu', 'cuda') and q.dtype in (jnp.bfloat16, jnp.float16):
+  if _platform() in ('gpu', 'cuda') and q.dtype in (jnp.bfloat16, jnp.float16):
     return 'cudnn'
   return None
 
