@@ -8,7 +8,11 @@ setuptools.setup(
     description='Pretrain, fine-tune, post-train and evaluate Transformer language models '
                 'in JAX/Flax, TPU-first and tested on CPU.',
     python_requires='>=3.11',
-    packages=setuptools.find_packages(include=['t5x_lite', 't5x_lite.*', 'tasks', 'tasks.*']),
+    # The task registry lives in tasks/ at the top of the repo and installs as
+    # t5x_lite.tasks (no top-level `tasks` module, which would shadow a user's own).
+    packages=(setuptools.find_packages(include=['t5x_lite', 't5x_lite.*'])
+              + ['t5x_lite.tasks']),
+    package_dir={'t5x_lite.tasks': 'tasks'},
     package_data={'t5x_lite.data': ['vocab/*.model', 'vocab/*.txt']},
     install_requires=[
         'jax>=0.10.2,<0.11',

@@ -251,9 +251,9 @@ class _Run(NamedTuple):
 
 def setup(args: Mapping[str, Any]) -> _Run:
   """The model, partitioner and input pipeline of `train_script.train`'s arguments."""
-  import tasks  # pylint: disable=g-import-not-at-top
+  import t5x_lite.tasks  # pylint: disable=g-import-not-at-top,unused-import  (the built-in tasks)
   model, name, batch_size = args['model'], args['mixture_or_task_name'], args['batch_size']
-  tasks.check_data_available(name, 'train')
+  pipeline.check_data_available(name, 'train')
   vocabulary = args.get('vocabulary')
   task = pipeline.with_vocabulary(pipeline.get_task_or_mixture(name), vocabulary)
   vocab_size = pipeline.output_vocab_size(task, vocabulary)

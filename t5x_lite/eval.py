@@ -19,6 +19,7 @@ import seqio
 
 from t5x_lite import evaluation
 from t5x_lite import gin_utils
+from t5x_lite.data import registry
 from t5x_lite.partitioning import Partitioner
 
 
@@ -39,15 +40,15 @@ def evaluate(*,
              vocabulary: Optional[seqio.Vocabulary] = None) -> list[evaluation.TaskResult]:
   """Evaluates `checkpoint_path` on every task of `mixture_or_task_name`; see the module doc."""
   partitioner = partitioner or Partitioner()
-  import tasks  # pylint: disable=g-import-not-at-top
-  tasks.check_data_available(mixture_or_task_name, split)
+  import t5x_lite.tasks  # pylint: disable=g-import-not-at-top,unused-import  (the built-in tasks)
+  registry.check_data_available(mixture_or_task_name, split)
   evaluator = evaluation.Evaluator(
       model, partitioner, task_feature_lengths, batch_size, split=split, mode=mode,
       decode=decode, num_examples=num_examples, few_shot_k=few_shot_k, seed=seed,
       vocabulary=vocabulary)
   todo = evaluation.eval_tasks(mixture_or_task_name, split)
   if mode == 'rank' and len(todo) > 1:  # a mixture: rank the tasks that have label words
-    skipped = [t.name for t in todo if not tasks.glue.label_words(t.name)]
+    skipped = [t.name for t in todo if not registry.label_words(t)]
     todo = [t for t in todo if t.name not in skipped]
     if skipped:
       print(f"rank classification skips {', '.join(skipped)} (no fixed label words; "

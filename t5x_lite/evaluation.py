@@ -13,10 +13,11 @@ metric functions (seqio's `fn(targets, predictions)`) see them:
                   'score' (sequence log-prob, or log p(class 1)), so that a
                   metric can rank a group's candidates (COPA, ReCoRD).
   mode='rank'     rank classification: every candidate label word of the task
-                  (`tasks.glue.label_words`) is scored with `model.score` and
-                  the best one is the prediction. With `few_shot_k > 0`, k
-                  demonstrations drawn from the train split (seeded, per
-                  example) are prepended to each input, as GPT-3 evaluated.
+                  (task metadata, `registry.label_words`) is scored with
+                  `model.score` and the best one is the prediction. With
+                  `few_shot_k > 0`, k demonstrations drawn from the train
+                  split (seeded, per example) are prepended to each input, as
+                  GPT-3 evaluated.
 
 Targets are the postprocessed `targets_pretokenized` (text-to-text) or `label`
 (classification) of each example.
@@ -34,6 +35,7 @@ import seqio
 import tensorflow as tf
 
 from t5x_lite.data import pipeline
+from t5x_lite.data import registry
 from t5x_lite.errors import UserError
 from t5x_lite.partitioning import Partitioner
 
@@ -212,8 +214,7 @@ class Evaluator:
 
   def _rank(self, params, task, examples):
     """Rank classification: the best-scoring label word per example."""
-    import tasks  # pylint: disable=g-import-not-at-top  (registers label words)
-    words = tasks.glue.label_words(task.name)
+    words = registry.label_words(task)
     if not words:
       raise UserError(f"task '{task.name}' has no candidate label words; evaluate it with "
                       "mode='predict'.")

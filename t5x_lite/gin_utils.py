@@ -10,6 +10,8 @@ from typing import Callable, Sequence
 import gin
 
 from t5x_lite import ops
+from t5x_lite.data import bart_noise
+from t5x_lite.data import settings as data_settings
 from t5x_lite.errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,16 +69,32 @@ def kernels(name: str = 'auto') -> str:
   return name
 
 
+def _bound(fn: Callable) -> dict:
+  """The arguments the parsed gin files bind for `fn`; {} when none mentions it."""
+  try:
+    return gin.get_bindings(fn)
+  except ValueError:
+    return {}
+
+
 def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
   """Parses gin files (each may `include` configs/...) and then the overrides,
-  and applies the run's kernel setting (see `kernels`)."""
+  and applies the run's kernel setting (see `kernels`) and data settings (the
+  bound `glue_sources.data_settings` and `bart_noise.bart_denoise` arguments,
+  passed to `t5x_lite.data.settings.use`)."""
   for search_path in (os.getcwd(), REPO_ROOT):
     gin.add_config_file_search_path(search_path)
   paths = [find_gin_file(f) for f in files]
   try:
     gin.parse_config_files_and_bindings(paths, bindings, finalize_config=False)
+  except UserError as e:  # raised by a module a gin file imports
+    raise UserError(f'gin: {one_line(e)}') from None
   except (ValueError, KeyError, SyntaxError, ImportError, AttributeError, TypeError) as e:
     message = one_line(e)
+    old_registry = re.match(r"No module named 'tasks(\.\w+)*'", message)
+    if isinstance(e, ImportError) and old_registry:
+      message = ('the task registry is `t5x_lite.tasks`: write `import t5x_lite.tasks` instead '
+                 f'of `import tasks`.{message[old_registry.end():]}')
     missing = re.search(r"In file \"([^\"]+)\", line (\d+); include '([^']+)'", message)
     if isinstance(e, TypeError) and missing:  # gin fails on an include it cannot find
       where, line, name = missing.groups()
@@ -91,6 +109,8 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
     ops.set_kernels(kernels())
   except ValueError as e:
     raise UserError(f'gin: ops.kernels.name: {e}') from None
+  data_settings.use(glue=data_settings.data_settings(**_bound(data_settings.data_settings)),
+                    bart_denoise=_bound(bart_noise.bart_denoise))
 
 
 def call_configured(fn: Callable, argv: Sequence[str]) -> None:

@@ -55,6 +55,7 @@ def infer(*,
           vocabulary: Optional[seqio.Vocabulary] = None) -> str:
   """Writes predictions for a task split or INPUT_FILE; returns the JSONL path."""
   partitioner = partitioner or Partitioner()
+  import t5x_lite.tasks  # pylint: disable=g-import-not-at-top,unused-import  (the built-in tasks)
   evaluator = evaluation.Evaluator(
       model, partitioner, task_feature_lengths, batch_size, split=split, decode=decode,
       num_examples=num_examples, seed=seed, vocabulary=vocabulary)

@@ -61,8 +61,8 @@ def precompute(*,
   if jax.process_count() > 1:
     raise UserError('run precompute_reference in a single process (one host); the file it '
                     'writes serves every host of the training run.')
-  import tasks  # pylint: disable=g-import-not-at-top
-  tasks.check_data_available(mixture_or_task_name)
+  import t5x_lite.tasks  # pylint: disable=g-import-not-at-top,unused-import  (the built-in tasks)
+  pipeline.check_data_available(mixture_or_task_name)
   partitioner = partitioner or Partitioner()
   partitioner.check_batch_size(batch_size)
   task = pipeline.get_task_or_mixture(mixture_or_task_name)

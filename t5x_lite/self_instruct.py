@@ -414,7 +414,7 @@ def self_instruct(*,
   """Runs Self-Instruct with `model` as the generator; writes the JSONL and stats.
 
   `seed_tasks`: a seed_tasks.jsonl; None reads self_instruct/seed_tasks.jsonl
-  of the instruction samples directory (`tasks.instructions.data_dir()`).
+  of the instruction samples directory (`t5x_lite.tasks.instructions.data_dir()`).
   `generate` (prompts -> continuations) replaces the model when given.
   Returns the stats (with the output paths under 'files').
   """
@@ -423,7 +423,7 @@ def self_instruct(*,
                     f'exceeds the model max_positions={model.config.max_positions}; lower one.')
   start = time.time()
   if seed_tasks is None:
-    from tasks import instructions  # pylint: disable=g-import-not-at-top
+    from t5x_lite.tasks import instructions  # pylint: disable=g-import-not-at-top
     seed_tasks = os.path.join(instructions.data_dir(), 'self_instruct', 'seed_tasks.jsonl')
   tasks = load_seed_tasks(seed_tasks)
   classify = None

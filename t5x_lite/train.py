@@ -132,8 +132,8 @@ def train(*,
   is_main = jax.process_index() == 0
   say = print if is_main else (lambda *a, **k: None)
   say(f'MODEL_DIR: {model_dir}')
-  import tasks  # pylint: disable=g-import-not-at-top
-  tasks.check_data_available(mixture_or_task_name, 'train')  # stops at once when data is missing
+  import t5x_lite.tasks  # pylint: disable=g-import-not-at-top,unused-import  (the built-in tasks)
+  pipeline.check_data_available(mixture_or_task_name, 'train')  # stops at once when data is missing
   os.makedirs(model_dir, exist_ok=True)
   task = pipeline.with_vocabulary(pipeline.get_task_or_mixture(mixture_or_task_name), vocabulary)
   _check_vocab(model, pipeline.output_vocab_size(task, vocabulary))

@@ -1,10 +1,10 @@
-"""seqio Task registrations. Importing `tasks` registers:
+"""seqio Task registrations. `import t5x_lite.tasks` (in gin or Python) registers:
 
 - `embedded_bert_pretraining`: BERT NSP pairs + 15% MLM (80/10/10) over the
   embedded corpus, with the embedded WordPiece vocabulary.
 - `wikipedia_bert_pretraining`: the same over TFDS `wikipedia/20230601.en`
   (prepared in $TFDS_DATA_DIR; missing data is a `UserError` at once).
-  `tasks.bert.register_bert_books_wiki_mixture(paths)` adds your BooksCorpus
+  `t5x_lite.tasks.bert.register_bert_books_wiki_mixture(paths)` adds your BooksCorpus
   files and mixes the two at BERT's 2,500 : 800 (million words).
 - `embedded_lm` / `embedded_prefix_lm`: GPT causal LM (documents + EOS,
   concatenated, cut to the 'targets' length) and prefix LM (random split of
@@ -12,10 +12,11 @@
   embedded BPE vocabulary.
 - `embedded_bart_denoising`: BART sentence permutation + text infilling over
   the embedded corpus, embedded BPE vocabulary.
-- GLUE / SuperGLUE (`tasks.glue`): T5's text-to-text tasks glue_*_v002 and
+- GLUE / SuperGLUE (`t5x_lite.tasks.glue`): T5's text-to-text tasks glue_*_v002 and
   super_glue_*_v102 with the mixtures glue_v002_proportional and
   super_glue_v102_proportional, read from TFDS or the original files (see
-  `t5x_lite.data.glue_sources.data_settings`).
+  `t5x_lite.data.glue_sources.data_settings`); classification tasks carry
+  their label words as task metadata (`t5x_lite.data.registry.label_words`).
 - `embedded_span_corruption`: T5 span corruption over the embedded corpus
   (the stdlib documentation; always available; splits train / validation).
 - `c4_v220_span_corruption`: T5 span corruption over TFDS `c4/en:3.1.0` (the
@@ -29,35 +30,42 @@ Both use the embedded 8k vocabulary (+100 sentinels); plug in another with
 
 Recipe, your own corpus:
 
-    import tasks
-    tasks.register_span_corruption_task(
+    import t5x_lite.tasks
+    t5x_lite.tasks.register_span_corruption_task(
         'my_corpus_span', paths='/data/my_corpus/*.jsonl', file_format='jsonl',
         text_key='text', validation_paths='/data/my_corpus/valid.jsonl')
 
 then train with MIXTURE_OR_TASK_NAME = 'my_corpus_span'.
 
-Instruction tuning (`tasks.instructions`): prompt / response tasks over local
+Instruction tuning (`t5x_lite.tasks.instructions`): prompt / response tasks over local
 instruction files (Alpaca, Dolly, chat, Super-NaturalInstructions,
 Self-Instruct; `register_instruction_task`), Flan-style GLUE / SuperGLUE
 instructions (glue_sst2_instruct, ...), SNI train / held-out mixtures and
 `register_instruction_mixture`; names ending in '_gpt' are the GPT family's.
 
-Preference pairs (`tasks.preferences`): DPO tasks over local pair files
+Preference pairs (`t5x_lite.tasks.preferences`): DPO tasks over local pair files
 (`register_preference_task`; HH-RLHF, LLaMA-Factory sharegpt, plain
 prompt / chosen / rejected) and the shared samples' `preference_mixture`.
 """
 
-from tasks.span import C4_TFDS_NAME
-from tasks.span import check_data_available
-from tasks.span import register_span_corruption_task
-from tasks.span import span_corruption_output_features
-from tasks.span import span_corruption_preprocessors
-from tasks.bert import bert_output_features
-from tasks.bert import bert_preprocessors
-from tasks import lm
-from tasks import bart
-from tasks import bert
-from tasks import glue
-from tasks import glue_cls
-from tasks import instructions
-from tasks import preferences
+from t5x_lite.errors import UserError
+
+if __name__ != 't5x_lite.tasks':  # the repo's tasks/ folder imported as a top-level `tasks`
+  raise UserError('the task registry is `t5x_lite.tasks`: write `import t5x_lite.tasks` '
+                  f"instead of `import {__name__}`.")
+
+# pylint: disable=g-bad-import-order,wrong-import-position
+from t5x_lite.data.registry import check_data_available
+from t5x_lite.tasks.span import C4_TFDS_NAME
+from t5x_lite.tasks.span import register_span_corruption_task
+from t5x_lite.tasks.span import span_corruption_output_features
+from t5x_lite.tasks.span import span_corruption_preprocessors
+from t5x_lite.tasks.bert import bert_output_features
+from t5x_lite.tasks.bert import bert_preprocessors
+from t5x_lite.tasks import lm
+from t5x_lite.tasks import bart
+from t5x_lite.tasks import bert
+from t5x_lite.tasks import glue
+from t5x_lite.tasks import glue_cls
+from t5x_lite.tasks import instructions
+from t5x_lite.tasks import preferences

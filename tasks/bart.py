@@ -3,17 +3,19 @@
 Each document (cut into pieces of at most targets - 1 tokens) is noised with
 the paper's best combination, sentence permutation + text infilling (30% of
 tokens in Poisson(3) spans, each replaced by one [MASK] = `<extra_id_0>`), and
-the decoder reconstructs the original piece. Other schemes plug in by gin:
-`bart_noise.bart_denoise.schemes = [...]` (see `t5x_lite.data.bart_noise`).
+the decoder reconstructs the original piece. Other schemes plug in by gin,
+`bart_noise.bart_denoise.schemes = [...]` (see `t5x_lite.data.bart_noise`):
+the entry point passes the bound arguments in as the run's
+`settings.bart_denoise()` (see `t5x_lite.data.settings`).
 """
 
 import functools
 
-import gin
 import seqio
 
 from t5x_lite.data import bart_noise
 from t5x_lite.data import lm
+from t5x_lite.data import settings
 from t5x_lite.data import sources
 from t5x_lite.data import vocab as vocab_lib
 
@@ -25,12 +27,9 @@ def bart_output_features(vocabulary=None):
 
 
 def _denoise(dataset, sequence_length, output_features):
-  """`bart_noise.bart_denoise`, with the arguments a gin file binds, if any."""
-  try:
-    fn = gin.get_configurable(bart_noise.bart_denoise)
-  except ValueError:  # no gin file mentions it
-    fn = bart_noise.bart_denoise
-  return fn(dataset, sequence_length, output_features)
+  """`bart_noise.bart_denoise` with the run's arguments for it, if any."""
+  return bart_noise.bart_denoise(dataset, sequence_length, output_features,
+                                 **settings.bart_denoise())
 
 
 seqio.TaskRegistry.add(

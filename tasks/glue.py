@@ -24,8 +24,9 @@ Rows come from TFDS or the original files (`t5x_lite.data.glue_sources`; pick
 with `glue_sources.data_settings`). Postprocessors map generated text back to
 the label id (STS-B: a float; MultiRC and AX-g: {'group', 'value'} dicts;
 ReCoRD targets: the list of answers); text that is no label gives -1, which
-the metrics count as wrong. `label_words(task_name)` lists the candidate
-targets of a classification task (for rank classification).
+the metrics count as wrong. A classification task's registration carries its
+candidate targets as task metadata (`t5x_lite.data.registry.label_words`, for
+rank classification).
 
 Mixtures `glue_v002_proportional` and `super_glue_v102_proportional` mix the
 tasks by their number of training rows, capped at 2**19 (diagnostics left
@@ -41,12 +42,11 @@ import tensorflow as tf
 
 from t5x_lite import metrics
 from t5x_lite.data import glue_sources
+from t5x_lite.data import registry
 from t5x_lite.data import vocab as vocab_lib
 from t5x_lite.errors import UserError
 
 MAX_RATE = 2**19  # examples-proportional mixing limit K of the T5 paper
-
-_LABEL_WORDS = {}
 
 
 def output_features(vocabulary=None):
@@ -254,19 +254,16 @@ def axg_postprocessor(output, example=None, is_target=False):
 
 def label_words(task_name):
   """The candidate targets of a classification task, by class id; else None."""
-  words = _LABEL_WORDS.get(task_name)
-  return list(words) if words else None
+  return registry.label_words(task_name)
 
 
 def _add(name, benchmark, config, metric_fns, splits=None, postprocess_fn=None):
   classes = glue_sources.label_classes(benchmark, config)
   if postprocess_fn is None:
     postprocess_fn = label_postprocessor(classes)
-  if classes:
-    _LABEL_WORDS[name] = tuple(classes)
-  seqio.TaskRegistry.remove(name)
-  seqio.TaskRegistry.add(
+  registry.add_task(
       name,
+      label_words=classes,
       source=glue_sources.make_source(benchmark, config, splits=splits,
                                       name=name),
       preprocessors=text_preprocessors(benchmark, config) + [

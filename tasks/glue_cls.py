@@ -1,6 +1,6 @@
 """GLUE and SuperGLUE as classification tasks (BERT [CLS] / GPT-1 [EXTRACT] heads).
 
-Every text-to-text task of `tasks.glue` has a `_cls` twin (glue_sst2_v002_cls
+Every text-to-text task of `t5x_lite.tasks.glue` has a `_cls` twin (glue_sst2_v002_cls
 ... super_glue_axg_v102_cls) over the same rows (`data.glue_sources`) whose
 examples are `text_a`, optional `text_b` (token ids, no EOS), `label` (the
 TFDS class id, int64; STS-B: the float32 score) and the row ids; the feature
@@ -52,7 +52,7 @@ import tensorflow as tf
 from t5x_lite import metrics
 from t5x_lite.data import glue_sources
 from t5x_lite.data import wordpiece
-from tasks import glue  # noqa: F401  (registers the twins, whose metric fns we reuse)
+from t5x_lite.tasks import glue  # noqa: F401  (registers the twins, whose metric fns we reuse)
 
 _NUM_CLASSES = {}
 

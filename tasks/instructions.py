@@ -13,11 +13,11 @@ response is cut at its end, before the EOS.
 
 Your own files:
 
-    import tasks
-    tasks.instructions.register_instruction_task(
+    from t5x_lite.tasks import instructions
+    instructions.register_instruction_task(
         'my_chat_gpt', '/data/chat/*.jsonl', format='chat', num_validation=200,
         system_prompt='You are a helpful assistant.')
-    tasks.instructions.register_instruction_mixture(
+    instructions.register_instruction_mixture(
         'my_mixture_gpt', ['my_chat_gpt', 'alpaca_demo_gpt'], cap=3000)
 
 Built in, over the samples in `data_dir()` ($T5X_LITE_INSTRUCTIONS_DIR, else
@@ -63,7 +63,7 @@ from t5x_lite.data import instructions
 from t5x_lite.data import sources
 from t5x_lite.data import vocab as vocab_lib
 from t5x_lite.errors import UserError
-from tasks import glue
+from t5x_lite.tasks import glue
 
 DATA_DIR_ENV = 'T5X_LITE_INSTRUCTIONS_DIR'
 GPT_SUFFIX = '_gpt'

@@ -11,8 +11,8 @@ causal sequence), other names the embedded SentencePiece vocabulary (T5).
 
 Your own files:
 
-    import tasks
-    tasks.preferences.register_preference_task(
+    from t5x_lite.tasks import preferences
+    preferences.register_preference_task(
         'my_prefs_gpt', '/data/prefs/*.jsonl', format='pairs', num_validation=500)
 
 Built in, over the samples in ../shared/data/preferences next to the
@@ -33,7 +33,7 @@ import seqio
 import tensorflow as tf
 
 from t5x_lite.data import preferences
-from tasks import instructions as instruction_tasks
+from t5x_lite.tasks import instructions as instruction_tasks
 
 DATA_DIR_ENV = 'T5X_LITE_PREFERENCES_DIR'
 RESPONSES = ('chosen', 'rejected')

@@ -4,7 +4,6 @@ import functools
 
 import seqio
 
-from t5x_lite.data import glue_sources
 from t5x_lite.data import preprocessors
 from t5x_lite.data import sources
 from t5x_lite.data import vocab as vocab_lib
@@ -82,40 +81,6 @@ def register_span_corruption_task(name, paths, file_format='text',
   seqio.TaskRegistry.remove(name)
   _add(name, source, vocabulary)
   return seqio.get_mixture_or_task(name)
-
-
-def _tasks_of(name):
-  try:
-    task_or_mixture = seqio.get_mixture_or_task(name)
-  except ValueError:
-    raise UserError(
-        f'Unknown task or mixture {name!r}; import the module that registers '
-        "it (e.g. `tasks`) or fix MIXTURE_OR_TASK_NAME.") from None
-  if isinstance(task_or_mixture, seqio.Mixture):
-    return list(task_or_mixture.tasks)
-  return [task_or_mixture]
-
-
-def check_data_available(task_or_mixture_name, split=None):
-  """Raises UserError if any data a task or mixture reads (of `split`, when
-  given) is missing.
-
-  Call it before building models or compiling steps; a no-op for tasks whose
-  data is always present (the embedded corpus) or already checked (files).
-  """
-  for task in _tasks_of(task_or_mixture_name):
-    source = task.source
-    if isinstance(source, glue_sources.GlueSource):
-      source.check_available(split)
-    elif isinstance(source, sources.PreparedTfdsDataSource):
-      source.check_available()
-    elif isinstance(source, seqio.TfdsDataSource):
-      tfds_name = source.tfds_dataset.name
-      data_dir = sources.tfds_data_dir(source.tfds_dataset.data_dir)
-      if tfds_name and not sources.tfds_prepared_dirs(tfds_name, data_dir):
-        raise UserError(
-            f'TFDS dataset {tfds_name} for task {task.name} not found in data '
-            f'dir {data_dir}; prepare it with tfds into TFDS_DATA_DIR.')
 
 
 _add('embedded_span_corruption', sources.embedded_source())

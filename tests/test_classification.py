@@ -14,6 +14,8 @@ from flax import linen as nn
 from t5x_lite import checkpoints
 from t5x_lite import hf as t5x_lite_hf
 from t5x_lite.data import cls_features
+from t5x_lite.data import glue_sources
+from t5x_lite.data import settings
 from t5x_lite.data import wordpiece
 from t5x_lite.hf import bert as hf_bert
 from t5x_lite.models import classification as cls
@@ -329,17 +331,11 @@ def shared_files():
   import conftest  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(os.path.join(conftest.SHARED_DATA, 'glue')):
     pytest.skip('shared GLUE samples not present')
-  with gin.unlock_config():
-    gin.clear_config()
-    gin.parse_config(f"""
-        from __gin__ import dynamic_registration
-        from t5x_lite.data import glue_sources
-        glue_sources.data_settings.source = 'files'
-        glue_sources.data_settings.glue_dir = '{conftest.SHARED_DATA}/glue'
-        glue_sources.data_settings.super_glue_dir = '{conftest.SHARED_DATA}/super_glue'
-    """)
+  settings.use(glue=glue_sources.data_settings(
+      source='files', glue_dir=f'{conftest.SHARED_DATA}/glue',
+      super_glue_dir=f'{conftest.SHARED_DATA}/super_glue'))
   yield conftest.SHARED_DATA
-  gin.clear_config()
+  settings.use()
 
 
 def _first(task_name, n):
@@ -353,7 +349,7 @@ def _first(task_name, n):
 def test_cls_tasks_read_real_rows(shared_files):
   import csv  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
-  from tasks import glue_cls  # pylint: disable=g-import-not-at-top
+  from t5x_lite.tasks import glue_cls  # pylint: disable=g-import-not-at-top
   vocab = wordpiece.embedded_wordpiece_vocabulary()
   encode = lambda text: vocab.encode(text)
 
@@ -390,7 +386,7 @@ def test_cls_tasks_read_real_rows(shared_files):
 
 
 def test_grouped_candidates_decide_per_question():
-  from tasks import glue_cls  # pylint: disable=g-import-not-at-top
+  from t5x_lite.tasks import glue_cls  # pylint: disable=g-import-not-at-top
   row = {'passage': 'Anna met Bob in Paris.\n@highlight\nBob stayed',
          'query': 'Later, @placeholder went home.', 'entities': ['Anna', 'Bob', 'Paris'],
          'answers': ['Bob'], 'idx': {'passage': np.int32(3), 'query': np.int32(7)}}

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import read_metrics, run_env, REPO, SHARED_DATA
-from tasks import preferences as tp
+from t5x_lite.tasks import preferences as tp
 from t5x_lite import losses
 from t5x_lite import optimizers
 from t5x_lite import trainer as trainer_lib

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from t5x_lite import evaluation
 from t5x_lite import metrics
+from t5x_lite.data import registry
 from t5x_lite.data import vocab as vocab_lib
 from t5x_lite.errors import UserError
 from t5x_lite.partitioning import Partitioner
@@ -40,8 +41,9 @@ def _postprocess(text, example=None, is_target=False):
 TASK = 'test_evaluation_echo'
 if TASK not in seqio.TaskRegistry.names():
   vocab = vocab_lib.embedded_vocabulary()
-  seqio.TaskRegistry.add(
+  registry.add_task(
       TASK,
+      label_words=WORDS,  # the candidates of rank classification
       source=seqio.FunctionDataSource(_dataset, splits=('train', 'validation')),
       preprocessors=[seqio.map_over_dataset(_format), seqio.preprocessors.tokenize,
                      seqio.preprocessors.append_eos_after_trim],
@@ -103,12 +105,16 @@ def test_unknown_text_counts_wrong():
   assert result.metrics['accuracy'] == 0.0
 
 
-def test_rank_mode_picks_the_best_scored_label_word(monkeypatch):
-  import tasks  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(tasks.glue, 'label_words', lambda name: list(WORDS))
+def test_rank_mode_picks_the_best_scored_label_word():
   result = _evaluator(mode='rank').evaluate(None, _task())
   expected = 100 * sklearn.metrics.accuracy_score(LABELS, np.zeros(len(LABELS)))
   assert result.metrics['accuracy'] == pytest.approx(expected)
+
+
+def test_rank_mode_reads_the_label_words_from_the_task_metadata():
+  twin = _task().replace(name='test_evaluation_echo_no_words')  # same rows, no metadata
+  with pytest.raises(UserError, match="'test_evaluation_echo_no_words' has no candidate label"):
+    _evaluator(mode='rank').evaluate(None, twin)
 
 
 def test_num_examples_limits_the_split():
@@ -125,9 +131,7 @@ def test_bad_settings_are_user_errors():
     evaluation.eval_tasks(TASK, 'test')
 
 
-def test_few_shot_prompts_prepend_k_seeded_train_demonstrations(monkeypatch):
-  import tasks  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(tasks.glue, 'label_words', lambda name: list(WORDS))
+def test_few_shot_prompts_prepend_k_seeded_train_demonstrations():
   task = _task()
   vocab = task.output_features['inputs'].vocabulary
 

@@ -17,8 +17,11 @@ import seqio
 import tensorflow as tf
 
 from conftest import SHARED_DATA
-from tasks import glue  # registers the tasks and mixtures
+from t5x_lite import gin_utils
+from t5x_lite.tasks import glue  # registers the tasks and mixtures
 from t5x_lite.data import glue_sources
+from t5x_lite.data import registry
+from t5x_lite.data import settings
 from t5x_lite.errors import UserError
 
 GLUE = os.path.join(SHARED_DATA, 'glue')
@@ -103,19 +106,47 @@ def data_dirs(tmp_path_factory):
 
 @pytest.fixture
 def files(data_dirs):
-  """Binds glue_sources.data_settings to the local files, by gin."""
+  """The run's GLUE settings: the local files."""
   glue_dir, sg_dir = data_dirs
-  with gin.unlock_config():
-    gin.clear_config()
-    gin.parse_config(f"""
-        from __gin__ import dynamic_registration
-        from t5x_lite.data import glue_sources
-        glue_sources.data_settings.source = 'files'
-        glue_sources.data_settings.glue_dir = '{glue_dir}'
-        glue_sources.data_settings.super_glue_dir = '{sg_dir}'
-    """)
+  settings.use(glue=glue_sources.data_settings(source='files', glue_dir=glue_dir,
+                                               super_glue_dir=sg_dir))
   yield data_dirs
+  settings.use()
+
+
+def test_gin_bound_settings_are_passed_in_once(data_dirs, tmp_path):
+  """parse_gin hands the bound settings to the data layer; building a dataset
+  reads no gin (clearing the config afterwards changes nothing)."""
+  glue_dir, sg_dir = data_dirs
+  config = tmp_path / 'files.gin'
+  config.write_text(f"""
+from __gin__ import dynamic_registration
+from t5x_lite.data import glue_sources
+glue_sources.data_settings:
+  source = 'files'
+  glue_dir = '{glue_dir}'
+  super_glue_dir = '{sg_dir}'
+  on_bad_row = 'skip'
+""")
   gin.clear_config()
+  try:
+    gin_utils.parse_gin([str(config)], [])
+    gin.clear_config()
+    assert settings.glue() == glue_sources.DataSettings('files', glue_dir, sg_dir, None, 'skip')
+    with open(f'{GLUE}/SST-2/dev.tsv', encoding='utf-8') as f:
+      first = next(csv.DictReader(f, delimiter='\t', quoting=csv.QUOTE_NONE))
+    task = seqio.get_mixture_or_task('glue_sst2_v002')
+    ex = _first(task.get_dataset(None, split='validation', shuffle=False))
+    assert ex['inputs_pretokenized'].decode() == 'sst2 sentence: ' + first['sentence']
+    gin_utils.parse_gin([str(config)], ["glue_sources.data_settings.source = 'tfds'"])
+    assert settings.glue().source == 'tfds'
+    gin.clear_config()
+    (tmp_path / 'none.gin').write_text('X = 1\n')
+    gin_utils.parse_gin([str(tmp_path / 'none.gin')], [])
+    assert settings.glue() == glue_sources.DataSettings()  # a run that binds none: defaults
+  finally:
+    gin.clear_config()
+    settings.use()
 
 
 def _first(ds):
@@ -407,16 +438,17 @@ def test_formats_hold_on_every_row():
 def test_postprocessors_and_label_words():
   for name in ('glue_cola_v002', 'glue_mnli_v002', 'super_glue_cb_v102',
                'super_glue_copa_v102', 'super_glue_wsc_v102'):
-    words = glue.label_words(name)
+    words = registry.label_words(seqio.get_mixture_or_task(name))
     post = seqio.get_mixture_or_task(name).postprocess_fn
     assert [post(w) for w in words] == list(range(len(words)))
     assert [post(w.encode()) for w in words] == list(range(len(words)))
     assert post('maybe') == -1 and post('') == -1
   assert glue.label_words('super_glue_cb_v102') == [
       'entailment', 'contradiction', 'neutral']
-  assert glue.label_words('glue_stsb_v002') is None
-  assert glue.label_words('super_glue_record_v102') is None
-  assert glue.label_words('no_such_task') is None
+  assert registry.label_words('glue_rte_v002') == ['entailment', 'not_entailment']
+  assert registry.label_words('glue_stsb_v002') is None
+  assert registry.label_words('super_glue_record_v102') is None
+  assert registry.label_words('no_such_task') is None
 
   stsb = seqio.get_mixture_or_task('glue_stsb_v002').postprocess_fn
   assert stsb('3.8') == pytest.approx(3.8) and stsb(b'0.4') == pytest.approx(0.4)

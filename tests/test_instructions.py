@@ -4,7 +4,6 @@ import json
 import math
 import os
 
-import gin
 import jax
 import numpy as np
 import pytest
@@ -13,12 +12,14 @@ import tensorflow as tf
 from rouge_score import rouge_scorer
 
 from conftest import SHARED_DATA
-import tasks
-from tasks import instructions as ti
+from t5x_lite.tasks import instructions as ti
 from t5x_lite import metrics
 from t5x_lite import train as train_lib
 from t5x_lite.data import feature_converters as fc
+from t5x_lite.data import glue_sources
 from t5x_lite.data import instructions
+from t5x_lite.data import registry
+from t5x_lite.data import settings
 from t5x_lite.errors import UserError
 from t5x_lite.models import decoder
 
@@ -189,16 +190,10 @@ def test_rouge_l_is_best_over_references():
 
 @pytest.fixture
 def glue_files():
-  gin.clear_config()
-  gin.parse_config(f"""
-from __gin__ import dynamic_registration
-from t5x_lite.data import glue_sources
-glue_sources.data_settings.source = 'files'
-glue_sources.data_settings.glue_dir = '{SHARED_DATA}/glue'
-glue_sources.data_settings.super_glue_dir = '{SHARED_DATA}/super_glue'
-""")
+  settings.use(glue=glue_sources.data_settings(source='files', glue_dir=f'{SHARED_DATA}/glue',
+                                               super_glue_dir=f'{SHARED_DATA}/super_glue'))
   yield
-  gin.clear_config()
+  settings.use()
 
 
 @pytest.mark.parametrize('name,words', [
@@ -226,7 +221,7 @@ def test_glue_instructions(glue_files, name, words):  # pylint: disable=unused-a
       assert label_name == ('choice1', 'choice2')[label]
     else:
       assert ex['targets_pretokenized'].decode() == words[label]
-      classes = tasks.glue.label_words(glue_name)
+      classes = registry.label_words(glue_name)
       assert classes[label] == label_name
     targets.append(label)
     predictions.append(task.postprocess_fn(b'not a label', example=ex))

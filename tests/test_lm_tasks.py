@@ -3,7 +3,7 @@
 import numpy as np
 import seqio
 
-import tasks  # pylint: disable=unused-import
+import t5x_lite.tasks  # pylint: disable=unused-import
 from t5x_lite.data import corpus
 from t5x_lite.data import vocab
 
@@ -81,15 +81,21 @@ def test_bart_denoising_reconstructs_each_document_piece():
 
 
 def test_bart_noise_schemes_are_chosen_by_gin():
+  """The entry point passes gin's arguments in: the dataset is built after the
+  gin config is cleared."""
   import gin  # pylint: disable=g-import-not-at-top
   from t5x_lite import gin_utils  # pylint: disable=g-import-not-at-top
+  from t5x_lite.data import settings  # pylint: disable=g-import-not-at-top
   gin.clear_config()
   try:
     gin_utils.parse_gin(['gin/bart_tiny_denoise.gin'],
                         ["bart_noise.bart_denoise.schemes = ['document_rotation']"])
+    assert settings.bart_denoise()['schemes'] == ['document_rotation']
+    gin.clear_config()
     examples = take('embedded_bart_denoising', {'inputs': 128, 'targets': 128}, 20)
   finally:
     gin.clear_config()
+    settings.use()
   rotated = 0
   for ex in examples:
     original, noised = ex['targets'][:-1].tolist(), ex['inputs'][:-1].tolist()

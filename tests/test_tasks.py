@@ -1,13 +1,19 @@
-"""Registered tasks: embedded corpus, C4 (missing data), user file recipe."""
+"""Registered tasks: embedded corpus, C4 (missing data), user file recipe; the
+registry as `t5x_lite.tasks`, the data check and task metadata of the data layer."""
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import seqio
 
-import tasks
+from t5x_lite import gin_utils
+from t5x_lite import tasks
+from t5x_lite.data import registry
+from t5x_lite.data import sources
 from t5x_lite.errors import UserError
 
 LENGTHS = {'inputs': 512, 'targets': 114}
@@ -15,6 +21,7 @@ SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), 'shared', 'data', 'text')
 C4_JSONL = os.path.join(SHARED, 'c4', 'c4_en_train_first1000.jsonl')
 SHAKESPEARE = os.path.join(SHARED, 'tinyshakespeare', 'input.txt')
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def take(task, n, split='train', seed=None, lengths=LENGTHS):
@@ -48,7 +55,7 @@ def test_embedded_task_features_and_determinism():
              (a['inputs'] != b['inputs']).any()
              for a, b in zip(examples, other))
   check_examples(take(task, 2, split='validation', seed=0))
-  tasks.check_data_available('embedded_span_corruption')  # a no-op
+  registry.check_data_available('embedded_span_corruption')  # a no-op
 
 
 def test_enc_dec_feature_converter_packs():
@@ -69,7 +76,7 @@ def test_enc_dec_feature_converter_packs():
 def test_c4_missing_data_fails_at_once(tmp_path, monkeypatch):
   monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path))
   with pytest.raises(UserError) as e:
-    tasks.check_data_available('c4_v220_span_corruption')
+    registry.check_data_available('c4_v220_span_corruption')
   message = str(e.value)
   assert '\n' not in message
   for part in (str(tmp_path), 'c4/en', 'TFDS_DATA_DIR', 't5_tiny_span.gin'):
@@ -81,8 +88,83 @@ def test_c4_missing_data_fails_at_once(tmp_path, monkeypatch):
 
 
 def test_check_data_available_unknown_name():
-  with pytest.raises(UserError, match='no_such_task'):
-    tasks.check_data_available('no_such_task')
+  with pytest.raises(UserError, match='no_such_task') as e:
+    registry.check_data_available('no_such_task')
+  assert '\n' not in str(e.value) and 'import t5x_lite.tasks' in str(e.value)
+
+
+def test_check_data_available_asks_each_source_of_a_mixture():
+  """A source with `check_available` is asked for the split; one without is not."""
+  asked = []
+
+  class Checked(sources.FunctionSource):
+
+    def check_available(self, split=None):
+      asked.append(split)
+      if split == 'test':
+        raise UserError('no test rows')
+
+  seqio.TaskRegistry.remove('test_checked_source')
+  seqio.TaskRegistry.add(
+      'test_checked_source', metric_fns=[],
+      source=Checked(dataset_fn=lambda split, shuffle_files, seed=None: None,
+                     splits=('train', 'test')),
+      output_features=seqio.get_mixture_or_task('embedded_span_corruption').output_features)
+  seqio.MixtureRegistry.remove('test_checked_mixture')
+  seqio.MixtureRegistry.add('test_checked_mixture',
+                            [('test_checked_source', 1), ('embedded_span_corruption', 1)])
+  registry.check_data_available('test_checked_mixture', 'train')
+  assert asked == ['train']
+  with pytest.raises(UserError, match='no test rows'):
+    registry.check_data_available('test_checked_source', 'test')
+  assert asked == ['train', 'test']
+
+
+def test_label_words_travel_with_the_registration():
+  task = seqio.get_mixture_or_task('glue_sst2_v002')
+  assert registry.label_words(task) == ['negative', 'positive']
+  # A task rebuilt from it (e.g. with another vocabulary) keeps its name and words.
+  assert registry.label_words(task.replace(shuffle_buffer_size=7)) == ['negative', 'positive']
+  assert registry.label_words(seqio.get_mixture_or_task('embedded_span_corruption')) is None
+  kwargs = dict(source=task.source, output_features=task.output_features,
+                preprocessors=task.preprocessors, metric_fns=[])
+  registry.add_task('test_words', label_words=('no', 'yes'), **kwargs)
+  assert registry.metadata('test_words') == registry.TaskMetadata(label_words=('no', 'yes'))
+  registry.add_task('test_words', **kwargs)  # re-registered without words: none left
+  assert registry.label_words('test_words') is None
+  seqio.TaskRegistry.remove('test_words')
+
+
+def test_registry_installs_as_t5x_lite_tasks(tmp_path):
+  """From another directory the installed package has `t5x_lite.tasks` (this
+  repo's tasks/) and no top-level `tasks`."""
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  code = ('import importlib.util as u\n'
+          "print(u.find_spec('t5x_lite.tasks').origin)\n"
+          "print(u.find_spec('tasks'))\n")
+  out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env=env, check=True,
+                       capture_output=True, text=True).stdout.split('\n')
+  with open(out[0], 'rb') as installed, open(os.path.join(REPO, 'tasks', '__init__.py'),
+                                               'rb') as ours:
+    assert installed.read() == ours.read()
+  assert out[1] == 'None'
+
+
+@pytest.mark.parametrize('repo_on_path', [True, False])
+def test_old_import_in_gin_is_one_line(tmp_path, monkeypatch, repo_on_path):
+  """`import tasks` in a gin file: from the repo's root (tasks/ importable as a
+  top-level package) or elsewhere (no such module), one line says what to write."""
+  path = [p for p in sys.path if os.path.abspath(p or '.') != REPO]
+  monkeypatch.setattr(sys, 'path', [REPO] + path if repo_on_path else path)
+  monkeypatch.chdir(REPO if repo_on_path else tmp_path)
+  config = tmp_path / 'old.gin'
+  config.write_text('from __gin__ import dynamic_registration\nimport tasks\nX = 1\n')
+  with pytest.raises(UserError) as e:
+    gin_utils.parse_gin([str(config)], [])
+  message = str(e.value)
+  assert '\n' not in message and 'tasks' not in sys.modules
+  assert 'write `import t5x_lite.tasks` instead of `import tasks`' in message
+  assert f'{config}", line 2' in message
 
 
 @pytest.mark.skipif(not os.path.exists(SHAKESPEARE), reason='no shared data')
@@ -148,12 +230,12 @@ def _prepare_fake_wikipedia(data_dir):
 def test_wikipedia_bert_task_and_books_wiki_mixture(tmp_path, monkeypatch):
   monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'none'))
   with pytest.raises(UserError, match='wikipedia/20230601.en:1.0.0 not found') as e:
-    tasks.check_data_available('wikipedia_bert_pretraining')
+    registry.check_data_available('wikipedia_bert_pretraining')
   assert '\n' not in str(e.value)
 
   _prepare_fake_wikipedia(tmp_path / 'tfds')
   monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds'))
-  tasks.check_data_available('wikipedia_bert_pretraining')
+  registry.check_data_available('wikipedia_bert_pretraining')
   task = seqio.get_mixture_or_task('wikipedia_bert_pretraining')
   examples = take(task, 6, seed=0, lengths={'inputs': 64})
   vocabulary = task.output_features['inputs'].vocabulary

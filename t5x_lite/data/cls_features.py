@@ -53,7 +53,7 @@ def _label(ex, num_classes: Optional[int]) -> tf.Tensor:
     tf.debugging.assert_less(
         label, num_classes,
         message=f'a label is outside 0..{num_classes - 1}: set the model\'s num_classes '
-                'to the task\'s (tasks.glue_cls.num_classes(task_name))')
+                'to the task\'s (t5x_lite.tasks.glue_cls.num_classes(task_name))')
   return label
 
 

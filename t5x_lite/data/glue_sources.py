@@ -5,8 +5,8 @@ Rows always carry the features of TFDS `glue/<config>` / `super_glue/<config>`
 STS-B, `idx` int32 or a dict of int32), wherever they come from, so one set of
 preprocessors serves both. Test splits have label -1, as in TFDS.
 
-Where rows come from is decided when a dataset is built, by `data_settings`
-(bind it in gin):
+Where rows come from is decided when a dataset is built, by the run's
+`settings.glue()` (see `t5x_lite.data.settings`), bound in gin as:
 
     from t5x_lite.data import glue_sources
     glue_sources.data_settings.source = 'files'     # default 'tfds'
@@ -40,13 +40,17 @@ import logging
 import os
 from typing import Mapping, Optional, Sequence
 
-import gin
 import numpy as np
 import seqio
 import tensorflow as tf
 
+from t5x_lite.data import settings as settings_lib
 from t5x_lite.data import sources
 from t5x_lite.errors import UserError
+
+# The settings' type and gin-bound constructor, by their names in gin files.
+DataSettings = settings_lib.DataSettings
+data_settings = settings_lib.data_settings
 
 log = logging.getLogger(__name__)
 
@@ -93,56 +97,6 @@ def _check_config(benchmark, config):
     known = ', '.join(f'{b}/{c}' for b, cs in LABEL_CLASSES.items() for c in cs)
     raise UserError(f'Unknown benchmark config {benchmark}/{config}; use one '
                     f'of {known}.')
-
-
-# ----------------------------------------------------------------------------
-# Settings.
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSettings:
-  source: str = 'tfds'
-  glue_dir: Optional[str] = None
-  super_glue_dir: Optional[str] = None
-  tfds_data_dir: Optional[str] = None
-  on_bad_row: str = 'raise'
-
-
-def data_settings(source='tfds', glue_dir=None, super_glue_dir=None,
-                  tfds_data_dir=None, on_bad_row='raise'):
-  """Where GLUE / SuperGLUE rows come from; bind its arguments in gin.
-
-  Args:
-    source: 'tfds' (prepared TFDS datasets, never downloaded) or 'files'
-      (the original TSV / JSONL distributions).
-    glue_dir: with 'files', the directory holding CoLA/, SST-2/, ... .
-    super_glue_dir: with 'files', the directory holding BoolQ/, CB/, ... .
-    tfds_data_dir: with 'tfds', the data dir (default $TFDS_DATA_DIR, else
-      ~/tensorflow_datasets).
-    on_bad_row: 'raise' (UserError naming file and line) or 'skip' (drop the
-      row; one warning counts the dropped rows).
-
-  Returns:
-    A DataSettings.
-  """
-  if source not in ('tfds', 'files'):
-    raise UserError(f"glue_sources.data_settings.source={source!r} is unknown; "
-                    "use 'tfds' or 'files'.")
-  if on_bad_row not in ('raise', 'skip'):
-    raise UserError(f'glue_sources.data_settings.on_bad_row={on_bad_row!r} is '
-                    "unknown; use 'raise' or 'skip'.")
-  return DataSettings(source, glue_dir and os.fspath(glue_dir),
-                      super_glue_dir and os.fspath(super_glue_dir),
-                      tfds_data_dir and os.fspath(tfds_data_dir), on_bad_row)
-
-
-def current_settings():
-  """`data_settings()` with the arguments gin binds, if any."""
-  try:
-    fn = gin.get_configurable(data_settings)
-  except ValueError:  # no gin config mentions it
-    fn = data_settings
-  return fn()
 
 
 # ----------------------------------------------------------------------------
@@ -606,8 +560,8 @@ def _version_key(path):
 class GlueSource(seqio.DataSource):
   """Rows of one GLUE / SuperGLUE config from TFDS or the original files.
 
-  The place is read from `settings` or, when None, from `current_settings()`
-  each time a dataset is built or counted.
+  The place is read from `settings` or, when None, from the run's
+  `settings.glue()` each time a dataset is built or counted.
   """
 
   def __init__(self, benchmark, config, splits=None, settings=None,
@@ -643,7 +597,7 @@ class GlueSource(seqio.DataSource):
     return True
 
   def settings(self):
-    return self._settings or current_settings()
+    return self._settings or settings_lib.glue()
 
   def list_shards(self, split):
     return [f'{self.tfds_name}:{self._real_split(split)}']
@@ -781,8 +735,8 @@ def make_source(benchmark, config, splits=None, settings=None, name=None):
     splits: None (all of the config's splits), a list of them, or a mapping
       from the split names to expose to the config's splits, e.g.
       {'validation': 'validation_mismatched'}.
-    settings: a fixed DataSettings; None reads `current_settings()` (gin) each
-      time a dataset is built.
+    settings: a fixed DataSettings; None reads the run's `settings.glue()`
+      each time a dataset is built.
     name: the task's name, for messages.
 
   Returns:

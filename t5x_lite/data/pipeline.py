@@ -12,17 +12,13 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from t5x_lite.data import registry
 from t5x_lite.errors import UserError
 
 
-def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
-  import tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the built-in tasks)
-  try:
-    return seqio.get_mixture_or_task(name)
-  except ValueError:
-    known = sorted(seqio.TaskRegistry.names()) + sorted(seqio.MixtureRegistry.names())
-    raise UserError(f"no seqio task or mixture named '{name}'; registered: "
-                    f"{', '.join(known)} (register yours in a module and `import` it in gin).") from None
+# The registry lookups, under the names the entry points call them by.
+get_task_or_mixture = registry.get_task_or_mixture
+check_data_available = registry.check_data_available
 
 
 def with_vocabulary(task: seqio.Task | seqio.Mixture,

@@ -201,8 +201,9 @@ class PreparedTfdsDataSource(seqio.TfdsDataSource):
   def tfds_name(self):
     return self._tfds_name
 
-  def check_available(self):
+  def check_available(self, split=None):
     """Raises UserError unless the dataset is prepared; returns the data dir."""
+    del split  # a prepared dataset has all of its splits
     data_dir = tfds_data_dir(self._configured_dir)
     if not tfds_prepared_dirs(self._tfds_name, data_dir):
       raise UserError(

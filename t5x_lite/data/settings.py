@@ -1,0 +1,83 @@
+"""A run's data settings, passed in where the run starts.
+
+The data layer never reads gin. An entry point binds the settings in its gin
+files and hands them to `use` (`gin_utils.parse_gin` does this after parsing);
+sources and preprocessors read them here when a dataset is built:
+
+- `glue()`: where GLUE / SuperGLUE rows come from, a `DataSettings` (in gin,
+  `glue_sources.data_settings.source = 'files'` and the other arguments of
+  `data_settings`);
+- `bart_denoise()`: the keyword arguments of `bart_noise.bart_denoise` in the
+  BART denoising task (in gin, `bart_noise.bart_denoise.schemes = [...]`).
+
+A program that builds datasets without gin calls `use` itself, e.g.
+`settings.use(glue=glue_sources.data_settings(source='files', glue_dir=...))`.
+"""
+
+import dataclasses
+import os
+from typing import Any, Mapping, Optional
+
+from t5x_lite.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+  source: str = 'tfds'
+  glue_dir: Optional[str] = None
+  super_glue_dir: Optional[str] = None
+  tfds_data_dir: Optional[str] = None
+  on_bad_row: str = 'raise'
+
+
+def data_settings(source='tfds', glue_dir=None, super_glue_dir=None,
+                  tfds_data_dir=None, on_bad_row='raise'):
+  """Where GLUE / SuperGLUE rows come from; bind its arguments in gin.
+
+  Args:
+    source: 'tfds' (prepared TFDS datasets, never downloaded) or 'files'
+      (the original TSV / JSONL distributions).
+    glue_dir: with 'files', the directory holding CoLA/, SST-2/, ... .
+    super_glue_dir: with 'files', the directory holding BoolQ/, CB/, ... .
+    tfds_data_dir: with 'tfds', the data dir (default $TFDS_DATA_DIR, else
+      ~/tensorflow_datasets).
+    on_bad_row: 'raise' (UserError naming file and line) or 'skip' (drop the
+      row; one warning counts the dropped rows).
+
+  Returns:
+    A DataSettings.
+  """
+  if source not in ('tfds', 'files'):
+    raise UserError(f"glue_sources.data_settings.source={source!r} is unknown; "
+                    "use 'tfds' or 'files'.")
+  if on_bad_row not in ('raise', 'skip'):
+    raise UserError(f'glue_sources.data_settings.on_bad_row={on_bad_row!r} is '
+                    "unknown; use 'raise' or 'skip'.")
+  return DataSettings(source, glue_dir and os.fspath(glue_dir),
+                      super_glue_dir and os.fspath(super_glue_dir),
+                      tfds_data_dir and os.fspath(tfds_data_dir), on_bad_row)
+
+
+_GLUE = DataSettings()
+_BART_DENOISE: Mapping[str, Any] = {}
+
+
+def use(glue: Optional[DataSettings] = None,
+        bart_denoise: Optional[Mapping[str, Any]] = None) -> None:
+  """Sets the run's data settings; an argument left out (None) is the default."""
+  global _GLUE, _BART_DENOISE
+  if glue is not None and not isinstance(glue, DataSettings):
+    raise UserError(f'glue settings must be a DataSettings (from glue_sources.data_settings), '
+                    f'not {type(glue).__name__}.')
+  _GLUE = glue or DataSettings()
+  _BART_DENOISE = dict(bart_denoise or {})
+
+
+def glue() -> DataSettings:
+  """Where GLUE / SuperGLUE rows come from in this run."""
+  return _GLUE
+
+
+def bart_denoise() -> dict[str, Any]:
+  """The keyword arguments of `bart_noise.bart_denoise` in this run."""
+  return dict(_BART_DENOISE)
