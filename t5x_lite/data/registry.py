@@ -21,9 +21,10 @@ def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
     return seqio.get_mixture_or_task(name)
   except ValueError:
     known = sorted(seqio.TaskRegistry.names()) + sorted(seqio.MixtureRegistry.names())
-    raise UserError(f"no seqio task or mixture named '{name}'; import the module that registers "
-                    'it (`import t5x_lite.tasks` in gin for the built-in ones, or your own) or '
-                    f"fix MIXTURE_OR_TASK_NAME; registered: {', '.join(known) or 'none'}.") from None
+    raise UserError(
+        f"no seqio task or mixture named '{name}'; import the module that registers it "
+        '(`import t5x_lite.tasks` in gin for the built-in ones, or your own) or fix '
+        f"MIXTURE_OR_TASK_NAME; registered: {', '.join(known) or 'none'}.") from None
 
 
 def tasks_of(name: str) -> list[seqio.Task]:
