@@ -160,12 +160,6 @@ def model_flops_per_step(config: Any, batch_shapes: Mapping[str, Any],
   return float(3 * (2 * dense + attention))
 
 
-def computes_vocab_logits(model: Any) -> bool:
-  """Whether a train step computes logits over the vocabulary at every position
-  (a classifier does only for GPT-1's auxiliary LM loss, `lm_weight` > 0)."""
-  return getattr(model, 'lm_weight', 0) > 0 if hasattr(model, 'num_classes') else True
-
-
 def xla_flops(compiled: Any) -> Optional[float]:
   """FLOPs of a compiled computation by XLA's cost analysis (None if unknown)."""
   cost = compiled.cost_analysis()
@@ -296,7 +290,7 @@ def benchmark_train(run: _Run, optimizer: Any, steps: int = 20, input_seconds: f
   seconds = statistics.median(times)
   shapes = run.batch_shapes
   tokens = sum(math.prod(v.shape) for k, v in shapes.items() if k.endswith('input_tokens'))
-  model_flops = model_flops_per_step(run.model.config, shapes, computes_vocab_logits(run.model))
+  model_flops = model_flops_per_step(run.model.config, shapes, run.model.computes_vocab_logits)
   roofline = matmul_roofline()
   input_batches = input_throughput(run.dataset, input_seconds)
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_params))

@@ -125,8 +125,7 @@ class Evaluator:
     self.seed = seed
     self.vocabulary = vocabulary
     self._pools = {}  # task name -> its train examples (few-shot demonstrations)
-    self.decoder_only = (model.FEATURE_CONVERTER_CLS is seqio.DecoderFeatureConverter or
-                         getattr(model.FEATURE_CONVERTER_CLS, 'DECODER_ONLY', False))
+    self.decoder_only = model.DECODER_ONLY
     generate = lambda p, b: model.predict_batch(
         p, b, jax.random.PRNGKey(seed), max_decode_length=self.lengths.get('targets'),
         **self.decode)
@@ -307,7 +306,7 @@ def _classify(model: Any, params, batch) -> tuple[jax.Array, jax.Array]:
   """A classification model's [B] labels and [B] scores: log p(last class)
   (class 1 of a binary task), or the regression value."""
   from t5x_lite.models import classification  # pylint: disable=g-import-not-at-top
-  logits = model.class_logits(params, batch)
+  logits = model.logits(params, batch)
   scores = logits[:, 0] if logits.shape[-1] == 1 else jax.nn.log_softmax(logits)[:, -1]
   return classification.predictions(logits), scores
 

@@ -242,7 +242,8 @@ def precompile(topology: str) -> Report:
   # Traced for the slice: 'auto' resolves against TPU, not this host's CPU.
   with ops.use_kernels(gin_utils.kernels(), platform='tpu'):
     kernels = ops.active()
-    trainer = trainer_lib.Trainer(args['model'], args['optimizer'], partitioner, shapes)
+    trainer = trainer_lib.Trainer(args['model'], args['optimizer'], partitioner, shapes,
+                                  args['num_microbatches'])
     try:
       seconds = trainer.compile()
     except jax.errors.JaxRuntimeError as e:

@@ -418,9 +418,9 @@ def self_instruct(*,
   `generate` (prompts -> continuations) replaces the model when given.
   Returns the stats (with the output paths under 'files').
   """
-  if prompt_length + max_decode_length - 1 > getattr(model.config, 'max_positions', 1 << 30):
+  if model.max_length and prompt_length + max_decode_length - 1 > model.max_length:
     raise UserError(f'PROMPT_LENGTH {prompt_length} + MAX_DECODE_LENGTH {max_decode_length} '
-                    f'exceeds the model max_positions={model.config.max_positions}; lower one.')
+                    f'exceeds the model max_positions={model.max_length}; lower one.')
   start = time.time()
   if seed_tasks is None:
     from t5x_lite.tasks import instructions  # pylint: disable=g-import-not-at-top

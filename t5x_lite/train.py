@@ -114,7 +114,8 @@ def train(*,
           eval_batch_size: Optional[int] = None,
           eval_mode: str = 'predict',
           eval_decode: Optional[Mapping[str, Any]] = None,
-          eval_num_examples: Optional[int] = None) -> dict[str, float]:
+          eval_num_examples: Optional[int] = None,
+          num_microbatches: int = 1) -> dict[str, float]:
   """Trains to `train_steps` total steps, resuming from MODEL_DIR if it has a checkpoint.
 
   Fine-tuning: `initial_checkpoint_path` gives the params (not the optimizer
@@ -125,6 +126,9 @@ def train(*,
   metrics.jsonl as `eval/<task>/<metric>` and to MODEL_DIR/eval/<step>/.
   `eval_mode='loss'` evaluates the model's own loss metrics instead (DPO:
   reward accuracy and rewards of held-out pairs; metrics.jsonl only).
+
+  `num_microbatches` > 1 accumulates the gradients of that many equal parts
+  of each batch (the same update, less memory).
 
   Returns the last logged metrics (and the last eval's).
   """
@@ -149,7 +153,7 @@ def train(*,
                             feature_converter_cls=model.FEATURE_CONVERTER_CLS)
   batch_shapes = {k: jax.ShapeDtypeStruct((batch_size,) + tuple(v.shape[1:]), v.dtype.as_numpy_dtype)
                   for k, v in ds.element_spec.items()}
-  trainer = trainer_lib.Trainer(model, optimizer, partitioner, batch_shapes)
+  trainer = trainer_lib.Trainer(model, optimizer, partitioner, batch_shapes, num_microbatches)
   ckpt = checkpoints.Checkpointer(model_dir, checkpoint_period, keep_checkpoints,
                                   async_save=async_checkpointing)
   restored = ckpt.restore_latest(trainer.abstract_state().to_dict(), lambda: iter(ds))
@@ -163,7 +167,7 @@ def train(*,
         f'(data position {data_position}, input pipeline {how})')
   else:
     state = trainer.initial_state(seed, initial_checkpoint_path,
-                                  fresh_params or getattr(model, 'FRESH_PARAMS', ()))
+                                  fresh_params or model.FRESH_PARAMS)
     if initial_checkpoint_path:
       say(f'initialised params from {initial_checkpoint_path}')
     data_position, data_iterator = 0, iter(ds)

@@ -1,8 +1,9 @@
 """Train state and the jitted, sharded train step.
 
 The step is one `jax.jit` with explicit in/out shardings over the partitioner's
-mesh and a donated state. Model families plug in through their Model wrapper's
-pure `init` and `loss_fn`; nothing here knows which family it trains.
+mesh and a donated state. Models plug in through the `BaseModel` interface
+(`init`, `loss_fn`, `loss_denominators`, `frozen_state`); nothing here knows
+which family it trains.
 """
 
 import time
@@ -16,11 +17,16 @@ import optax
 
 from t5x_lite import checkpoints
 from t5x_lite import optimizers
+from t5x_lite.errors import UserError
+from t5x_lite.models.base import BaseModel
 from t5x_lite.partitioning import Partitioner
 
 
 # The shape of a raw PRNG key, for shape-only evaluation (nothing runs on a device).
 _ABSTRACT_KEY = jax.ShapeDtypeStruct((2,), jnp.uint32)
+
+
+_TRAINED = ('step', 'params', 'opt_state', 'rng')
 
 
 @flax.struct.dataclass
@@ -29,23 +35,23 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array
-  # A frozen copy of the initial params (DPO's reference model), or None.
-  reference: Any = None
+  # The model's frozen state (a dict, e.g. DPO's {'reference': params}), or None.
+  frozen: Optional[dict[str, Any]] = None
 
   def to_dict(self) -> dict[str, Any]:
+    """The checkpointed dict; the frozen state's entries sit beside the params."""
     d = {'step': self.step, 'params': self.params, 'opt_state': self.opt_state,
          'rng': self.rng}
-    if self.reference is not None:
-      d['reference'] = self.reference
-    return d
+    return {**(self.frozen or {}), **d}
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> 'TrainState':
+    frozen = {k: v for k, v in d.items() if k not in _TRAINED}
     return cls(step=d['step'], params=d['params'], opt_state=d['opt_state'], rng=d['rng'],
-               reference=d.get('reference'))
+               frozen=frozen or None)
 
 
-def abstract_params(model: Any, partitioner: Partitioner,
+def abstract_params(model: BaseModel, partitioner: Partitioner,
                     batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> tuple[Any, Any]:
   """(shapes and dtypes, shardings) of the model's params, computing nothing."""
   with partitioner.activate():  # abstract keys: the mesh's devices may be elsewhere (AOT)
@@ -57,13 +63,18 @@ def abstract_params(model: Any, partitioner: Partitioner,
 class Trainer:
   """Builds the sharded train state and compiles the train step once.
 
-  A model whose `uses_reference_params` is true (DPO) gets a frozen copy of
-  the initial params in the state, passed to its `loss_fn` as
-  `reference_params`.
+  The model's `frozen_state` of the initial params (DPO's reference policy)
+  is kept in the state, never updated, and passed to its `loss_fn`.
+  `num_microbatches` > 1 accumulates the gradients of that many equal parts
+  of each batch (see `_grads`).
   """
 
-  def __init__(self, model: Any, optimizer: optax.GradientTransformation,
-               partitioner: Partitioner, batch_shapes: dict[str, jax.ShapeDtypeStruct]):
+  def __init__(self, model: BaseModel, optimizer: optax.GradientTransformation,
+               partitioner: Partitioner, batch_shapes: dict[str, jax.ShapeDtypeStruct],
+               num_microbatches: int = 1):
+    batch_size = next(iter(batch_shapes.values())).shape[0]
+    check_microbatches(batch_size, num_microbatches, partitioner.data_parallel_size)
+    self.num_microbatches = num_microbatches
     self.model = model
     self.tx = optimizer
     self.partitioner = partitioner
@@ -73,10 +84,9 @@ class Trainer:
     self.opt_shardings = partitioner.opt_state_shardings(
         self.tx, self.abstract_params, self.param_shardings)
     replicated = partitioner.replicated
-    self.keeps_reference = getattr(model, 'uses_reference_params', False)
     self.state_shardings = TrainState(
         step=replicated, params=self.param_shardings, opt_state=self.opt_shardings,
-        rng=replicated, reference=self.param_shardings if self.keeps_reference else None)
+        rng=replicated, frozen=model.frozen_shardings(self.param_shardings))
     self.batch_sharding = partitioner.batch_sharding()
     self._compiled_step = None
     self._compiled_eval = None
@@ -89,9 +99,9 @@ class Trainer:
         abstract, self.state_shardings)
 
   def _make_state(self, rng, params):
-    reference = jax.tree_util.tree_map(jnp.copy, params) if self.keeps_reference else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=self.tx.init(params), rng=rng, reference=reference)
+                      opt_state=self.tx.init(params), rng=rng,
+                      frozen=self.model.frozen_state(params))
 
   def init_state(self, seed: int, params: Optional[Any] = None) -> TrainState:
     """A fresh state, created already sharded (no full copy on one device).
@@ -125,13 +135,46 @@ class Trainer:
                                           fresh=fresh)
     return self.init_state(seed, params)
 
-  def _loss_kwargs(self, state: TrainState) -> dict:
-    return {'reference_params': state.reference} if self.keeps_reference else {}
+  def _grads(self, state: TrainState, batch: dict[str, jax.Array], dropout_rng: jax.Array):
+    """(gradients, metrics) of the whole batch, summed over its microbatches.
+
+    Each microbatch's loss divides by the whole batch's denominators, so the
+    sums equal the whole batch's loss, metrics and gradients. A microbatch
+    takes every k-th row, which keeps each device's rows on that device.
+    """
+    grad_fn = jax.value_and_grad(self.model.loss_fn, has_aux=True)
+    kwargs = {'frozen': state.frozen}
+    k = self.num_microbatches
+    if k == 1:
+      (_, metrics), grads = grad_fn(state.params, batch, dropout_rng, **kwargs)
+      return grads, metrics
+    denominators = self.model.loss_denominators(batch)
+    spec = self.batch_sharding.spec
+    micro_sharding = self.partitioner.sharding(jax.P(None, *spec))
+
+    def split(x):
+      x = jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+      return jax.lax.with_sharding_constraint(x, micro_sharding)
+
+    def accumulate(total, inputs):
+      i, microbatch = inputs
+      (_, metrics), grads = grad_fn(state.params, microbatch, jax.random.fold_in(dropout_rng, i),
+                                    denominators=denominators, **kwargs)
+      return jax.tree_util.tree_map(jnp.add, total, (grads, metrics)), None
+
+    first = jax.tree_util.tree_map(lambda x: x[0], jax.tree_util.tree_map(split, batch))
+    shapes = jax.eval_shape(
+        lambda: grad_fn(state.params, first, dropout_rng, denominators=denominators, **kwargs))
+    (_, metric_shapes), grad_shapes = shapes
+    zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                   (grad_shapes, metric_shapes))
+    (grads, metrics), _ = jax.lax.scan(
+        accumulate, zeros, (jnp.arange(k), jax.tree_util.tree_map(split, batch)))
+    return grads, metrics
 
   def _step(self, state: TrainState, batch: dict[str, jax.Array]):
     dropout_rng = jax.random.fold_in(state.rng, state.step)
-    grad_fn = jax.value_and_grad(self.model.loss_fn, has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, batch, dropout_rng, **self._loss_kwargs(state))
+    grads, metrics = self._grads(state, batch, dropout_rng)
     with jax.named_scope('optimizer'):
       updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
@@ -155,7 +198,7 @@ class Trainer:
     """The loss_fn's metrics of a batch, dropout off (jitted once per shape)."""
     if self._compiled_eval is None:
       def metrics(state, batch):
-        return self.model.loss_fn(state.params, batch, None, **self._loss_kwargs(state))[1]
+        return self.model.loss_fn(state.params, batch, None, frozen=state.frozen)[1]
       with self.partitioner.activate():
         self._compiled_eval = jax.jit(
             metrics, in_shardings=(self.state_shardings, self.batch_sharding),
@@ -168,6 +211,16 @@ class Trainer:
     if self._compiled_step is None:
       self.compile()
     return self._compiled_step
+
+
+def check_microbatches(batch_size: int, num_microbatches: int, data_parallel_size: int) -> None:
+  """Raises UserError unless the batch splits into equal microbatches that
+  still split over the data-parallel devices."""
+  if num_microbatches < 1 or batch_size % (num_microbatches * data_parallel_size):
+    raise UserError(
+        f'NUM_MICROBATCHES={num_microbatches} must be >= 1 and divide the batch of '
+        f'{batch_size} into microbatches that split over the {data_parallel_size} '
+        f'data-parallel devices; use a divisor of {batch_size // data_parallel_size}.')
 
 
 def mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:

@@ -61,14 +61,12 @@ def test_bench_gin_is_the_25_9m_t5_and_its_flop_count():
 
 def test_only_lm_steps_count_an_output_layer_over_the_vocabulary():
   from t5x_lite.models import classification, decoder, encoder  # pylint: disable=g-import-not-at-top
-  assert benchmark.computes_vocab_logits(decoder.DecoderModel(decoder.GPTConfig()))
-  assert benchmark.computes_vocab_logits(encoder.EncoderModel(encoder.BertConfig()))
-  assert not benchmark.computes_vocab_logits(
-      classification.BertClassificationModel(encoder.BertConfig()))
-  assert not benchmark.computes_vocab_logits(
-      classification.GptClassificationModel(decoder.GPTConfig()))
-  assert benchmark.computes_vocab_logits(
-      classification.GptClassificationModel(decoder.GPTConfig(), lm_weight=0.5))
+  assert decoder.DecoderModel(decoder.GPTConfig()).computes_vocab_logits
+  assert encoder.EncoderModel(encoder.BertConfig()).computes_vocab_logits
+  assert not classification.BertClassificationModel(encoder.BertConfig()).computes_vocab_logits
+  assert not classification.GptClassificationModel(decoder.GPTConfig()).computes_vocab_logits
+  assert classification.GptClassificationModel(
+      decoder.GPTConfig(), lm_weight=0.5).computes_vocab_logits
 
 
 def _positive(result, key):

@@ -292,7 +292,7 @@ def test_loss_fn_matches_log_probs_by_hand(family):
     return (tok * feats['decoder_loss_weights']).sum(-1)
 
   loss_fn = jax.jit(dpo.loss_fn)
-  loss, metrics = loss_fn(params, batch, None, reference_params=reference)
+  loss, metrics = loss_fn(params, batch, None, frozen={'reference': reference})
   pc, pr, rc, rr = logps(params, 'chosen'), logps(params, 'rejected'), logps(
       reference, 'chosen'), logps(reference, 'rejected')
   h = (pc - rc) - (pr - rr)
@@ -320,8 +320,8 @@ def test_dpo_learns_a_synthetic_preference(family):
                                 shapes)
   state = trainer.init_state(0)
   initial = jax.device_get(state.params)
-  assert state.reference is not None
-  flat = jax.tree_util.tree_leaves(state.params)[0], jax.tree_util.tree_leaves(state.reference)[0]
+  assert state.frozen is not None
+  flat = jax.tree_util.tree_leaves(state.params)[0], jax.tree_util.tree_leaves(state.frozen['reference'])[0]
   assert flat[0].unsafe_buffer_pointer() != flat[1].unsafe_buffer_pointer()
 
   def accuracy(state):
@@ -335,7 +335,7 @@ def test_dpo_learns_a_synthetic_preference(family):
   after = accuracy(state)
   assert after > 0.9, (before, after)
   assert float(metrics['reward_margin']) > 0
-  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state.reference), initial)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state.frozen['reference']), initial)
 
 
 # ----------------------------------------------------------------------------

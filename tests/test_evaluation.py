@@ -55,6 +55,8 @@ if TASK not in seqio.TaskRegistry.names():
 class _StubModel:
   """Generates a fixed word, or echoes the input after 'echo:'; scores 'negative' best."""
   FEATURE_CONVERTER_CLS = seqio.EncDecFeatureConverter
+  DECODER_ONLY = False
+  GENERATES = True
 
   def __init__(self, word=None):
     self.vocab = vocab_lib.embedded_vocabulary()
@@ -164,6 +166,7 @@ class _StubDecoderOnly(_StubModel):
   """A decoder-only stub: echoes its prompt after 'echo:', unless anything of the
   targets is visible in the batch (then it generates nothing)."""
   FEATURE_CONVERTER_CLS = seqio.DecoderFeatureConverter
+  DECODER_ONLY = True
 
   def predict_batch(self, params, batch, rng=None, *, max_decode_length, **kwargs):
     del params, rng, kwargs

@@ -9,7 +9,8 @@ from flax import linen as nn
 
 from t5x_lite import ops
 from t5x_lite.ops import cpu
-from t5x_lite.models import bart, decoder, encoder, encoder_decoder
+
+import families
 
 RTOL = 1e-5
 
@@ -96,49 +97,10 @@ def test_the_setting_resolves_and_restores():
     ops.set_kernels('fast')
 
 
-VOCAB = 64
-SMALL = dict(vocab_size=VOCAB, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32)
-
-
-def _families():
-  gpt = decoder.GPTConfig(**SMALL, num_layers=2, max_positions=16, dropout_rate=0.0,
-                          attention_dropout_rate=0.0)
-  return {
-      't5': (encoder_decoder.EncoderDecoderModel(encoder_decoder.T5Config(
-          **SMALL, num_encoder_layers=2, num_decoder_layers=2)), (8, 6)),
-      'bert': (encoder.EncoderModel(encoder.BertConfig(
-          **SMALL, num_layers=2, max_positions=16, dropout_rate=0.0,
-          attention_dropout_rate=0.0)), (8,)),
-      'gpt': (decoder.DecoderModel(gpt), (8,)),
-      'gpt_scanned': (decoder.DecoderModel(decoder.GPTConfig(
-          **{**gpt.__dict__, 'scan_layers': True, 'remat_policy': 'full'})), (8,)),
-      'bart': (bart.BartModel(bart.BartConfig(
-          **SMALL, num_encoder_layers=2, num_decoder_layers=2, max_positions=16,
-          dropout_rate=0.0)), (8, 6)),
-  }
-
-
-def _batch(model, lengths):
-  """Random ids with padded tails, so every mask matters."""
-  rng = np.random.RandomState(0)
-  batch = {}
-  for name, value in model.dummy_batch(3, *lengths).items():
-    if 'segment' in name or 'label' in name:
-      batch[name] = np.zeros_like(value)
-    elif value.ndim == 2:
-      ids = rng.randint(2, VOCAB, value.shape).astype(value.dtype)
-      ids[1, -2:] = 0
-      ids[2, -3:] = 0
-      batch[name] = ids if 'weights' not in name else (ids > 0).astype(value.dtype)
-    else:
-      batch[name] = value
-  return batch
-
-
 @pytest.mark.parametrize('family', ['t5', 'bert', 'gpt', 'gpt_scanned', 'bart'])
 def test_every_family_has_the_same_loss_and_gradients_on_both_kernels(family):
-  model, lengths = _families()[family]
-  batch = _batch(model, lengths)
+  model = families.tiny(family)
+  batch = families.random_batch(model)
   params = nn.unbox(model.init(jax.random.key(0), batch))['params']
   results = {}
   for kernels in ('plain', 'cpu'):

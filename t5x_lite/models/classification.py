@@ -110,18 +110,24 @@ class GptClassifierNetwork(decoder.GPTNetwork):
     return class_logits, lm_logits
 
 
-def classification_loss(logits: Array, labels: Array) -> Tuple[Array, dict]:
-  """(loss, metrics) for [B,C] logits: mean CE if C >= 2, else mean squared error."""
+def classification_loss(logits: Array, labels: Array,
+                        num_examples: Optional[Array] = None) -> Tuple[Array, dict]:
+  """(loss, metrics) for [B,C] logits: CE if C >= 2, else squared error.
+
+  Sums over the rows are divided by `num_examples` (default B; the whole
+  batch's count makes a microbatch's losses add up to the batch's mean).
+  """
   logits = jnp.asarray(logits, jnp.float32)
-  num_examples = jnp.asarray(logits.shape[0], jnp.float32)
+  rows = jnp.asarray(logits.shape[0], jnp.float32)
+  n = rows if num_examples is None else num_examples
   if logits.shape[-1] == 1:
-    mse = jnp.mean(jnp.square(logits[:, 0] - jnp.asarray(labels, jnp.float32)))
-    return mse, {'loss': mse, 'mse': mse, 'num_examples': num_examples}
+    mse = jnp.sum(jnp.square(logits[:, 0] - jnp.asarray(labels, jnp.float32))) / n
+    return mse, {'loss': mse, 'mse': mse, 'num_examples': rows}
   labels = jnp.asarray(labels, jnp.int32)
   logp = jax.nn.log_softmax(logits, axis=-1)
-  loss = -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
-  accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
-  return loss, {'loss': loss, 'accuracy': accuracy, 'num_examples': num_examples}
+  loss = -jnp.sum(jnp.take_along_axis(logp, labels[:, None], axis=-1)) / n
+  accuracy = jnp.sum((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)) / n
+  return loss, {'loss': loss, 'accuracy': accuracy, 'num_examples': rows}
 
 
 def predictions(logits: Array) -> Array:
@@ -169,8 +175,17 @@ class _ClassificationModel(common.Model):
     return self.module.apply({'params': params}, **self._network_inputs(batch),
                              enable_dropout=enable_dropout, rngs=rngs, **kwargs)
 
-  def predict_batch(self, params, batch: Batch) -> Array:
+  def loss_denominators(self, batch: Batch) -> dict[str, Array]:
+    """What the loss and metrics of `batch` are divided by (see `loss_fn`)."""
+    return {'examples': jnp.asarray(batch['label'].shape[0], jnp.float32)}
+
+  def logits(self, params, batch: Batch, dropout_rng: Optional[Array] = None) -> Array:
+    """[B,C] float32 class logits (`class_logits`)."""
+    return self.class_logits(params, batch, dropout_rng)
+
+  def predict_batch(self, params, batch: Batch, rng: Optional[Array] = None) -> Array:
     """[B] predicted class (int32), or the predicted score for regression."""
+    del rng  # deterministic
     return predictions(self.class_logits(params, batch))
 
   def score(self, params, batch: Batch) -> Array:
@@ -196,14 +211,22 @@ class BertClassificationModel(_ClassificationModel):
     return dict(input_tokens=ones, segment_ids=np.zeros_like(ones),
                 attention_mask=ones, label=np.zeros((batch_size,), label_dtype))
 
-  def class_logits(self, params, batch: Batch) -> Array:
-    """[B,C] float32 logits, dropout off."""
-    return self._apply(params, batch)
+  def class_logits(self, params, batch: Batch, dropout_rng: Optional[Array] = None) -> Array:
+    """[B,C] float32 logits; dropout iff `dropout_rng` and a rate > 0."""
+    return self._apply(params, batch, dropout_rng)
 
-  def loss_fn(self, params, batch: Batch,
-              dropout_rng: Optional[Array]) -> Tuple[Array, dict]:
+  @property
+  def computes_vocab_logits(self) -> bool:
+    return False
+
+  def loss_fn(self, params, batch: Batch, dropout_rng: Optional[Array], *,
+              denominators: Optional[Mapping[str, Array]] = None,
+              frozen: Any = None) -> Tuple[Array, dict]:
     """(loss, metrics). Dropout iff dropout_rng and a rate > 0."""
-    return classification_loss(self._apply(params, batch, dropout_rng), batch['label'])
+    del frozen  # nothing frozen
+    d = self.loss_denominators(batch) if denominators is None else denominators
+    return classification_loss(self._apply(params, batch, dropout_rng), batch['label'],
+                               d['examples'])
 
 
 class GptClassificationModel(_ClassificationModel):
@@ -217,6 +240,7 @@ class GptClassificationModel(_ClassificationModel):
   NETWORK_FEATURES = ('decoder_input_tokens', 'extract_position', 'decoder_attention_mask')
   REQUIRED_FEATURES = ('decoder_input_tokens', 'extract_position')
   FEATURE_CONVERTER_CLS = cls_features.GptClassificationFeatureConverter
+  DECODER_ONLY = True
 
   def __init__(self, config: Any, num_classes: int = 2,
                classifier_dropout_rate: Optional[float] = None, lm_weight: float = 0.0,
@@ -232,24 +256,41 @@ class GptClassificationModel(_ClassificationModel):
                 extract_position=np.full((batch_size,), length - 1, np.int32),
                 label=np.zeros((batch_size,), label_dtype))
 
-  def class_logits(self, params, batch: Batch) -> Array:
-    """[B,C] float32 logits, dropout off."""
-    return self._apply(params, batch)[0]
+  def class_logits(self, params, batch: Batch, dropout_rng: Optional[Array] = None) -> Array:
+    """[B,C] float32 logits; dropout iff `dropout_rng` and a rate > 0."""
+    return self._apply(params, batch, dropout_rng)[0]
 
-  def loss_fn(self, params, batch: Batch,
-              dropout_rng: Optional[Array]) -> Tuple[Array, dict]:
+  @property
+  def computes_vocab_logits(self) -> bool:
+    """Only for GPT-1's auxiliary LM loss."""
+    return self.lm_weight > 0
+
+  def _lm_weights(self, batch: Batch) -> Array:
+    """Position t predicts token t + 1 wherever both are real."""
+    tokens = batch['decoder_input_tokens']
+    mask = batch.get('decoder_attention_mask', jnp.ones_like(tokens))
+    return jnp.asarray(mask[:, :-1] * mask[:, 1:], jnp.float32)
+
+  def loss_denominators(self, batch: Batch) -> dict[str, Array]:
+    d = super().loss_denominators(batch)
+    if self.lm_weight > 0:
+      d['lm_tokens'] = jnp.maximum(jnp.sum(self._lm_weights(batch)), 1.0)
+    return d
+
+  def loss_fn(self, params, batch: Batch, dropout_rng: Optional[Array], *,
+              denominators: Optional[Mapping[str, Array]] = None,
+              frozen: Any = None) -> Tuple[Array, dict]:
     """(loss, metrics). Dropout iff dropout_rng and a rate > 0."""
+    del frozen  # nothing frozen
+    d = self.loss_denominators(batch) if denominators is None else denominators
     with_lm = self.lm_weight > 0
     logits, lm_logits = self._apply(params, batch, dropout_rng, with_lm_logits=with_lm)
-    loss, metrics = classification_loss(logits, batch['label'])
+    loss, metrics = classification_loss(logits, batch['label'], d['examples'])
     if with_lm:
       tokens = batch['decoder_input_tokens']
-      mask = batch.get('decoder_attention_mask', jnp.ones_like(tokens))
-      # Position t predicts token t + 1 wherever both are real.
-      weights = jnp.asarray(mask[:, :-1] * mask[:, 1:], jnp.float32)
-      loss_sum, _, weight_sum = losses.cross_entropy_with_logits(
-          lm_logits[:, :-1], tokens[:, 1:], weights)
-      lm_loss = loss_sum / jnp.maximum(weight_sum, 1.0)
+      loss_sum, _, _ = losses.cross_entropy_with_logits(
+          lm_logits[:, :-1], tokens[:, 1:], self._lm_weights(batch))
+      lm_loss = loss_sum / d['lm_tokens']
       loss = loss + self.lm_weight * lm_loss
       metrics = dict(metrics, loss=loss, lm_loss=lm_loss)
     return loss, metrics

@@ -30,6 +30,7 @@ from t5x_lite import decoding
 from t5x_lite import layers
 from t5x_lite import losses
 from t5x_lite.errors import UserError
+from t5x_lite.models import base
 
 Array = jax.Array
 Batch = Mapping[str, Any]
@@ -221,7 +222,7 @@ def init_module(module: nn.Module, rng: jax.Array, inputs: Mapping[str, Any]):
                      enable_dropout=False)
 
 
-class Model:
+class Model(base.BaseModel):
   """A network (`NETWORK_CLS(config)`) behind pure functions of (params, batch).
 
   Subclasses name the batch features the network takes (`NETWORK_FEATURES`,
@@ -236,6 +237,11 @@ class Model:
     check_remat_policy(getattr(config, 'remat_policy', 'none'))
     self.config = config
     self.module = self.NETWORK_CLS(config)
+
+  @property
+  def max_length(self) -> Optional[int]:
+    """The config's `max_positions` (learned position embeddings), else None."""
+    return getattr(self.config, 'max_positions', None)
 
   def _network_inputs(self, batch: Batch) -> dict:
     missing = [k for k in self.REQUIRED_FEATURES if k not in batch]
@@ -274,6 +280,8 @@ class TokenLossModel(Model):
   config.pad_id` (pad_id 0 unless the config has one).
   """
 
+  GENERATES = True
+
   def __init__(self,
                config: Any,
                z_loss: float = 0.0,
@@ -295,9 +303,9 @@ class TokenLossModel(Model):
     self.label_smoothing = label_smoothing
     self.loss_normalizing_factor = loss_normalizing_factor
 
-  def logits(self, params, batch: Batch) -> Array:
-    """[B,T,V] float32 logits, dropout off."""
-    return self._apply(params, batch).astype(jnp.float32)
+  def logits(self, params, batch: Batch, dropout_rng: Optional[Array] = None) -> Array:
+    """[B,T,V] float32 logits; dropout iff `dropout_rng` and a rate > 0."""
+    return self._apply(params, batch, dropout_rng).astype(jnp.float32)
 
   def _weights(self, batch: Batch) -> Array:
     weights = batch.get('decoder_loss_weights')
@@ -313,28 +321,43 @@ class TokenLossModel(Model):
       return jnp.asarray(batch['decoder_target_tokens'].shape[0], jnp.float32)
     return jnp.sum(jnp.max(seg, axis=-1)).astype(jnp.float32)
 
-  def loss_fn(self, params, batch: Batch,
-              dropout_rng: Optional[Array]) -> Tuple[Array, dict]:
-    """(normalised loss, metrics). Dropout iff dropout_rng and a rate > 0."""
+  def loss_denominators(self, batch: Batch) -> dict[str, Array]:
+    """What the loss and metrics of `batch` are divided by (see `loss_fn`)."""
+    weights = self._weights(batch)
+    weight_sum = jnp.sum(weights)
+    tokens = jnp.where(weight_sum > 0, weight_sum, 1.0)
+    if self.loss_normalizing_factor is None:
+      loss = tokens
+    elif isinstance(self.loss_normalizing_factor, str):  # NUM_WEIGHTED_TOKENS
+      loss = jnp.maximum(jnp.sum(weights != 0), 1).astype(jnp.float32)
+    else:
+      loss = jnp.asarray(self.loss_normalizing_factor, jnp.float32)
+    return {'loss': loss, 'tokens': tokens}
+
+  def loss_fn(self, params, batch: Batch, dropout_rng: Optional[Array], *,
+              denominators: Optional[Mapping[str, Array]] = None,
+              frozen: Any = None) -> Tuple[Array, dict]:
+    """(normalised loss, metrics). Dropout iff dropout_rng and a rate > 0.
+
+    Sums are divided by `denominators` (default: `batch`'s own), so that with
+    the denominators of a whole batch the losses and metrics of its
+    microbatches add up to the whole batch's.
+    """
+    del frozen  # nothing frozen
+    d = self.loss_denominators(batch) if denominators is None else denominators
     logits = self._apply(params, batch, dropout_rng)
     targets = batch['decoder_target_tokens']
     weights = self._weights(batch)
     loss_sum, z_loss_sum, weight_sum = losses.cross_entropy_with_logits(
         logits, targets, weights, z_loss=self.z_loss,
         label_smoothing=self.label_smoothing)
-    if self.loss_normalizing_factor is None:
-      denom = jnp.where(weight_sum > 0, weight_sum, 1.0)
-    elif isinstance(self.loss_normalizing_factor, str):  # NUM_WEIGHTED_TOKENS
-      denom = jnp.maximum(jnp.sum(weights != 0), 1).astype(jnp.float32)
-    else:
-      denom = jnp.asarray(self.loss_normalizing_factor, jnp.float32)
     correct, _ = losses.weighted_accuracy(logits, targets, weights)
-    loss = loss_sum / denom
+    loss = loss_sum / d['loss']
     metrics = {
         'loss': loss,
-        'cross_ent_loss': (loss_sum - z_loss_sum) / denom,
-        'z_loss': z_loss_sum / denom,
-        'accuracy': correct / jnp.where(weight_sum > 0, weight_sum, 1.0),
+        'cross_ent_loss': (loss_sum - z_loss_sum) / d['loss'],
+        'z_loss': z_loss_sum / d['loss'],
+        'accuracy': correct / d['tokens'],
         'num_tokens': weight_sum,
         'num_examples': self._num_examples(batch),
     }

@@ -232,6 +232,7 @@ class DecoderModel(common.TokenLossModel):
                       'decoder_causal_attention', 'decoder_attention_mask')
   REQUIRED_FEATURES = ('decoder_input_tokens',)
   FEATURE_CONVERTER_CLS = seqio.DecoderFeatureConverter
+  DECODER_ONLY = True
 
   def _prefill(self, params, batch, max_decode_length):
     """Runs the prompt through the network once, filling the KV cache.

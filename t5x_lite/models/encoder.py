@@ -214,9 +214,14 @@ class EncoderModel(common.Model):
       batch['next_sentence_label'] = np.zeros((batch_size,), np.int32)
     return batch
 
-  def logits(self, params, batch: Batch) -> Array:
-    """MLM logits [B,L,V] float32, dropout off."""
-    return self._apply(params, batch)[0].astype(jnp.float32)
+  def logits(self, params, batch: Batch, dropout_rng: Optional[Array] = None) -> Array:
+    """MLM logits [B,L,V] float32; dropout iff `dropout_rng` and a rate > 0."""
+    return self._apply(params, batch, dropout_rng)[0].astype(jnp.float32)
+
+  def predict_batch(self, params, batch: Batch, rng: Optional[Array] = None) -> Array:
+    """[B,L] the most likely token at every position (int32)."""
+    del rng  # deterministic
+    return jnp.argmax(self.logits(params, batch), axis=-1).astype(jnp.int32)
 
   def nsp_logits(self, params, batch: Batch) -> Array:
     """Next-sentence logits [B,2] float32 (0 = IsNext, 1 = NotNext)."""
@@ -234,35 +239,47 @@ class EncoderModel(common.Model):
                      f'batch has {sorted(batch)}.')
     return jnp.asarray(weights, jnp.float32)
 
-  def loss_fn(self, params, batch: Batch,
-              dropout_rng: Optional[Array]) -> Tuple[Array, dict]:
-    """(loss, metrics). Dropout iff dropout_rng and a rate > 0."""
+  def loss_denominators(self, batch: Batch) -> dict[str, Array]:
+    """What the loss and metrics of `batch` are divided by (see `loss_fn`)."""
+    weight_sum = jnp.sum(self._weights(batch))
+    return {'tokens': jnp.where(weight_sum > 0, weight_sum, 1.0),
+            'examples': jnp.asarray(batch['input_tokens'].shape[0], jnp.float32)}
+
+  def loss_fn(self, params, batch: Batch, dropout_rng: Optional[Array], *,
+              denominators: Optional[Mapping[str, Array]] = None,
+              frozen: Any = None) -> Tuple[Array, dict]:
+    """(loss, metrics). Dropout iff dropout_rng and a rate > 0.
+
+    MLM sums are divided by the predicted tokens, NSP sums by the examples,
+    of `denominators` (default: `batch`'s own; a whole batch's makes the
+    losses and metrics of its microbatches add up to the whole batch's).
+    """
+    del frozen  # nothing frozen
+    d = self.loss_denominators(batch) if denominators is None else denominators
     mlm_logits, nsp_logits = self._apply(params, batch, dropout_rng)
     targets = batch['targets']
     weights = self._weights(batch)
     loss_sum, z_loss_sum, weight_sum = losses.cross_entropy_with_logits(
         mlm_logits, targets, weights, z_loss=self.z_loss)
-    denom = jnp.where(weight_sum > 0, weight_sum, 1.0)
     correct, _ = losses.weighted_accuracy(mlm_logits, targets, weights)
-    mlm_loss = loss_sum / denom
-    accuracy = correct / denom
-    num_examples = jnp.asarray(batch['input_tokens'].shape[0], jnp.float32)
+    mlm_loss = loss_sum / d['tokens']
+    accuracy = correct / d['tokens']
     metrics = {
         'mlm_loss': mlm_loss,
-        'z_loss': z_loss_sum / denom,
+        'z_loss': z_loss_sum / d['tokens'],
         'mlm_accuracy': accuracy,
         'accuracy': accuracy,
         'num_tokens': weight_sum,
-        'num_examples': num_examples,
+        'num_examples': jnp.asarray(batch['input_tokens'].shape[0], jnp.float32),
     }
     loss = mlm_loss
     if 'next_sentence_label' in batch:
       labels = jnp.asarray(batch['next_sentence_label'], jnp.int32)
       logp = jax.nn.log_softmax(nsp_logits.astype(jnp.float32), axis=-1)
-      nsp_loss = -jnp.mean(jnp.take_along_axis(logp, labels[:, None], -1))
+      nsp_loss = -jnp.sum(jnp.take_along_axis(logp, labels[:, None], -1)) / d['examples']
       metrics['nsp_loss'] = nsp_loss
-      metrics['nsp_accuracy'] = jnp.mean(
-          (jnp.argmax(nsp_logits, axis=-1) == labels).astype(jnp.float32))
+      metrics['nsp_accuracy'] = jnp.sum(
+          (jnp.argmax(nsp_logits, axis=-1) == labels).astype(jnp.float32)) / d['examples']
       loss = loss + self.nsp_weight * nsp_loss
     metrics['loss'] = loss
     return loss, metrics

@@ -5,9 +5,9 @@ encoder-decoder) and trains its params on preference pairs; its params ARE
 the wrapped model's (a DPO checkpoint evaluates, generates and fine-tunes
 with the plain model gin). The frozen reference model π_ref is either
 
-  - a copy of the initial params (`reference_logps_path=None`): the trainer
-    keeps it in the train state (`TrainState.reference`, sharded like the
-    params, never updated) and passes it to `loss_fn`; or
+  - a copy of the initial params (`reference_logps_path=None`): the model's
+    `frozen_state`, which the trainer keeps in the train state (sharded like
+    the params, never updated) and passes to `loss_fn`; or
   - precomputed: its sequence log-probs of every pair, written once by
     `t5x_lite.precompute_reference` to `reference_logps_path` and read into
     each batch by the feature converter, so no second model is on the
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from t5x_lite import losses
 from t5x_lite.data import feature_converters
 from t5x_lite.errors import UserError
+from t5x_lite.models import base
 
 Array = jax.Array
 SIDES = feature_converters.PREFERENCE_SIDES
@@ -52,7 +53,7 @@ def pair_batch(batch: Mapping[str, Array]) -> dict:
           for k in set(sides[0]) | set(shared)}
 
 
-class DPOModel:
+class DPOModel(base.BaseModel):
   """DPO of `model` (a `common.TokenLossModel`) on preference pairs.
 
   Args:
@@ -80,16 +81,41 @@ class DPOModel:
     self.loss_type = loss_type
     self.label_smoothing = float(label_smoothing)
     self.reference_logps_path = reference_logps_path
-    self.FRESH_PARAMS = getattr(model, 'FRESH_PARAMS', ())  # pylint: disable=invalid-name
+    # The policy's capabilities: a DPO checkpoint is the policy's.
+    self.FRESH_PARAMS = model.FRESH_PARAMS  # pylint: disable=invalid-name
+    self.DECODER_ONLY = model.DECODER_ONLY  # pylint: disable=invalid-name
+    self.GENERATES = model.GENERATES  # pylint: disable=invalid-name
 
   @property
   def encoder_decoder(self) -> bool:
-    return 'encoder_input_tokens' in self.model.NETWORK_FEATURES
+    return not self.model.DECODER_ONLY
 
   @property
-  def uses_reference_params(self) -> bool:
-    """Whether the trainer must keep a frozen copy of the initial params."""
-    return self.reference_logps_path is None
+  def max_length(self) -> Optional[int]:
+    return self.model.max_length
+
+  def frozen_state(self, params) -> Optional[dict]:
+    """{'reference': a copy of the initial params}, unless precomputed."""
+    if self.reference_logps_path is not None:
+      return None
+    return {'reference': jax.tree_util.tree_map(jnp.copy, params)}
+
+  def frozen_shardings(self, param_shardings) -> Optional[dict]:
+    return None if self.reference_logps_path is not None else {'reference': param_shardings}
+
+  def logits(self, params, batch: Mapping[str, Array],
+             dropout_rng: Optional[Array] = None) -> Array:
+    """The policy's logits of a plain (not paired) batch."""
+    return self.model.logits(params, batch, dropout_rng)
+
+  def score(self, params, batch: Mapping[str, Array]) -> Array:
+    """The policy's scores of a plain (not paired) batch."""
+    return self.model.score(params, batch)
+
+  def predict_batch(self, params, batch: Mapping[str, Array], rng: Optional[Array] = None,
+                    **options):
+    """The policy's predictions (generations) of a plain batch."""
+    return self.model.predict_batch(params, batch, rng, **options)
 
   def converter_cls(self, with_reference: bool = True, **kwargs):
     """The family's preference feature converter (reading the cached
@@ -110,7 +136,7 @@ class DPOModel:
   def sequence_logps(self, params, batch: Mapping[str, Array],
                      dropout_rng: Optional[Array] = None) -> Array:
     """[N] sum of log p(target) x `decoder_loss_weights` of each row."""
-    logits = self.model._apply(params, batch, dropout_rng)  # pylint: disable=protected-access
+    logits = self.model.logits(params, batch, dropout_rng)
     token_loss, _ = losses.token_cross_entropy(logits, batch['decoder_target_tokens'])
     return -jnp.sum(token_loss * batch['decoder_loss_weights'], axis=-1)
 
@@ -126,26 +152,36 @@ class DPOModel:
                       'the initial params) or give REFERENCE_LOGPS_PATH.')
     return tuple(jnp.split(jax.lax.stop_gradient(self.sequence_logps(reference_params, pair)), 2))
 
-  def loss_fn(self, params, batch: Mapping[str, Array], dropout_rng: Optional[Array],
-              reference_params: Any = None) -> Tuple[Array, dict]:
-    """(mean pair loss, metrics) of a preference batch."""
+  def loss_denominators(self, batch: Mapping[str, Array]) -> dict[str, Array]:
+    """What the loss and metrics of `batch` are divided by: its pairs."""
+    rows = batch[f'{SIDES[0]}_decoder_target_tokens'].shape[0]
+    return {'pairs': jnp.asarray(rows, jnp.float32)}
+
+  def loss_fn(self, params, batch: Mapping[str, Array], dropout_rng: Optional[Array], *,
+              denominators: Optional[Mapping[str, Array]] = None,
+              frozen: Optional[Mapping[str, Any]] = None) -> Tuple[Array, dict]:
+    """(mean pair loss, metrics) of a preference batch; sums over pairs are
+    divided by `denominators['pairs']` (default: the batch's pairs). The
+    reference params are `frozen['reference']` (see `frozen_state`)."""
+    n = (self.loss_denominators(batch) if denominators is None else denominators)['pairs']
     pair = pair_batch(batch)
     chosen, rejected = jnp.split(self.sequence_logps(params, pair, dropout_rng), 2)
+    reference_params = None if frozen is None else frozen['reference']
     ref_chosen, ref_rejected = self.reference_logps(reference_params, batch, pair)
     pair_losses, chosen_rewards, rejected_rewards = losses.dpo_loss(
         chosen, rejected, ref_chosen, ref_rejected, beta=self.beta,
         loss_type=self.loss_type, label_smoothing=self.label_smoothing)
-    reward_accuracy = jnp.mean((chosen_rewards > rejected_rewards).astype(jnp.float32))
+    mean = lambda x: jnp.sum(x) / n
+    reward_accuracy = mean((chosen_rewards > rejected_rewards).astype(jnp.float32))
     metrics = {
-        'loss': jnp.mean(pair_losses),
+        'loss': mean(pair_losses),
         'accuracy': reward_accuracy,  # the run-output contract's accuracy
         'reward_accuracy': reward_accuracy,
-        'chosen_rewards': jnp.mean(chosen_rewards),
-        'rejected_rewards': jnp.mean(rejected_rewards),
-        'reward_margin': jnp.mean(chosen_rewards - rejected_rewards),
-        'chosen_logps': jnp.mean(chosen),
-        'rejected_logps': jnp.mean(rejected),
+        'chosen_rewards': mean(chosen_rewards),
+        'rejected_rewards': mean(rejected_rewards),
+        'reward_margin': mean(chosen_rewards - rejected_rewards),
+        'chosen_logps': mean(chosen),
+        'rejected_logps': mean(rejected),
         'num_examples': jnp.asarray(chosen.shape[0], jnp.float32),
     }
     return metrics['loss'], metrics
-
