@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 import tensorflow as tf
 
+from t5x_lite import param_layout
 from t5x_lite.errors import UserError
-from t5x_lite.models import common
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +220,8 @@ def restore_params(path: str, abstract_params: Any, fresh: Sequence[str] = ()) -
   try:
     return _restore_params(step_dir, abstract_params, fresh)
   except UserError:
-    for stored_as, back in ((common.unstack_layers, common.stack_layers),
-                            (common.stack_layers, common.unstack_layers)):
+    for stored_as, back in ((param_layout.unstack_layers, param_layout.stack_layers),
+                            (param_layout.stack_layers, param_layout.unstack_layers)):
       other = jax.eval_shape(stored_as, abstract_params)
       if jax.tree_util.tree_structure(other) == jax.tree_util.tree_structure(abstract_params):
         continue  # no layers to convert

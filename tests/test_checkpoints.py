@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from t5x_lite import checkpoints
+from t5x_lite import param_layout
 from t5x_lite.errors import UserError
 
 
@@ -151,12 +152,11 @@ def test_uncheckpointable_iterator_is_left_out(tmp_path, caplog):
 
 
 def test_restore_params_converts_between_loop_and_scanned_layers(tmp_path):
-  from t5x_lite.models import common  # pylint: disable=g-import-not-at-top
   k = jax.random.split(jax.random.PRNGKey(0), 3)
   loop = {'layers_0': {'w': jax.random.normal(k[0], (4, 3))},
           'layers_1': {'w': jax.random.normal(k[1], (4, 3))},
           'norm': {'scale': jax.random.normal(k[2], (3,))}}
-  scanned = common.stack_layers(loop)
+  scanned = param_layout.stack_layers(loop)
   for saved, wanted in ((loop, scanned), (scanned, loop)):
     directory = tmp_path / str(len(saved))
     ckpt = checkpoints.Checkpointer(str(directory), save_period=1)

@@ -13,9 +13,9 @@ import tensorflow as tf
 from flax import linen as nn
 
 from t5x_lite import decoding
+from t5x_lite import param_layout
 from t5x_lite.errors import UserError
 from t5x_lite.models import bart
-from t5x_lite.models import common
 from t5x_lite.models import decoder
 from t5x_lite.models import encoder_decoder as ed
 
@@ -60,7 +60,7 @@ def setup(family: str, scan: bool = False):
   params = jax.tree_util.tree_map_with_path(fill, shapes['params'])
   if scan:
     model = model_cls(dataclasses.replace(cfg, scan_layers=True))
-    params = common.stack_layers(params)
+    params = param_layout.stack_layers(params)
   return model, params
 
 

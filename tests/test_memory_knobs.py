@@ -17,6 +17,7 @@ from t5x_lite import gin_utils
 from t5x_lite import hf
 from t5x_lite import layers
 from t5x_lite import optimizers
+from t5x_lite import param_layout
 from t5x_lite import trainer
 from t5x_lite.errors import UserError
 from t5x_lite.models import bart
@@ -98,7 +99,7 @@ def _reference(family):
   rng = np.random.RandomState(1)
   params = jax.tree_util.tree_map(
       lambda x: (0.2 * rng.randn(*x.shape)).astype(x.dtype), abstract['params'])
-  return batch, params, common.stack_layers(params), _outputs(loop, params, batch)
+  return batch, params, param_layout.stack_layers(params), _outputs(loop, params, batch)
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,13 +123,13 @@ def test_scan_matches_the_layer_loop(family):
   shapes = lambda t: jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), t)
   assert shapes(nn.unbox(abstract)['params']) == shapes(stacked)
   assert_logical_names(scanned, batch, ALLOWED, unnamed_last_axis=('nsp_head',))
-  assert _max_diff(common.unstack_layers(stacked), params) == 0.0
+  assert _max_diff(param_layout.unstack_layers(stacked), params) == 0.0
 
   s_logits, s_loss, s_grads = _scanned_outputs(family)
   assert logits.shape[-1] == V and logits.dtype == jnp.float32
   assert _max_diff(s_logits, logits) < 1e-5
   assert abs(float(s_loss - loss)) < 1e-5
-  assert _max_diff(s_grads, common.stack_layers(grads)) < 1e-5
+  assert _max_diff(s_grads, param_layout.stack_layers(grads)) < 1e-5
 
   # HF converters go either way: scanned params export as the unscanned ones,
   # and import into a scanned config comes back stacked.

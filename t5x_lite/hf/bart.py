@@ -13,6 +13,7 @@ from typing import Mapping
 
 import numpy as np
 
+from t5x_lite import param_layout
 from t5x_lite.hf import tree
 from t5x_lite.models import bart
 from t5x_lite.models import common
@@ -163,7 +164,7 @@ def from_hf_state_dict(state_dict: Mapping[str, np.ndarray],
 
 def to_hf_state_dict(params, config: bart.BartConfig) -> dict:
   """Our params -> HF `BartForConditionalGeneration` state dict (numpy)."""
-  params = common.unstack_layers(params)
+  params = param_layout.unstack_layers(params)
   p = tree.flatten(params)
   shared = p[('token_embedder', 'embedding')]
   sd = {'model.shared.weight': shared,

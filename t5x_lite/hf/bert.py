@@ -20,6 +20,7 @@ from typing import Mapping
 
 import numpy as np
 
+from t5x_lite import param_layout
 from t5x_lite.hf import tree
 from t5x_lite.models import common
 from t5x_lite.models.encoder import BertConfig, EncoderModel
@@ -195,7 +196,7 @@ def from_hf_state_dict(state_dict: Mapping[str, np.ndarray],
 
 def to_hf_state_dict(params, config: BertConfig) -> dict:
   """Our params -> HF `BertForPreTraining` state dict of numpy arrays."""
-  params = common.unstack_layers(params)
+  params = param_layout.unstack_layers(params)
   p = tree.flatten(params)
   sd = {}
   for ours, theirs in (('token_embedder', 'word_embeddings'),

@@ -16,6 +16,7 @@ from typing import Mapping
 
 import numpy as np
 
+from t5x_lite import param_layout
 from t5x_lite.hf import tree
 from t5x_lite.models import common
 from t5x_lite.models import decoder
@@ -139,7 +140,7 @@ def from_hf_state_dict(state_dict: Mapping[str, np.ndarray],
 
 def to_hf_state_dict(params, config: GPTConfig) -> dict:
   """Our params -> HF `GPT2LMHeadModel` state dict of numpy arrays."""
-  params = common.unstack_layers(params)
+  params = param_layout.unstack_layers(params)
   _check_config(config)
   p = tree.flatten(params)
   t = 'transformer'

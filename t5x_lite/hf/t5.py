@@ -21,6 +21,7 @@ import numpy as np
 
 from t5x_lite.hf import tree
 from t5x_lite import layers
+from t5x_lite import param_layout
 from t5x_lite.models import common
 from t5x_lite.models.encoder_decoder import EncoderDecoderModel, T5Config
 
@@ -163,7 +164,7 @@ def to_hf_state_dict(params, config: T5Config) -> dict:
 
   `lm_head.weight` is written only for an untied head (logits_dense).
   """
-  params = common.unstack_layers(params)
+  params = param_layout.unstack_layers(params)
   p = tree.flatten(params)
   sd = {'shared.weight': p[('token_embedder', 'embedding')]}
   for path, name, _, transposed in _param_map(config):

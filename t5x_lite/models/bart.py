@@ -31,7 +31,7 @@ N*H heads * head_dim, P max_positions + position_offset):
 
 With `scan_layers=True` the `layers_{i}` subtrees of a stack become one
 `layers` subtree whose leaves have a leading [num_layers] axis ('layers');
-see `common.run_layers` and `common.stack_layers`.
+see `common.run_layers` and `param_layout.stack_layers`.
 
 Batch features are those of `seqio.EncDecFeatureConverter`:
 `encoder_input_tokens` [B,S], `decoder_input_tokens`, `decoder_target_tokens`,

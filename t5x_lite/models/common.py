@@ -15,7 +15,8 @@ config fields (bindable from gin like the others):
   remat_policy  what the backward pass keeps from each layer's forward pass
                 (see REMAT_POLICIES); 'none' keeps everything.
 
-`stack_layers` / `unstack_layers` convert params between the two layouts.
+`param_layout.stack_layers` / `unstack_layers` convert params between the two
+layouts.
 """
 
 import functools
@@ -29,6 +30,7 @@ import numpy as np
 from t5x_lite import decoding
 from t5x_lite import layers
 from t5x_lite import losses
+from t5x_lite import param_layout
 from t5x_lite.errors import UserError
 from t5x_lite.models import base
 
@@ -112,46 +114,9 @@ def set_cache_index(cache: Any, index: Array) -> Any:
   return jax.tree_util.tree_map_with_path(fix, cache)
 
 
-def _is_layer(key: str) -> bool:
-  return key.startswith('layers_') and key[len('layers_'):].isdigit()
-
-
-def _stack(*xs):
-  """Stacks on a new leading axis; numpy stays numpy (on the host)."""
-  return (np if isinstance(xs[0], np.ndarray) else jnp).stack(xs)
-
-
-def stack_layers(params: Mapping[str, Any]) -> dict:
-  """Unscanned params -> scanned: every `layers_{i}` group becomes `layers`.
-
-  Each group of sibling subtrees `layers_0 .. layers_{n-1}` is replaced by one
-  subtree `layers` whose leaves are the layer leaves stacked on a new leading
-  axis. Trees without such groups come back unchanged.
-  """
-  out = {k: stack_layers(v) if isinstance(v, Mapping) else v
-         for k, v in params.items() if not _is_layer(k)}
-  num = sum(_is_layer(k) for k in params)
-  if num:
-    group = [params[f'layers_{i}'] for i in range(num)]
-    out['layers'] = jax.tree_util.tree_map(_stack, *group)
-  return out
-
-
-def unstack_layers(params: Mapping[str, Any]) -> dict:
-  """Scanned params -> unscanned: the inverse of `stack_layers`."""
-  out = {k: unstack_layers(v) if isinstance(v, Mapping) else v
-         for k, v in params.items() if k != 'layers'}
-  if 'layers' in params:
-    stacked = params['layers']
-    num = jax.tree_util.tree_leaves(stacked)[0].shape[0]
-    for i in range(num):
-      out[f'layers_{i}'] = jax.tree_util.tree_map(lambda x: x[i], stacked)
-  return out
-
-
 def to_config_layout(params: Mapping[str, Any], config: Any) -> Mapping[str, Any]:
   """Unscanned params in `config`'s layout (stacked iff `config.scan_layers`)."""
-  return stack_layers(params) if config.scan_layers else params
+  return param_layout.stack_layers(params) if config.scan_layers else params
 
 
 def dtypes(config: Any) -> dict:

@@ -22,7 +22,7 @@ Parameter tree (T5X decoder-only names; kernels are [in, out]):
 
 With `scan_layers=True` the `layers_{i}` subtrees of a stack become one
 `layers` subtree whose leaves have a leading [num_layers] axis ('layers');
-see `common.run_layers` and `common.stack_layers`.
+see `common.run_layers` and `param_layout.stack_layers`.
 
 Batch features (what `seqio.DecoderFeatureConverter` emits, for LM tasks with
 only 'targets' and prefix-LM tasks with 'inputs' and 'targets'), all [B,L]:

@@ -31,7 +31,7 @@ pretraining heads, plus a `classifier` head on the pooled output:
 
 With `scan_layers=True` the `layers_{i}` subtrees of a stack become one
 `layers` subtree whose leaves have a leading [num_layers] axis ('layers');
-see `common.run_layers` and `common.stack_layers`.
+see `common.run_layers` and `param_layout.stack_layers`.
 
 Batch features: `input_tokens` [B,L]; `segment_ids` [B,L] token types (0 for
 sentence A, 1 for sentence B; not packing ids); optional `attention_mask`

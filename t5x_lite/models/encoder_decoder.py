@@ -28,7 +28,7 @@ Parameter tree (T5X names; kernels are [in, out]):
 
 With `scan_layers=True` the `layers_{i}` subtrees of a stack become one
 `layers` subtree whose leaves have a leading [num_layers] axis ('layers');
-see `common.run_layers` and `common.stack_layers`.
+see `common.run_layers` and `param_layout.stack_layers`.
 
 Generation (`EncoderDecoderModel.predict_batch`, see `common.TokenLossModel`
 and `t5x_lite.decoding`): the inputs are encoded once, then
