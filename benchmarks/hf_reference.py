@@ -90,7 +90,7 @@ from t5x_lite import benchmark
 from t5x_lite import gin_utils
 from t5x_lite import hf
 from t5x_lite import ops
-from t5x_lite import precompile
+from t5x_lite import runs
 from t5x_lite.data import pipeline
 from t5x_lite.errors import UserError
 
@@ -329,8 +329,8 @@ def main(argv):
 def compare(options, jax_device, device):
   """Times both frameworks as `main`'s options say, on one device each."""
   modes, steps, rounds = options['modes'], options['steps'], options['rounds']
-  args = precompile.train_arguments([jax_device])
-  run = benchmark.setup(args)
+  train_config = gin.get_configurable(runs.TrainConfig)()
+  run = train_config.build(devices=[jax_device])
   config = run.model.config
   bfloat16 = precision(config)
   encoder_decoder = hasattr(config, 'num_encoder_layers')
@@ -347,12 +347,14 @@ def compare(options, jax_device, device):
     iterator = iter(run.dataset)
     batches = [pipeline.next_numpy(iterator) for _ in range(options['batches'])]
     del iterator
-    ours_run = run._replace(dataset=cached_dataset(batches))
+    ours_run = copy.copy(run)
+    ours_run.dataset = cached_dataset(batches)
     tokens = sum(v.size for k, v in batches[0].items() if k.endswith('input_tokens'))
     hf_batches = [torch_batch(b, encoder_decoder, device) for b in batches]
     ours_times, hf_times, rooflines, torch_rooflines = [], [], [], []
     for r in range(rounds):
-      ours_result, _ = benchmark.benchmark_train(ours_run, args['optimizer'], steps,
+      ours_result, _ = benchmark.benchmark_train(ours_run, train_config.optimizer,
+                                                 train_config.num_microbatches, steps,
                                                  input_seconds=0.1, peak=peak)
       ours_times.append(ours_result['seconds_per_step'])
       rooflines.append(ours_result['roofline_flops_per_second'])

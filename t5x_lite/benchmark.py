@@ -4,9 +4,9 @@
         [--mode=train|decode|train,decode] [--steps=N] [--decode_runs=N]
         [--input_seconds=S] [--profile=N] [--peak_flops=F]
 
-The gin is a training gin: `train_script.train`'s bindings give the model,
-optimizer, task, feature lengths, batch size, partitioner, vocabulary and
-packing. Nothing is written to MODEL_DIR.
+The gin is a training gin: its `runs.TrainConfig` gives the model, optimizer,
+data (task, feature lengths, batch size, vocabulary, packing), partitioner and
+microbatches. Nothing is written to MODEL_DIR.
 
 mode train (default): compiles the train step, runs one warm-up step and
 --steps timed steps (default 20) on real batches, blocking on each step's
@@ -90,8 +90,9 @@ import resource
 import statistics
 import sys
 import time
-from typing import Any, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,10 +100,9 @@ import numpy as np
 from t5x_lite import gin_utils
 from t5x_lite import host
 from t5x_lite import ops
-from t5x_lite import precompile
+from t5x_lite import runs
 from t5x_lite import trainer as trainer_lib
 from t5x_lite.data import pipeline
-from t5x_lite.models import common
 from t5x_lite.errors import UserError
 
 ROOFLINE_SIZE = 2048
@@ -233,44 +233,12 @@ def device_description() -> str:
   return f'{jax.device_count()} x {kind} ({os.cpu_count()} host cores)'
 
 
-class _Run(NamedTuple):
-  """What both modes build from the gin's training arguments."""
-  model: Any
-  partitioner: Any
-  dataset: Any  # tf.data.Dataset of this host's batches
-  batch_shapes: dict[str, jax.ShapeDtypeStruct]  # of the global batch
-  batch_size: int
-  seed: int
-
-
-def setup(args: Mapping[str, Any]) -> _Run:
-  """The model, partitioner and input pipeline of `train_script.train`'s arguments."""
-  import t5x_lite.tasks  # pylint: disable=g-import-not-at-top,unused-import  (the built-in tasks)
-  model, name, batch_size = args['model'], args['mixture_or_task_name'], args['batch_size']
-  pipeline.check_data_available(name, 'train')
-  vocabulary = args.get('vocabulary')
-  task = pipeline.with_vocabulary(pipeline.get_task_or_mixture(name), vocabulary)
-  vocab_size = pipeline.output_vocab_size(task, vocabulary)
-  if vocab_size > model.config.vocab_size:
-    raise UserError(f'the task vocabulary has {vocab_size} ids but the model has '
-                    f'vocab_size={model.config.vocab_size}; raise the model config vocab_size.')
-  partitioner = args['partitioner']
-  partitioner.check_batch_size(batch_size)
-  seed = args.get('seed', 0)
-  ds = pipeline.get_dataset(name, dict(args['task_feature_lengths']), batch_size, seed=seed,
-                            pack=args.get('pack', True), vocabulary=vocabulary,
-                            feature_converter_cls=model.FEATURE_CONVERTER_CLS)
-  shapes = {k: jax.ShapeDtypeStruct((batch_size,) + tuple(v.shape[1:]), v.dtype.as_numpy_dtype)
-            for k, v in ds.element_spec.items()}
-  return _Run(model, partitioner, ds, shapes, batch_size, seed)
-
-
-def benchmark_train(run: _Run, optimizer: Any, steps: int = 20, input_seconds: float = 3.0,
+def benchmark_train(run: runs.Run, optimizer: Any, num_microbatches: int = 1, steps: int = 20, input_seconds: float = 3.0,
                     profile: int = 0, peak: Optional[float] = None) -> tuple[dict[str, Any], Any]:
   """(train-step speed, FLOPs, MFU and input-pipeline headroom, the final
   params); `peak`: one device's peak FLOP/s for the MFU (default: looked up
   by the mesh's device name)."""
-  trainer = trainer_lib.Trainer(run.model, optimizer, run.partitioner, run.batch_shapes)
+  trainer = run.trainer(optimizer, num_microbatches)
   compile_seconds = trainer.compile()
   step_fn = trainer.train_step
   state = trainer.init_state(run.seed)
@@ -368,7 +336,7 @@ def _covered(intervals: list[tuple[float, float]]) -> float:
   return total
 
 
-def random_params(run: _Run) -> Any:
+def random_params(run: runs.Run) -> Any:
   """Freshly initialised params, created sharded on the partitioner's mesh."""
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
   _, shardings = trainer_lib.abstract_params(run.model, run.partitioner, run.batch_shapes)
@@ -377,11 +345,11 @@ def random_params(run: _Run) -> Any:
     return jax.jit(init, out_shardings=shardings)(jax.random.key(run.seed))
 
 
-def decode_batch(run: _Run) -> tuple[dict[str, np.ndarray], int]:
+def decode_batch(run: runs.Run) -> tuple[dict[str, np.ndarray], int]:
   """(the prompt batch of the task's first batch, the decoder length): T5 / BART
   decode from their encoder inputs, a decoder-only model from BOS alone."""
   first = pipeline.next_numpy(iter(run.dataset))
-  if 'decoder_input_tokens' not in first or not isinstance(run.model, common.TokenLossModel):
+  if 'decoder_input_tokens' not in first or not run.model.GENERATES:
     raise UserError(f'--mode=decode needs a model that generates (T5, BART, GPT); '
                     f'{type(run.model).__name__} does not; use --mode=train.')
   rows, length = first['decoder_input_tokens'].shape
@@ -411,7 +379,7 @@ def time_decode(model: Any, params: Any, batch: Mapping[str, np.ndarray], length
   return np.asarray(tokens), compile_seconds, statistics.median(times)
 
 
-def benchmark_decode(run: _Run, params: Any, repeats: int = 3) -> dict[str, Any]:
+def benchmark_decode(run: runs.Run, params: Any, repeats: int = 3) -> dict[str, Any]:
   """Greedy and beam-4 KV-cached decoding speed, in generated tokens (rows x steps) / s."""
   batch, length = decode_batch(run)
   rows = next(iter(batch.values())).shape[0]
@@ -492,13 +460,14 @@ def main(argv: Sequence[str]) -> None:
   profile = _number(_pop_option(argv, 'profile'), 'profile', int, 0)
   peak = _number(_pop_option(argv, 'peak_flops'), 'peak_flops', float, None)
   gin_utils.parse_gin(*gin_utils.parse_flags(argv))
-  args = precompile.train_arguments(jax.devices())
-  run = setup(args)
+  import t5x_lite.tasks  # pylint: disable=g-import-not-at-top,unused-import  (the built-in tasks)
+  config = gin.get_configurable(runs.TrainConfig)()
+  run = config.build()
   result = {'mode': ','.join(modes), 'device': device_description()}
   params = None
   if 'train' in modes:
-    train_result, params = benchmark_train(run, args['optimizer'], steps, input_seconds,
-                                           profile, peak)
+    train_result, params = benchmark_train(run, config.optimizer, config.num_microbatches,
+                                           steps, input_seconds, profile, peak)
     result.update(train_result)
   if 'decode' in modes:
     result.update(benchmark_decode(run, random_params(run) if params is None else params,

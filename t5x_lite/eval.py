@@ -19,6 +19,7 @@ import seqio
 
 from t5x_lite import evaluation
 from t5x_lite import gin_utils
+from t5x_lite import runs
 from t5x_lite.data import registry
 from t5x_lite.partitioning import Partitioner
 
@@ -39,9 +40,9 @@ def evaluate(*,
              partitioner: Optional[Partitioner] = None,
              vocabulary: Optional[seqio.Vocabulary] = None) -> list[evaluation.TaskResult]:
   """Evaluates `checkpoint_path` on every task of `mixture_or_task_name`; see the module doc."""
-  partitioner = partitioner or Partitioner()
-  import t5x_lite.tasks  # pylint: disable=g-import-not-at-top,unused-import  (the built-in tasks)
-  registry.check_data_available(mixture_or_task_name, split)
+  run = runs.Run(model, runs.Data(mixture_or_task_name, task_feature_lengths, batch_size,
+                                   split=split, seed=seed, vocabulary=vocabulary), partitioner)
+  partitioner = run.partitioner
   evaluator = evaluation.Evaluator(
       model, partitioner, task_feature_lengths, batch_size, split=split, mode=mode,
       decode=decode, num_examples=num_examples, few_shot_k=few_shot_k, seed=seed,
@@ -69,6 +70,7 @@ def evaluate(*,
 
 
 def main(argv: Sequence[str]) -> None:
+  import t5x_lite.tasks  # pylint: disable=g-import-not-at-top,unused-import  (the built-in tasks)
   gin_utils.call_configured(evaluate, argv)
 
 

@@ -23,7 +23,7 @@ import seqio
 
 from t5x_lite import evaluation
 from t5x_lite import gin_utils
-from t5x_lite.data import pipeline
+from t5x_lite import runs
 from t5x_lite.errors import UserError
 from t5x_lite.partitioning import Partitioner
 
@@ -54,12 +54,14 @@ def infer(*,
           partitioner: Optional[Partitioner] = None,
           vocabulary: Optional[seqio.Vocabulary] = None) -> str:
   """Writes predictions for a task split or INPUT_FILE; returns the JSONL path."""
-  partitioner = partitioner or Partitioner()
-  import t5x_lite.tasks  # pylint: disable=g-import-not-at-top,unused-import  (the built-in tasks)
+  run = runs.Run(model, runs.Data(mixture_or_task_name, task_feature_lengths, batch_size,
+                                   split=split, seed=seed, vocabulary=vocabulary),
+                 partitioner, check_data=not input_file)
+  partitioner = run.partitioner
   evaluator = evaluation.Evaluator(
       model, partitioner, task_feature_lengths, batch_size, split=split, decode=decode,
       num_examples=num_examples, seed=seed, vocabulary=vocabulary)
-  task = pipeline.with_vocabulary(pipeline.get_task_or_mixture(mixture_or_task_name), vocabulary)
+  task = run.task
   if not isinstance(task, seqio.Task):
     task = evaluation.eval_tasks(mixture_or_task_name, split)[0]
   params = evaluation.load_params(model, partitioner, checkpoint_path,
@@ -87,6 +89,7 @@ def infer(*,
 
 
 def main(argv: Sequence[str]) -> None:
+  import t5x_lite.tasks  # pylint: disable=g-import-not-at-top,unused-import  (the built-in tasks)
   gin_utils.call_configured(infer, argv)
 
 

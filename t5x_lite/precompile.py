@@ -24,23 +24,19 @@ if __name__ == '__main__':  # a run starts here: tune the host before jax and Te
 
 import dataclasses
 import importlib.util
-import inspect
 import math
 import os
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import gin
 import jax
-import numpy as np
 
 from t5x_lite import gin_utils
 from t5x_lite import host
 from t5x_lite import ops
-from t5x_lite import trainer as trainer_lib
-from t5x_lite import train as train_script
+from t5x_lite import runs
 from t5x_lite.errors import UserError
-from t5x_lite.partitioning import Partitioner
 
 GiB = 2**30
 
@@ -108,41 +104,6 @@ def tpu_slice(topology: str) -> Slice:
                     f'{gin_utils.one_line(e)}; check the chip counts per dimension.') from None
   per_chip = len(devices) / num_chips
   return Slice(topology, devices, chip.hbm_bytes / per_chip, chip.peak_flops / per_chip)
-
-
-def _resolve(value: Any, **kwargs) -> Any:
-  """A gin binding's value, evaluating @references and %macros."""
-  if not isinstance(value, gin.config.ConfigurableReference):
-    return value
-  fn = value.scoped_configurable_fn
-  return fn(**kwargs) if value.evaluate else fn
-
-
-def train_arguments(devices: Sequence[Any]) -> dict[str, Any]:
-  """The gin-bound arguments of `train_script.train`, partitioner built on `devices`."""
-  defaults = {k: p.default for k, p in inspect.signature(train_script.train).parameters.items()
-              if p.default is not inspect.Parameter.empty}
-  bound = gin.get_bindings(train_script.train, resolve_references=False)
-  args = {k: _resolve(v) for k, v in bound.items() if k != 'partitioner'}
-  args['partitioner'] = (_resolve(bound['partitioner'], devices=devices)
-                         if 'partitioner' in bound else Partitioner(devices=devices))
-  missing = [k for k in ('model', 'optimizer', 'task_feature_lengths', 'batch_size')
-             if k not in args]
-  if missing:
-    raise UserError(f"gin binds no train_script.train.{missing[0]}; include a run gin "
-                    "(configs/runs/*.gin) as training does.")
-  return {**defaults, **args}
-
-
-def batch_shapes(model: Any, task_feature_lengths: Mapping[str, int], batch_size: int,
-                 pack: bool) -> dict[str, jax.ShapeDtypeStruct]:
-  """The global batch the feature converter feeds the train step, as shapes."""
-  converter = model.FEATURE_CONVERTER_CLS(pack=pack)
-  if hasattr(converter, 'get_model_feature_lengths'):  # seqio's converters
-    lengths = converter.get_model_feature_lengths(dict(task_feature_lengths))
-    return {k: jax.ShapeDtypeStruct((batch_size, n), np.int32) for k, n in lengths.items()}
-  dummy = model.dummy_batch(batch_size, *task_feature_lengths.values())
-  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in dummy.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,19 +192,19 @@ def _loop_factor(trainer: Any, compiled: Any) -> float:
   return _dot_flops(jaxpr, repeat_scans=True) / once if once else 1.0
 
 
-def precompile(topology: str) -> Report:
-  """Compiles the gin-configured train step for `topology`; gin must be parsed."""
+def precompile(topology: str, *, config: runs.TrainConfig, train_steps: int) -> Report:
+  """Compiles the train step of `config` for `topology` (bound in gin by the
+  run configs, as the training entry point is)."""
   tpu = tpu_slice(topology)
-  args = train_arguments(tpu.devices)
-  partitioner = args['partitioner']
-  partitioner.check_batch_size(args['batch_size'])
-  shapes = batch_shapes(args['model'], args['task_feature_lengths'], args['batch_size'],
-                        args['pack'])
+  run = config.build(devices=tpu.devices, check_data=False)
+  data = config.data
+  shapes = runs.converter_batch_shapes(run.model, data.task_feature_lengths, data.batch_size,
+                                       data.pack)
+  partitioner = run.partitioner
   # Traced for the slice: 'auto' resolves against TPU, not this host's CPU.
   with ops.use_kernels(gin_utils.kernels(), platform='tpu'):
     kernels = ops.active()
-    trainer = trainer_lib.Trainer(args['model'], args['optimizer'], partitioner, shapes,
-                                  args['num_microbatches'])
+    trainer = run.trainer(config.optimizer, config.num_microbatches, batch_shapes=shapes)
     try:
       seconds = trainer.compile()
     except jax.errors.JaxRuntimeError as e:
@@ -267,7 +228,7 @@ def precompile(topology: str) -> Report:
                 hbm_bytes=tpu.hbm_bytes_per_device,
                 flops=flops,
                 step_seconds=flops / tpu.peak_flops_per_device,
-                train_steps=int(args['train_steps']),
+                train_steps=int(train_steps),
                 kernels=kernels,
                 loop_factor=loop_factor)
 
@@ -296,7 +257,7 @@ def main(argv: Sequence[str]) -> None:
     raise UserError('give exactly one --topology=GENERATION:CHIPS, e.g. --topology=v3:4x4.')
   files, bindings = gin_utils.parse_flags([a for a in argv if not a.startswith('--topology=')])
   gin_utils.parse_gin(files, bindings)
-  report = precompile(topology[0])
+  report = gin.get_configurable(precompile)(topology[0])
   print(describe(topology[0], report))
   if not report.fits:
     raise does_not_fit(f'{report.total_bytes / GiB:.2f} GiB', report.hbm_bytes)

@@ -16,9 +16,10 @@ if __name__ == '__main__':  # a run starts here: tune the host before jax and Te
   from t5x_lite import host  # pylint: disable=g-import-not-at-top
   host.prepare()
 
+import dataclasses
 import io
 import os
-from typing import Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,11 +29,10 @@ import seqio
 import tensorflow as tf
 
 from t5x_lite import gin_utils
-from t5x_lite import trainer as trainer_lib
+from t5x_lite import runs
 from t5x_lite.data import pipeline
 from t5x_lite.errors import UserError
 from t5x_lite.models import preference
-from t5x_lite.partitioning import Partitioner
 
 
 def _pad(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
@@ -42,17 +42,11 @@ def _pad(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
 
 
 def precompute(*,
-               model: preference.DPOModel,
-               mixture_or_task_name: str,
-               task_feature_lengths: Mapping[str, int],
-               batch_size: int,
+               config: runs.TrainConfig,
                output_path: Optional[str],
-               initial_checkpoint_path: Optional[str] = None,
-               seed: int = 0,
-               vocabulary: Optional[seqio.Vocabulary] = None,
-               partitioner: Optional[Partitioner] = None,
                splits: Sequence[str] = ('train', 'validation')) -> dict[str, np.ndarray]:
   """Writes and returns {'pair_key', 'chosen', 'rejected'}; see the module doc."""
+  model = config.model
   if not isinstance(model, preference.DPOModel):
     raise UserError('precompute_reference needs a DPO run: include configs/runs/dpo.gin '
                     '(e.g. gin/gpt_dpo.gin).')
@@ -61,25 +55,25 @@ def precompute(*,
   if jax.process_count() > 1:
     raise UserError('run precompute_reference in a single process (one host); the file it '
                     'writes serves every host of the training run.')
-  import t5x_lite.tasks  # pylint: disable=g-import-not-at-top,unused-import  (the built-in tasks)
-  pipeline.check_data_available(mixture_or_task_name)
-  partitioner = partitioner or Partitioner()
-  partitioner.check_batch_size(batch_size)
-  task = pipeline.get_task_or_mixture(mixture_or_task_name)
-  subtasks = [task] if isinstance(task, seqio.Task) else seqio.get_subtasks(task)
+  data = dataclasses.replace(config.data, split=None)
   converter = model.converter_cls(with_reference=False, keep_pair_key=True)
-  datasets = [pipeline.get_dataset(t.name, task_feature_lengths, batch_size, split=split,
+  run = runs.Run(model, data, config.partitioner(), converter=converter)
+  partitioner, batch_size = run.partitioner, data.batch_size
+  task = run.task
+  subtasks = [task] if isinstance(task, seqio.Task) else seqio.get_subtasks(task)
+  datasets = [pipeline.get_dataset(t.name, data.task_feature_lengths, batch_size, split=split,
                                    shuffle=False, seed=None, pack=False, num_epochs=1,
-                                   vocabulary=vocabulary, feature_converter_cls=converter,
+                                   vocabulary=data.vocabulary, feature_converter_cls=converter,
                                    drop_remainder=False)
               for t in subtasks for split in splits if split in t.splits]
   if not datasets:
-    raise UserError(f"'{mixture_or_task_name}' has none of the splits {list(splits)}.")
+    raise UserError(f"'{data.mixture_or_task_name}' has none of the splits {list(splits)}.")
   spec = {k: v for k, v in datasets[0].element_spec.items() if k != 'pair_key'}
   batch_shapes = {k: jax.ShapeDtypeStruct((batch_size,) + tuple(v.shape[1:]),
                                           v.dtype.as_numpy_dtype) for k, v in spec.items()}
-  trainer = trainer_lib.Trainer(model, optax.identity(), partitioner, batch_shapes)
-  params = trainer.initial_state(seed, initial_checkpoint_path, model.FRESH_PARAMS).params
+  trainer = run.trainer(optax.identity(), batch_shapes=batch_shapes)
+  params = trainer.initial_state(data.seed or 0, config.initial_checkpoint_path,
+                                 model.FRESH_PARAMS).params
 
   def score(params, batch):
     return jnp.stack(jnp.split(model.sequence_logps(params, preference.pair_batch(batch)), 2))
@@ -110,6 +104,7 @@ def precompute(*,
 
 
 def main(argv: Sequence[str]) -> None:
+  import t5x_lite.tasks  # pylint: disable=g-import-not-at-top,unused-import  (the built-in tasks)
   gin_utils.call_configured(precompute, argv)
 
 

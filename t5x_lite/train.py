@@ -11,27 +11,27 @@ if __name__ == '__main__':  # a run starts here: tune the host before jax and Te
   from t5x_lite import host  # pylint: disable=g-import-not-at-top
   host.prepare()
 
+import dataclasses
 import json
 import math
 import os
 import resource
 import signal
 import time
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import gin
 import jax
-import optax
 import seqio
 import tqdm
 
 from t5x_lite import checkpoints
 from t5x_lite import distributed
 from t5x_lite import gin_utils
+from t5x_lite import runs
 from t5x_lite import trainer as trainer_lib
 from t5x_lite.data import pipeline
 from t5x_lite.errors import UserError
-from t5x_lite.partitioning import Partitioner
 
 
 class MetricsWriter:
@@ -81,54 +81,79 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_vocab(model: Any, vocab_size: int) -> None:
-  model_vocab = model.config.vocab_size
-  if vocab_size > model_vocab:
-    raise UserError(f'the task vocabulary has {vocab_size} ids (sentinels included) but the '
-                    f'model has vocab_size={model_vocab}; set the model config vocab_size '
-                    f'to at least {vocab_size} (a multiple of 128 is fastest).')
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """Save every `period` steps (and at the end, and on SIGTERM); keep the last
+  `keep` (None: all); `async_save` writes while training goes on."""
+  period: int = 1000
+  keep: Optional[int] = 3
+  async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Evaluate every `period` steps and at the end (0: never) on
+  `mixture_or_task_name`'s `split` (default: the training task). `mode`
+  'predict' / 'rank' scores the benchmark's way (see t5x_lite.evaluation);
+  'loss' gives the model's own loss metrics (DPO: reward accuracy and
+  rewards of held-out pairs)."""
+  period: int = 0
+  mixture_or_task_name: Optional[str] = None
+  split: str = 'validation'
+  batch_size: Optional[int] = None
+  mode: str = 'predict'
+  decode: Optional[Mapping[str, Any]] = None
+  num_examples: Optional[int] = None
+
+
+def _start(run: runs.Run, trainer: trainer_lib.Trainer, config: runs.TrainConfig,
+           ckpt: checkpoints.Checkpointer, say: Callable[..., None]):
+  """(state, data position, data iterator): the latest checkpoint's, else fresh."""
+  ds = run.dataset
+  restored = ckpt.restore_latest(trainer.abstract_state().to_dict(), lambda: iter(ds))
+  if restored is None:
+    state = trainer.initial_state(run.seed, config.initial_checkpoint_path,
+                                  config.fresh_params or run.model.FRESH_PARAMS)
+    if config.initial_checkpoint_path:
+      say(f'initialised params from {config.initial_checkpoint_path}')
+    return state, 0, iter(ds)
+  state, meta, data_iterator = trainer_lib.TrainState.from_dict(restored[0]), *restored[1:]
+  data_position, how = meta['data_position'], 'restored'
+  if data_iterator is None:  # the checkpoint has no iterator: replay the pipeline
+    data_iterator, how = iter(ds.skip(data_position)), 'replayed'
+  say(f'resumed from {ckpt.directory}/{int(state.step)} '
+      f'(data position {data_position}, input pipeline {how})')
+  return state, data_position, data_iterator
+
+
+def _evaluation(run: runs.Run, trainer: trainer_lib.Trainer, e: EvalConfig, model_dir: str):
+  """The periodic evaluation of `e` (None when `e.period` is 0)."""
+  if e.period <= 0:
+    return None
+  name = e.mixture_or_task_name or run.data.mixture_or_task_name
+  if e.mode == 'loss':
+    return _LossEvaluation(trainer, name, e.split, run.lengths, run.batch_size,
+                           e.num_examples, run.data.vocabulary)
+  return _Evaluation(run.model, run.partitioner, run.lengths, e.batch_size or run.batch_size,
+                     name, e.split, e.mode, e.decode, e.num_examples, run.data.vocabulary,
+                     model_dir)
 
 
 def train(*,
-          model: Any,
-          optimizer: optax.GradientTransformation,
-          mixture_or_task_name: str,
-          task_feature_lengths: Mapping[str, int],
-          batch_size: int,
+          config: runs.TrainConfig,
           train_steps: int,
           model_dir: str,
-          checkpoint_period: int = 1000,
-          keep_checkpoints: Optional[int] = 3,
-          initial_checkpoint_path: Optional[str] = None,
-          seed: int = 0,
+          checkpoint: CheckpointConfig = CheckpointConfig(),
+          evaluation: EvalConfig = EvalConfig(),
           log_every: int = 10,
-          partitioner: Optional[Partitioner] = None,
-          vocabulary: Optional[seqio.Vocabulary] = None,
-          pack: bool = True,
-          async_checkpointing: bool = True,
-          progress_bar: bool = True,
-          fresh_params: Sequence[str] = (),
-          eval_period: int = 0,
-          eval_mixture_or_task_name: Optional[str] = None,
-          eval_split: str = 'validation',
-          eval_batch_size: Optional[int] = None,
-          eval_mode: str = 'predict',
-          eval_decode: Optional[Mapping[str, Any]] = None,
-          eval_num_examples: Optional[int] = None,
-          num_microbatches: int = 1) -> dict[str, float]:
+          progress_bar: bool = True) -> dict[str, float]:
   """Trains to `train_steps` total steps, resuming from MODEL_DIR if it has a checkpoint.
 
-  Fine-tuning: `initial_checkpoint_path` gives the params (not the optimizer
-  state); subtrees named in `fresh_params` (default: the model's FRESH_PARAMS,
-  a classifier head) may be absent from it and start from their random init. With `eval_period > 0` the model is
-  evaluated (see t5x_lite.evaluation) every `eval_period` steps and at the end
-  on `eval_mixture_or_task_name` (default: the training one); the metrics go to
+  Fine-tuning: `config.initial_checkpoint_path` gives the params (not the
+  optimizer state); subtrees named in `config.fresh_params` (default: the
+  model's FRESH_PARAMS, a classifier head) may be absent from it and start
+  from their random init. Evaluation (see `EvalConfig`) writes its metrics to
   metrics.jsonl as `eval/<task>/<metric>` and to MODEL_DIR/eval/<step>/.
-  `eval_mode='loss'` evaluates the model's own loss metrics instead (DPO:
-  reward accuracy and rewards of held-out pairs; metrics.jsonl only).
-
-  `num_microbatches` > 1 accumulates the gradients of that many equal parts
-  of each batch (the same update, less memory).
 
   Returns the last logged metrics (and the last eval's).
   """
@@ -136,45 +161,19 @@ def train(*,
   is_main = jax.process_index() == 0
   say = print if is_main else (lambda *a, **k: None)
   say(f'MODEL_DIR: {model_dir}')
-  import t5x_lite.tasks  # pylint: disable=g-import-not-at-top,unused-import  (the built-in tasks)
-  pipeline.check_data_available(mixture_or_task_name, 'train')  # stops at once when data is missing
-  os.makedirs(model_dir, exist_ok=True)
-  task = pipeline.with_vocabulary(pipeline.get_task_or_mixture(mixture_or_task_name), vocabulary)
-  _check_vocab(model, pipeline.output_vocab_size(task, vocabulary))
-  partitioner = partitioner or Partitioner()
-  partitioner.check_batch_size(batch_size)
-  if checkpoint_period <= 0 or train_steps <= 0:
-    raise UserError(f'CHECKPOINT_PERIOD ({checkpoint_period}) and TRAIN_STEPS ({train_steps}) '
+  if checkpoint.period <= 0 or train_steps <= 0:
+    raise UserError(f'CHECKPOINT_PERIOD ({checkpoint.period}) and TRAIN_STEPS ({train_steps}) '
                     'must be positive.')
-
-  lengths = dict(task_feature_lengths)
-  ds = pipeline.get_dataset(mixture_or_task_name, lengths, batch_size, seed=seed, pack=pack,
-                            vocabulary=vocabulary,
-                            feature_converter_cls=model.FEATURE_CONVERTER_CLS)
-  batch_shapes = {k: jax.ShapeDtypeStruct((batch_size,) + tuple(v.shape[1:]), v.dtype.as_numpy_dtype)
-                  for k, v in ds.element_spec.items()}
-  trainer = trainer_lib.Trainer(model, optimizer, partitioner, batch_shapes, num_microbatches)
-  ckpt = checkpoints.Checkpointer(model_dir, checkpoint_period, keep_checkpoints,
-                                  async_save=async_checkpointing)
-  restored = ckpt.restore_latest(trainer.abstract_state().to_dict(), lambda: iter(ds))
-  if restored is not None:
-    state, meta, data_iterator = trainer_lib.TrainState.from_dict(restored[0]), *restored[1:]
-    data_position = meta['data_position']
-    how = 'restored'
-    if data_iterator is None:  # the checkpoint has no iterator: replay the pipeline
-      data_iterator, how = iter(ds.skip(data_position)), 'replayed'
-    say(f'resumed from {ckpt.directory}/{int(state.step)} '
-        f'(data position {data_position}, input pipeline {how})')
-  else:
-    state = trainer.initial_state(seed, initial_checkpoint_path,
-                                  fresh_params or model.FRESH_PARAMS)
-    if initial_checkpoint_path:
-      say(f'initialised params from {initial_checkpoint_path}')
-    data_position, data_iterator = 0, iter(ds)
+  run = config.build()  # stops at once when data is missing
+  os.makedirs(model_dir, exist_ok=True)
+  trainer = run.trainer(config.optimizer, config.num_microbatches)
+  ckpt = checkpoints.Checkpointer(model_dir, checkpoint.period, checkpoint.keep,
+                                  async_save=checkpoint.async_save)
+  state, data_position, data_iterator = _start(run, trainer, config, ckpt, say)
   start_step = int(state.step)
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_params))
-  say(f'model: {n_params:,} params; mesh {dict(partitioner.mesh.shape)}; '
-      f'batch {batch_size} x {lengths}')
+  say(f'model: {n_params:,} params; mesh {dict(run.partitioner.mesh.shape)}; '
+      f'batch {run.batch_size} x {run.lengths}')
   operative_config = gin.operative_config_str()  # empty when called without gin
   if operative_config and is_main:
     with open(os.path.join(model_dir, 'config.gin'), 'w') as f:
@@ -185,21 +184,12 @@ def train(*,
     say(f'already at step {start_step} >= TRAIN_STEPS={train_steps}; nothing to do.')
     ckpt.close()
     return {}
-
-  evaluate = None
-  eval_name = eval_mixture_or_task_name or mixture_or_task_name
-  if eval_period > 0 and eval_mode == 'loss':
-    evaluate = _LossEvaluation(trainer, eval_name, eval_split, lengths, batch_size,
-                               eval_num_examples, vocabulary)
-  elif eval_period > 0:
-    evaluate = _Evaluation(model, partitioner, lengths, eval_batch_size or batch_size,
-                           eval_name, eval_split, eval_mode, eval_decode, eval_num_examples,
-                           vocabulary, model_dir)
+  evaluate = _evaluation(run, trainer, evaluation, model_dir)
   compile_seconds = trainer.compile()
   say(f'compiled the train step in {compile_seconds:.1f}s')
   step_fn = trainer.train_step
   # Tokens the model reads per step: every *input_tokens stream (encoder and decoder).
-  tokens_per_batch = sum(math.prod(v.shape) for k, v in batch_shapes.items()
+  tokens_per_batch = sum(math.prod(v.shape) for k, v in run.batch_shapes.items()
                          if k.endswith('input_tokens'))
 
   preemption = _Preemption()
@@ -210,7 +200,7 @@ def train(*,
   step = start_step
   try:
     while step < train_steps:
-      batch = partitioner.shard_batch(pipeline.next_numpy(data_iterator))
+      batch = run.partitioner.shard_batch(pipeline.next_numpy(data_iterator))
       state, metrics = step_fn(state, batch)
       step += 1
       data_position += 1
@@ -227,7 +217,7 @@ def train(*,
                         tok_s=f"{metrics['tokens_per_second']:,.0f}")
         last_metrics, history = metrics, []
         interval_start, interval_steps = time.perf_counter(), 0
-      if evaluate and (step % eval_period == 0 or step == train_steps):
+      if evaluate and (step % evaluation.period == 0 or step == train_steps):
         eval_metrics = evaluate(state, step)
         writer.write(step, eval_metrics)
         last_eval = eval_metrics
@@ -319,6 +309,7 @@ def main(argv: Sequence[str]) -> None:
     else:
       flags.append(arg)
   files, bindings = gin_utils.parse_flags(flags)
+  import t5x_lite.tasks  # pylint: disable=g-import-not-at-top,unused-import  (the built-in tasks)
   distributed.initialize(mode)  # before anything touches the devices
   gin_utils.parse_gin(files, bindings)
   gin.get_configurable(train)()

@@ -17,6 +17,7 @@ from conftest import REPO, SMALL_T5, run_env
 from t5x_lite import benchmark
 from t5x_lite import gin_utils
 from t5x_lite import host
+from t5x_lite import runs
 
 BENCH_PARAMS = 25_892_608
 TRAIN_KEYS = ('seconds_per_step', 'seconds_per_step_min', 'seconds_per_step_max',
@@ -30,7 +31,7 @@ DECODE_KEYS = ('greedy_tokens_per_second', 'beam4_tokens_per_second',
 def test_bench_gin_is_the_25_9m_t5_and_its_flop_count():
   gin.clear_config()
   gin_utils.parse_gin(['gin/bench_t5_cpu.gin'], [])
-  model = gin.query_parameter('train_script.train.model').scoped_configurable_fn()
+  model = gin.query_parameter('runs.TrainConfig.model').scoped_configurable_fn()
   lengths = gin.query_parameter('TASK_FEATURE_LENGTHS/gin.macro.value')
   batch_size = gin.query_parameter('BATCH_SIZE/gin.macro.value')
   assert (lengths, batch_size) == ({'inputs': 512, 'targets': 114}, 8)
@@ -234,18 +235,17 @@ def test_hf_reference_bfloat16_on_cpu(monkeypatch, capsys):
   if jax.default_backend() != 'cpu':
     pytest.skip('--device=cpu needs JAX on its CPU platform')
 
-  def synthetic_setup(args):
-    model, batch_size = args['model'], args['batch_size']
-    lengths = args['task_feature_lengths']
-    batch = model.dummy_batch(batch_size, lengths['inputs'], lengths['targets'])
+  def synthetic_dataset(name, lengths, batch_size, **kwargs):
+    del name, kwargs
     rng = np.random.default_rng(0)
-    for key in ('encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens'):
-      batch[key] = rng.integers(2, 500, batch[key].shape).astype(np.int32)
-    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-    return benchmark._Run(model, args['partitioner'], tf.data.Dataset.from_tensors(batch).repeat(),
-                          shapes, batch_size, 0)
+    ids = lambda n: rng.integers(2, 500, (batch_size, n)).astype(np.int32)
+    batch = {'encoder_input_tokens': ids(lengths['inputs']),
+             'decoder_input_tokens': ids(lengths['targets']),
+             'decoder_target_tokens': ids(lengths['targets']),
+             'decoder_loss_weights': np.ones((batch_size, lengths['targets']), np.int32)}
+    return tf.data.Dataset.from_tensors(batch).repeat()
 
-  monkeypatch.setattr(benchmark, 'setup', synthetic_setup)
+  monkeypatch.setattr(runs.pipeline, 'get_dataset', synthetic_dataset)
   threads = torch.get_num_threads()
   gin.clear_config()
   try:

@@ -33,7 +33,7 @@ def _is_eval(path):
 def _build(path, *bindings):
   gin.clear_config()
   gin_utils.parse_gin([path], list(bindings))
-  fn, names = 'train_script.train', ('model', 'optimizer', 'partitioner')
+  fn, names = 'runs.TrainConfig', ('model', 'optimizer', 'partitioner')
   if _is_eval(path):
     fn, names = 'eval_script.evaluate', ('model', 'partitioner')
   return {name: gin.query_parameter(f'{fn}.{name}').scoped_configurable_fn() for name in names}

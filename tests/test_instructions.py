@@ -14,6 +14,7 @@ from rouge_score import rouge_scorer
 from conftest import SHARED_DATA
 from t5x_lite.tasks import instructions as ti
 from t5x_lite import metrics
+from t5x_lite import runs
 from t5x_lite import train as train_lib
 from t5x_lite.data import feature_converters as fc
 from t5x_lite.data import glue_sources
@@ -342,12 +343,12 @@ def test_tiny_gpt_trains_and_scores_rouge_on_heldout_tasks(tmp_path):
   model = decoder.DecoderModel(cfg, loss_normalizing_factor='NUM_WEIGHTED_TOKENS',
                                feature_converter_cls=fc.WitFeatureConverter)
   from t5x_lite import optimizers  # pylint: disable=g-import-not-at-top
+  data = runs.Data('sni_train_mixture_gpt', {'inputs': 48, 'targets': 8}, batch_size=4)
   result = train_lib.train(
-      model=model, optimizer=optimizers.adamw(1e-3), mixture_or_task_name='sni_train_mixture_gpt',
-      task_feature_lengths={'inputs': 48, 'targets': 8}, batch_size=4, train_steps=3,
-      model_dir=str(tmp_path), checkpoint_period=3, log_every=1, async_checkpointing=False,
-      progress_bar=False, eval_period=3, eval_mixture_or_task_name='sni_heldout_mixture_gpt',
-      eval_num_examples=2)
+      config=runs.TrainConfig(model, optimizers.adamw(1e-3), data), train_steps=3,
+      model_dir=str(tmp_path), checkpoint=train_lib.CheckpointConfig(3, async_save=False),
+      evaluation=train_lib.EvalConfig(3, 'sni_heldout_mixture_gpt', num_examples=2),
+      log_every=1, progress_bar=False)
   assert math.isfinite(result['loss'])
   for name in ti.SNI_HELDOUT_TASKS:
     value = result[f'eval/sni_{name}_gpt/rougeL']

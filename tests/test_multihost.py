@@ -90,7 +90,7 @@ def _expected_losses(flags, steps, num_hosts):
   gin.clear_config()
   files, bindings = gin_utils.parse_flags(flags)
   gin_utils.parse_gin(files, bindings)
-  build = lambda name: gin.query_parameter(f'train_script.train.{name}').scoped_configurable_fn()
+  build = lambda name: gin.query_parameter(f'runs.TrainConfig.{name}').scoped_configurable_fn()
   model, optimizer = build('model'), build('optimizer')
   name, lengths, batch_size = (gin.query_parameter(f'{m}/gin.macro.value') for m in
                                ('MIXTURE_OR_TASK_NAME', 'TASK_FEATURE_LENGTHS', 'BATCH_SIZE'))
@@ -110,7 +110,7 @@ def _expected_losses(flags, steps, num_hosts):
 
 
 def test_two_processes_train_on_their_shards(tmp_path):
-  flags = [*SMALL_T5, '--gin.TRAIN_STEPS=3', '--gin.train_script.train.async_checkpointing=False']
+  flags = [*SMALL_T5, '--gin.TRAIN_STEPS=3', '--gin.train_script.CheckpointConfig.async_save=False']
   cmd = [sys.executable, '-m', 't5x_lite.train', *flags, f"--gin.MODEL_DIR='{tmp_path}'"]
   port = _free_port()
   procs = []

@@ -52,7 +52,7 @@ for name, (gin_file, topology, bindings) in json.loads(sys.argv[1]).items():
   gin.clear_config()
   gin_utils.parse_gin([gin_file], [b.replace('=', ' = ', 1) for b in bindings])
   tpu = precompile.tpu_slice(topology)
-  report = precompile.precompile(topology)
+  report = gin.get_configurable(precompile.precompile)(topology)
   print(json.dumps(dict(dataclasses.asdict(report), name=name, devices=len(tpu.devices),
                         kinds=sorted({d.device_kind for d in tpu.devices}),
                         peak_per_device=tpu.peak_flops_per_device)))
