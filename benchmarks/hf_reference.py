@@ -202,7 +202,7 @@ def same_weights(run, directory):
 def gin_optimizer():
   """The kind of the gin's optimizer: 'adafactor' or 'adamw'."""
   try:
-    name = gin.query_parameter('train_script.train.optimizer').configurable.name
+    name = gin.query_parameter('runs.TrainConfig.optimizer').configurable.name
   except (ValueError, AttributeError):
     name = None
   if name not in ('adafactor', 'adamw'):

@@ -58,7 +58,8 @@ class TrainConfig:
   fresh_params: Sequence[str] = ()
 
   def build(self, devices: Optional[Sequence[Any]] = None, check_data: bool = True) -> 'Run':
-    """The run on `devices` (default: all); `check_data=False` for shapes only."""
+    """The run on `devices` (default: all); `check_data=False` for shapes only
+    (the data and vocabulary are not checked)."""
     partitioner = self.partitioner(devices=devices) if devices is not None else self.partitioner()
     return Run(self.model, self.data, partitioner, check_data=check_data)
 
@@ -86,9 +87,9 @@ def converter_batch_shapes(model: BaseModel, task_feature_lengths: Mapping[str, 
 class Run:
   """A model, its data and its partitioner, checked together once.
 
-  Raises UserError at construction when the data is missing (with
-  `check_data`), the task's vocabulary does not fit the model, or the batch
-  does not split over the devices.
+  Raises UserError at construction when the batch does not split over the
+  devices and, with `check_data` (off for shapes only, as in precompile),
+  when the data is missing or the task's vocabulary does not fit the model.
   """
 
   def __init__(self, model: BaseModel, data: Data, partitioner: Optional[Partitioner] = None,
@@ -100,9 +101,13 @@ class Run:
     self.converter = converter or model.FEATURE_CONVERTER_CLS
     if check_data:
       registry.check_data_available(data.mixture_or_task_name, data.split)
-    self.task = pipeline.with_vocabulary(
-        registry.get_task_or_mixture(data.mixture_or_task_name), data.vocabulary)
-    check_vocab(model, pipeline.output_vocab_size(self.task, data.vocabulary))
+      check_vocab(model, pipeline.output_vocab_size(self.task, data.vocabulary))
+
+  @functools.cached_property
+  def task(self) -> seqio.Task | seqio.Mixture:
+    """The data's task or mixture, with the data's vocabulary when it has one."""
+    return pipeline.with_vocabulary(
+        registry.get_task_or_mixture(self.data.mixture_or_task_name), self.data.vocabulary)
 
   @property
   def batch_size(self) -> int:

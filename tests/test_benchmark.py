@@ -128,11 +128,14 @@ def test_decode_mode_needs_a_generating_model():
   from t5x_lite.errors import UserError  # pylint: disable=g-import-not-at-top
   from t5x_lite.models import classification, decoder  # pylint: disable=g-import-not-at-top
   batch = {'decoder_input_tokens': tf.zeros((2, 5), tf.int32)}
-  run = benchmark._Run(classification.GptClassificationModel(decoder.GPTConfig()), None,
-                       tf.data.Dataset.from_tensors(batch), {}, 2, 0)
-  with pytest.raises(UserError, match='GptClassificationModel does not; use --mode=train'):
-    benchmark.decode_batch(run)
-  run = run._replace(model=decoder.DecoderModel(decoder.GPTConfig()))
+  data = runs.Data('any', {'targets': 5}, batch_size=2)
+  for model in (classification.GptClassificationModel(decoder.GPTConfig()),
+                decoder.DecoderModel(decoder.GPTConfig())):
+    run = runs.Run(model, data, check_data=False)
+    run.dataset = tf.data.Dataset.from_tensors(batch)
+    if not model.GENERATES:
+      with pytest.raises(UserError, match='GptClassificationModel does not; use --mode=train'):
+        benchmark.decode_batch(run)
   prompts, length = benchmark.decode_batch(run)
   assert length == 5 and prompts['decoder_input_tokens'].shape == (2, 1)
 

@@ -35,7 +35,7 @@ _TINY_T5 = ('encoder_decoder.T5Config.num_encoder_layers=1',
 _TINY_GPT = ('decoder.GPTConfig.num_layers=1', 'decoder.GPTConfig.emb_dim=64',
              'decoder.GPTConfig.num_heads=2', 'decoder.GPTConfig.head_dim=32',
              'decoder.GPTConfig.mlp_dim=128', 'decoder.GPTConfig.vocab_size=512',
-             'BATCH_SIZE=32', "TASK_FEATURE_LENGTHS={'targets': 32}")
+             'BATCH_SIZE=64', "TASK_FEATURE_LENGTHS={'targets': 32}")  # 4 microbatches of 16
 CASES = {
     'bert_base v3:4x4': ('gin/bert_base_mlm.gin', 'v3:4x4', _TINY_BERT),
     'bert_large v3:8x8': ('gin/bert_large_mlm.gin', 'v3:8x8', _TINY_BERT + ('BATCH_SIZE=256',)),

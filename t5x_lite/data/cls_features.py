@@ -76,7 +76,7 @@ def _frame(ex, length: int, first: int, middle: int, last: int):
 def _check(pack: bool, task_feature_lengths: Mapping[str, int], minimum: int) -> int:
   if pack:
     raise UserError('classification examples are not packed; '
-                    'set train_script.train.pack = False.')
+                    'set runs.Data.pack = False.')
   if 'inputs' not in task_feature_lengths:
     raise UserError("classification needs TASK_FEATURE_LENGTHS = {'inputs': N}; got "
                     f'{dict(task_feature_lengths)}.')

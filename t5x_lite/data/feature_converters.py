@@ -31,7 +31,7 @@ class EncoderFeatureConverter:
   def __init__(self, pack: bool = False):
     if pack:
       raise UserError('encoder (BERT) examples are not packed; '
-                      'set train_script.train.pack = False.')
+                      'set runs.Data.pack = False.')
 
   def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]):
     length = task_feature_lengths['inputs']
@@ -188,7 +188,7 @@ class PreferenceFeatureConverter:
   def __init__(self, pack: bool = False, reference_logps_path: Optional[str] = None,
                keep_pair_key: bool = False):
     if pack:
-      raise UserError('preference pairs are not packed; set train_script.train.pack = False.')
+      raise UserError('preference pairs are not packed; set runs.Data.pack = False.')
     self.reference_logps_path = reference_logps_path
     self.keep_pair_key = keep_pair_key
 

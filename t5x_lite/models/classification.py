@@ -30,7 +30,7 @@ In gin (with a model size such as configs/models/bert_tiny.gin included):
       config = @encoder.BertConfig()
       num_classes = 3                 # tasks.glue_cls.num_classes(task name)
       classifier_dropout_rate = 0.1   # default: the config's dropout_rate
-    train_script.train.pack = False
+    runs.Data.pack = False
     TASK_FEATURE_LENGTHS = {'inputs': 128}
 
 `GptClassificationModel` takes the same arguments plus `lm_weight`.
