@@ -104,6 +104,14 @@ class EvalConfig:
   mode: str = 'predict'
   decode: Optional[Mapping[str, Any]] = None
   num_examples: Optional[int] = None
+  # An exception inside evaluation: 'continue' training (one warning line) or
+  # 'stop' (one error line); the step's checkpoint is written first either way.
+  on_error: str = 'continue'
+
+  def __post_init__(self):
+    if self.on_error not in ('continue', 'stop'):
+      raise UserError(f"EvalConfig.on_error={self.on_error!r} is unknown; use 'continue' "
+                      "or 'stop'.")
 
 
 def _start(run: runs.Run, trainer: trainer_lib.Trainer, config: runs.TrainConfig,
@@ -146,7 +154,8 @@ def train(*,
           checkpoint: CheckpointConfig = CheckpointConfig(),
           evaluation: EvalConfig = EvalConfig(),
           log_every: int = 10,
-          progress_bar: bool = True) -> dict[str, float]:
+          progress_bar: bool = True,
+          max_nonfinite_steps: int = 10) -> dict[str, float]:
   """Trains to `train_steps` total steps, resuming from MODEL_DIR if it has a checkpoint.
 
   Fine-tuning: `config.initial_checkpoint_path` gives the params (not the
@@ -154,6 +163,10 @@ def train(*,
   model's FRESH_PARAMS, a classifier head) may be absent from it and start
   from their random init. Evaluation (see `EvalConfig`) writes its metrics to
   metrics.jsonl as `eval/<task>/<metric>` and to MODEL_DIR/eval/<step>/.
+
+  A step whose loss, gradients or new params are not finite is skipped
+  (`nonfinite_steps` counts them); after `max_nonfinite_steps` skipped steps in
+  a row the run stops with one line naming the step and the last checkpoint.
 
   Returns the last logged metrics (and the last eval's).
   """
@@ -194,6 +207,7 @@ def train(*,
 
   preemption = _Preemption()
   history, last_metrics, last_eval = [], {}, {}
+  nonfinite = _NonFinite(max_nonfinite_steps)
   bar = tqdm.tqdm(total=train_steps, initial=start_step, disable=not (progress_bar and is_main),
                   dynamic_ncols=True, desc='train')
   interval_start, interval_steps = time.perf_counter(), 0
@@ -205,9 +219,16 @@ def train(*,
       step += 1
       data_position += 1
       history.append(metrics)
+      nonfinite.add(metrics['nonfinite_steps'])
       interval_steps += 1
       bar.update(1)
-      if step == start_step + 1 or step % log_every == 0 or step == train_steps:
+      logs = step == start_step + 1 or step % log_every == 0 or step == train_steps
+      evaluates = evaluate and (step % evaluation.period == 0 or step == train_steps)
+      # An evaluated step is saved first, so that a failed evaluation loses nothing.
+      saves = preemption.requested or ckpt.should_save(step) or step == train_steps or evaluates
+      if logs or saves or nonfinite.due():
+        nonfinite.check(step, ckpt)  # stops the run after too many skipped steps
+      if logs:
         metrics = trainer_lib.mean_metrics(history)  # the only host sync in the loop
         elapsed = time.perf_counter() - interval_start
         metrics['seconds_per_step'] = elapsed / interval_steps
@@ -217,13 +238,13 @@ def train(*,
                         tok_s=f"{metrics['tokens_per_second']:,.0f}")
         last_metrics, history = metrics, []
         interval_start, interval_steps = time.perf_counter(), 0
-      if evaluate and (step % evaluation.period == 0 or step == train_steps):
-        eval_metrics = evaluate(state, step)
-        writer.write(step, eval_metrics)
-        last_eval = eval_metrics
-        say(f'step {step}: ' + ', '.join(f'{k} {v:.2f}' for k, v in eval_metrics.items()))
-      if preemption.requested or ckpt.should_save(step) or step == train_steps:
+      if saves:
         ckpt.save(step, state.to_dict(), data_position, data_iterator)
+      if evaluates:
+        eval_metrics = _run_evaluation(evaluate, state, step, evaluation.on_error, say)
+        writer.write(step, eval_metrics)
+        last_eval = eval_metrics or last_eval
+        say(f'step {step}: ' + ', '.join(f'{k} {v:.2f}' for k, v in eval_metrics.items()))
       if preemption.requested:
         ckpt.wait()
         bar.close()
@@ -240,6 +261,51 @@ def train(*,
   return dict(last_metrics, **last_eval)
 
 
+class _NonFinite:
+  """Counts the skipped (non-finite) steps in a row, reading the step flags
+  from the device only at the loop's sync points (or every `limit` steps)."""
+
+  def __init__(self, limit: int):
+    if limit < 1:
+      raise UserError(f'max_nonfinite_steps={limit} must be >= 1.')
+    self.limit, self.pending, self.streak = limit, [], 0
+
+  def add(self, flag: jax.Array) -> None:
+    self.pending.append(flag)
+
+  def due(self) -> bool:
+    return len(self.pending) >= self.limit
+
+  def check(self, step: int, ckpt: checkpoints.Checkpointer) -> None:
+    for flag in jax.device_get(self.pending):
+      self.streak = self.streak + 1 if flag else 0
+    self.pending = []
+    if self.streak >= self.limit:
+      saved = ckpt.all_steps()
+      last = f'{ckpt.directory}/{max(saved)}' if saved else 'none yet'
+      first = step - self.streak + 1
+      raise UserError(f'the loss became non-finite at step {first} and all {self.streak} updates '
+                      f'since were skipped; the last checkpoint, {last}, holds the params from '
+                      f'before step {first}; lower LEARNING_RATE or check the data, then re-run.')
+
+
+def _run_evaluation(evaluate, state, step: int, on_error: str,
+                    say: Callable[..., None]) -> dict[str, float]:
+  """`evaluate(state, step)`; an exception is one line naming the task, then
+  training goes on (`on_error='continue'`) or stops ('stop')."""
+  try:
+    return evaluate(state, step)
+  except EvaluationError as e:
+    if on_error == 'stop':
+      raise UserError(f'{e}; the checkpoint of step {step} is saved.') from None
+    say(f'warning: {e}; training continues (train_script.EvalConfig.on_error).')
+    return {}
+
+
+class EvaluationError(Exception):
+  """An exception inside the evaluation of one task."""
+
+
 class _Evaluation:
   """Periodic evaluation inside training: one Evaluator, every eval task."""
 
@@ -254,7 +320,8 @@ class _Evaluation:
     self.model_dir = model_dir
 
   def __call__(self, state, step: int) -> dict[str, float]:
-    results = [self.evaluator.evaluate(state.params, task) for task in self.tasks]
+    results = [_guarded(task.name, step, self.evaluator.evaluate, state.params, task)
+               for task in self.tasks]
     if jax.process_index() == 0:
       self._evaluation.write_results(
           os.path.join(self.model_dir, 'eval', str(step)), results, step)
@@ -283,20 +350,32 @@ class _LossEvaluation:
         vocabulary=vocabulary, feature_converter_cls=trainer.model.FEATURE_CONVERTER_CLS)
         for t in self.tasks}
 
+  def _metrics(self, state, task: str, ds) -> dict[str, float]:
+    if self.num_examples:
+      ds = ds.take(max(self.num_examples // self.batch_size, 1))
+    history = [self.trainer.eval_metrics(state, self.trainer.partitioner.shard_batch(
+        {k: v.numpy() for k, v in batch.items()})) for batch in ds]
+    if not history:
+      raise UserError(f"'{task}' has fewer held-out examples than one batch of "
+                      f'{self.batch_size}; lower BATCH_SIZE or add examples.')
+    return trainer_lib.mean_metrics(history)
+
   def __call__(self, state, step: int) -> dict[str, float]:
-    del step
-    flat = {}
-    for task, ds in self._datasets.items():
-      if self.num_examples:
-        ds = ds.take(max(self.num_examples // self.batch_size, 1))
-      history = [self.trainer.eval_metrics(state, self.trainer.partitioner.shard_batch(
-          {k: v.numpy() for k, v in batch.items()})) for batch in ds]
-      if not history:
-        raise UserError(f"'{task}' has fewer held-out examples than one batch of "
-                        f'{self.batch_size}; lower BATCH_SIZE or add examples.')
-      flat.update({f'eval/{task}/{k}': v
-                   for k, v in trainer_lib.mean_metrics(history).items()})
-    return flat
+    return {f'eval/{task}/{k}': v for task, ds in self._datasets.items()
+            for k, v in _guarded(task, step, self._metrics, state, task, ds).items()}
+
+
+def _guarded(task: str, step: int, fn: Callable[..., Any], *args) -> Any:
+  """`fn(*args)`, an exception (other than a UserError) as an EvaluationError
+  naming the task."""
+  try:
+    return fn(*args)
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (reported with the task named)
+    first = (str(e).strip().splitlines() or [''])[0]
+    raise EvaluationError(f'evaluating {task} at step {step} failed: '
+                          f'{type(e).__name__}: {first}') from e
 
 
 def main(argv: Sequence[str]) -> None:

@@ -173,13 +173,24 @@ class Trainer:
     return grads, metrics
 
   def _step(self, state: TrainState, batch: dict[str, jax.Array]):
+    """One update; skipped (params and optimizer state unchanged, as optax's
+    `apply_if_finite` does) when the loss, the gradients or the new params are
+    not finite, so no NaN or Inf ever reaches the state. `nonfinite_steps` is
+    1 for a skipped step."""
     dropout_rng = jax.random.fold_in(state.rng, state.step)
     grads, metrics = self._grads(state, batch, dropout_rng)
     with jax.named_scope('optimizer'):
       updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, learning_rate=optimizers.learning_rate(opt_state))
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+      grad_norm = optax.tree.norm(grads)
+      finite = (jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
+                & all_finite(params))
+      keep = lambda new, old: jax.tree_util.tree_map(
+          lambda n, o: jnp.where(finite, n, o), new, old)
+      params, new_opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+    metrics = dict(metrics, learning_rate=optimizers.learning_rate(opt_state),
+                   grad_norm=grad_norm, nonfinite_steps=1.0 - finite.astype(jnp.float32))
+    return state.replace(step=state.step + 1, params=params, opt_state=new_opt_state), metrics
 
   def compile(self) -> float:
     """Compiles the train step for the state and batch shapes; returns seconds."""
@@ -223,7 +234,20 @@ def check_microbatches(batch_size: int, num_microbatches: int, data_parallel_siz
         f'data-parallel devices; use a divisor of {batch_size // data_parallel_size}.')
 
 
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every element of every array of `tree` is finite (a scalar bool)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+# Metrics that count (summed over a logging interval) rather than average.
+COUNTS = ('nonfinite_steps',)
+
+
 def mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
-  """Averages per-step device metrics over a logging interval (one host sync)."""
-  stacked = jax.tree_util.tree_map(lambda *xs: jnp.mean(jnp.stack(xs)), *history)
+  """Averages per-step device metrics over a logging interval (one host sync);
+  the COUNTS are summed."""
+  reduce = lambda k: jnp.sum if k in COUNTS else jnp.mean
+  stacked = {k: reduce(k)(jnp.stack([h[k] for h in history])) for k in history[0]}
   return {k: float(v) for k, v in jax.device_get(stacked).items()}
