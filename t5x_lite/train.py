@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import gin
 import jax
+from jax.experimental import multihost_utils
 import seqio
 import tqdm
 
@@ -68,17 +69,32 @@ class MetricsWriter:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks after each step."""
+  """SIGTERM (a preempted VM) as a flag the loop checks after each step.
+
+  One process: a signal handler sets it. Several: JAX's preemption service
+  (started by `jax.distributed.initialize`) catches SIGTERM on any process and
+  agrees with the others on one step at which every process sees the flag, so
+  that all of them save the same step.
+  """
 
   def __init__(self):
     self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._many = jax.process_count() > 1
+    if not self._many:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     self.requested = True
 
+  def check(self, step: int) -> bool:
+    """Whether to save and stop after `step` (call it after every step)."""
+    if self._many:
+      self.requested = multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if not self._many:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +194,6 @@ def train(*,
     raise UserError(f'CHECKPOINT_PERIOD ({checkpoint.period}) and TRAIN_STEPS ({train_steps}) '
                     'must be positive.')
   run = config.build()  # stops at once when data is missing
-  os.makedirs(model_dir, exist_ok=True)
   trainer = run.trainer(config.optimizer, config.num_microbatches)
   ckpt = checkpoints.Checkpointer(model_dir, checkpoint.period, checkpoint.keep,
                                   async_save=checkpoint.async_save)
@@ -225,7 +240,7 @@ def train(*,
       logs = step == start_step + 1 or step % log_every == 0 or step == train_steps
       evaluates = evaluate and (step % evaluation.period == 0 or step == train_steps)
       # An evaluated step is saved first, so that a failed evaluation loses nothing.
-      saves = preemption.requested or ckpt.should_save(step) or step == train_steps or evaluates
+      saves = preemption.check(step) or ckpt.should_save(step) or step == train_steps or evaluates
       if logs or saves or nonfinite.due():
         nonfinite.check(step, ckpt)  # stops the run after too many skipped steps
       if logs:

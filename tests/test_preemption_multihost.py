@@ -1,0 +1,61 @@
+"""SIGTERM on one of two hosts: both save the same step, exit 143, and the
+re-run resumes exactly (the losses of an uninterrupted run)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from conftest import REPO, SMALL_T5, read_metrics, run_env
+from test_multihost import _expected_losses, _free_port
+
+
+def _launch(flags, model_dir):
+  port = _free_port()
+  cmd = [sys.executable, '-m', 't5x_lite.train', *flags, f"--gin.MODEL_DIR='{model_dir}'"]
+  procs = []
+  for i in range(2):
+    env = dict(run_env(devices=1), JAX_COORDINATOR_ADDRESS=f'localhost:{port}',
+               JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(i))
+    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+  return procs
+
+
+def _steps_logged(model_dir):
+  try:
+    return len(read_metrics(model_dir))
+  except (FileNotFoundError, json.JSONDecodeError):
+    return 0
+
+
+def test_sigterm_on_one_host_saves_one_step_everywhere_and_resumes(tmp_path):
+  base = [*SMALL_T5, '--gin.train_script.CheckpointConfig.async_save=False']
+  procs = _launch([*base, '--gin.TRAIN_STEPS=400', '--gin.CHECKPOINT_PERIOD=1000'], tmp_path)
+  deadline = time.time() + 300
+  while _steps_logged(tmp_path) < 3 and time.time() < deadline and procs[0].poll() is None:
+    time.sleep(0.2)
+  assert _steps_logged(tmp_path) >= 3, procs[0].communicate(timeout=60)[1][-3000:]
+  procs[1].send_signal(signal.SIGTERM)  # only the second host is preempted
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [143, 143], [o[1][-2000:] for o in outs]
+  saved = sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit())
+  assert len(saved) == 1 and 3 <= saved[0] < 400, saved
+  step = saved[0]
+  assert f'SIGTERM: saved checkpoint {tmp_path}/checkpoints/{step}' in outs[0][0]
+  step_dir = tmp_path / 'checkpoints' / str(step)
+  assert {f.split('.')[0] for f in os.listdir(step_dir / 'data')} >= {'process_0', 'process_1'}
+
+  resumed = [*base, f'--gin.TRAIN_STEPS={step + 2}']
+  procs = _launch(resumed, tmp_path)
+  outs = [p.communicate(timeout=600) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+  assert f'resumed from {tmp_path}/checkpoints/{step}' in outs[0][0]
+  rows = read_metrics(tmp_path)
+  assert [r['step'] for r in rows] == list(range(1, step + 3))
+  np.testing.assert_allclose([r['loss'] for r in rows],
+                             _expected_losses(resumed, step + 2, num_hosts=2), rtol=1e-5)
