@@ -1,13 +1,17 @@
 """Command-line handling shared by the entry points: `--gin_file` (repeatable),
 `--gin.NAME=VALUE` overrides, and one-line errors for user mistakes."""
 
+import difflib
+import importlib
+import inspect
 import logging
 import os
 import re
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import gin
+from gin import config_parser
 
 from t5x_lite import ops
 from t5x_lite.data import bart_noise
@@ -54,12 +58,199 @@ def find_gin_file(path: str) -> str:
                   'check the --gin_file path.')
 
 
-def one_line(e: Exception) -> str:
-  """Gin's multi-line 'message / In file X, line N / binding' as one line."""
+def one_line(e: Exception, hint: str = '') -> str:
+  """Gin's multi-line 'message / In file X, line N / binding' as one line; a
+  `hint` ('did you mean ...?') follows the message, before the location."""
   lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
   if not lines:
     return type(e).__name__
+  if hint:
+    lines[0] = f'{lines[0].rstrip(".")}; {hint}'
   return lines[0] + (f" ({'; '.join(lines[1:])})" if len(lines) > 1 else '')
+
+
+class _Recorder(config_parser.ParserDelegate):
+  """Parses gin text for its statements only, recording each `%NAME` it reads."""
+
+  def __init__(self):
+    self.macros = []
+
+  def configurable_reference(self, scoped_configurable_name, evaluate):
+    return None
+
+  def macro(self, macro_name):
+    self.macros.append(macro_name)
+    return None
+
+
+def _binding_key(statement: config_parser.BindingStatement) -> str:
+  """'scope/selector.arg', or a macro's 'scope/NAME'."""
+  key = '.'.join(filter(None, (statement.selector, statement.arg_name)))
+  return f'{statement.scope}/{key}' if statement.scope else key
+
+
+def _is_macro(name: str) -> bool:
+  """`%a.B` names a gin constant such as `%gin.REQUIRED`; a macro's name has no dot."""
+  return '.' not in name.rsplit('/', 1)[-1]
+
+
+class _Sources:
+  """What the gin files (with their includes, in parse order) and the overrides
+  say, read statement by statement: where each macro is set last and first
+  used, and the imports. Best effort: it stops at text gin could not parse."""
+
+  def __init__(self, paths: Sequence[str], bindings: Sequence[str]):
+    self.set_at: dict[str, tuple[str, bool]] = {}  # macro -> (where, in configs/)
+    self.used_at: dict[str, tuple[str, bool]] = {}  # macro -> (where first, in configs/)
+    self.imports: list[config_parser.ImportStatement] = []
+    try:
+      for path in paths:
+        self._read_file(path)
+      for binding in bindings:
+        self._read(binding, None, library=False)
+    except (SyntaxError, ValueError, OSError, UserError):
+      pass  # gin's own error says what is wrong with the text
+
+  def _read_file(self, path: str):
+    library = os.path.abspath(path).startswith(os.path.join(REPO_ROOT, 'configs') + os.sep)
+    with open(path) as f:
+      self._read(f.read(), path, library)
+
+  def _read(self, text: str, path: str | None, library: bool):
+    recorder = _Recorder()
+    for statement in config_parser.ConfigParser(text, recorder):
+      if path:
+        where = f'{path}:{statement.location.line_num}'
+      elif isinstance(statement, config_parser.BindingStatement):
+        where = f'--gin.{_binding_key(statement)}'
+      else:
+        where = '--gin_bindings'
+      for name in recorder.macros:
+        first, in_library = self.used_at.get(name, (where, False))
+        self.used_at[name] = (first, in_library or library)
+      recorder.macros.clear()
+      if isinstance(statement, config_parser.IncludeStatement):
+        self._read_file(find_gin_file(statement.filename))
+      elif isinstance(statement, config_parser.ImportStatement):
+        self.imports.append(statement)
+      elif isinstance(statement, config_parser.BindingStatement) and not statement.arg_name:
+        name = _binding_key(statement)
+        self.set_at.pop(name, None)  # keep the order of the last setting
+        self.set_at[name] = (where, library)
+
+  def modules(self) -> Iterable[tuple[str, Any]]:
+    """(the prefix a gin selector writes, the module) for each import."""
+    for statement in self.imports:
+      if statement.module.startswith('__gin__'):
+        continue
+      prefix = statement.bound_name() if statement.is_from or statement.alias else statement.module
+      try:
+        yield prefix, importlib.import_module(statement.module)
+      except ImportError:
+        continue
+
+
+def _config_macros() -> tuple[list[str], set[str]]:
+  """The macros the parsed config sets, and the names its bindings (and macro
+  values) refer to with `%NAME`, read from `gin.config_str()`; none of either
+  when a value bound from Python does not print as gin text."""
+  recorder, defined = _Recorder(), []
+  try:
+    for statement in config_parser.ConfigParser(gin.config_str(), recorder):
+      if isinstance(statement, config_parser.BindingStatement) and not statement.arg_name:
+        defined.append(_binding_key(statement))
+  except (SyntaxError, ValueError):
+    return [], set()
+  return defined, set(recorder.macros)
+
+
+def _did_you_mean(name: str, candidates: Iterable[str]) -> str:
+  """'did you mean X?' for the closest candidate (ignoring case), or ''."""
+  by_key = {c.lower(): c for c in candidates if c != name}
+  match = difflib.get_close_matches(name.lower(), list(by_key), n=1)
+  return f'did you mean {by_key[match[0]]}?' if match else ''
+
+
+def _check_macros(sources: _Sources) -> None:
+  """A macro that is set but used by no binding is a typo (or dead): an error
+  when it is set on the command line or in a gin file outside configs/. The
+  configs/ files are building blocks that set and use macros for one another (a
+  model file's MODEL for a run file, a run file's DROPOUT_RATE for a model
+  file), so a block parsed alone may leave one unused, or use one it does not
+  set. A `%NAME` that nothing sets is an error too, outside configs/."""
+  defined, used = _config_macros()
+  unset = sorted(n for n in used if _is_macro(n) and n not in defined
+                 and not sources.used_at.get(n, ('', True))[1])
+  if unset:
+    name = unset[0]
+    fix = _did_you_mean(name, defined) or f'set it, e.g. --gin.{name}=VALUE.'
+    raise UserError(f'gin: %{name} ({sources.used_at[name][0]}) refers to a macro that is '
+                    f'never set; {fix}')
+  unused = [n for n, (_, library) in sources.set_at.items()
+            if n in defined and n not in used and not library]
+  if unused:
+    name, (where, _) = unused[0], sources.set_at[unused[0]]
+    hint = _did_you_mean(name, [n for n in used if _is_macro(n)])
+    others = f" (also unused: {', '.join(unused[1:])})" if unused[1:] else ''
+    fix = hint or f'remove it, or refer to it as %{name} in a binding.'
+    raise UserError(f'gin: macro {name} ({where}) is used by no binding; {fix}{others}')
+
+
+def _registered_selectors() -> list[str]:
+  """The configurables registered with `@gin.configurable` (not through a gin
+  file's imports). Gin has no public listing of its registry: this is the one
+  place that reads it (`gin.config._REGISTRY`), for suggestions only."""
+  registry = getattr(gin.config, '_REGISTRY', None)
+  if registry is None:
+    return []
+  return [c.selector for _, c in registry.items()
+          if c.import_source is None and c.module != 'gin']
+
+
+def _resolve(selector: str, sources: _Sources) -> Any:
+  """The function or class a gin selector names, or None."""
+  selector = selector.rsplit('/', 1)[-1]
+  for prefix, module in sources.modules():
+    if selector.startswith(prefix + '.'):
+      obj = module
+      for attr in selector[len(prefix) + 1:].split('.'):
+        obj = getattr(obj, attr, None)
+      if obj is not None:
+        return obj
+  try:
+    return gin.get_configurable(selector)
+  except (KeyError, ValueError):
+    return None
+
+
+def _parameters(fn: Any) -> list[str]:
+  try:
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):
+    return []
+  return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _configurable_names(sources: _Sources) -> set[str]:
+  """Every `module.name` a binding could configure: the members of the gin
+  files' imported modules and the registered configurables."""
+  names = set(_registered_selectors())
+  for prefix, module in sources.modules():
+    names.update(f'{prefix}.{attr}' for attr, value in vars(module).items()
+                 if not attr.startswith('_') and callable(value))
+  return names
+
+
+def _name_hint(message: str, paths: Sequence[str], bindings: Sequence[str]) -> str:
+  """'did you mean ...?' for gin's unknown-parameter and unknown-configurable errors."""
+  if m := re.match(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'", message):
+    selector, name = m.groups()
+    return _did_you_mean(name, _parameters(_resolve(selector, _Sources(paths, bindings))))
+  if m := re.match(r"No configurable matching (?:reference '@)?'?([\w./]+)", message):
+    scope, _, selector = m.group(1).rpartition('/')
+    hint = _did_you_mean(selector, _configurable_names(_Sources(paths, bindings)))
+    return hint.replace('mean ', f'mean {scope}/', 1) if hint and scope else hint
+  return ''
 
 
 @gin.configurable('kernels', module='ops')
@@ -90,7 +281,8 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
   except UserError as e:  # raised by a module a gin file imports
     raise UserError(f'gin: {one_line(e)}') from None
   except (ValueError, KeyError, SyntaxError, ImportError, AttributeError, TypeError) as e:
-    message = one_line(e)
+    first_line = (str(e).strip().splitlines() or [''])[0]
+    message = one_line(e, _name_hint(first_line, paths, bindings))
     old_registry = re.match(r"No module named 'tasks(\.\w+)*'", message)
     if isinstance(e, ImportError) and old_registry:
       message = ('the task registry is `t5x_lite.tasks`: write `import t5x_lite.tasks` instead '
@@ -101,6 +293,7 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
       message = (f"{where}:{line} includes '{name}', which is not found (looked in "
                  f'{os.getcwd()} and {REPO_ROOT}); fix the include path.')
     raise UserError(f'gin: {message}') from None
+  _check_macros(_Sources(paths, bindings))
   unset = re.findall(r'^(\w+) = %gin\.REQUIRED$', gin.config_str(), flags=re.MULTILINE)
   if unset:
     raise UserError(f"gin: {', '.join(unset)} must be set (%gin.REQUIRED in the config); "

@@ -2,8 +2,10 @@
 
 import glob
 import os
+import re
 import subprocess
 import sys
+import time
 
 import gin
 import jax
@@ -58,7 +60,7 @@ def test_every_gin_file_builds(path):
   """Fine-tuning gins need a pretrained checkpoint and eval gins one to evaluate:
   any path is fine for building."""
   from t5x_lite.data import pipeline
-  objs = _build(path, "INITIAL_CHECKPOINT_PATH = '/ckpt'", "CHECKPOINT_PATH = '/ckpt'")
+  objs = _build(path, f"{'CHECKPOINT_PATH' if _is_eval(path) else 'INITIAL_CHECKPOINT_PATH'} = '/ckpt'")
   cfg = objs['model'].config
   task = pipeline.get_task_or_mixture(_macro('MIXTURE_OR_TASK_NAME'))
   assert cfg.vocab_size >= pipeline.output_vocab_size(task)
@@ -136,7 +138,7 @@ def _one_error_line(proc):
 def test_misspelt_binding_is_one_line():
   line = _one_error_line(_cli('--gin_file=gin/t5_tiny_span.gin',
                               '--gin.encoder_decoder.T5Config.emb_dmi=64'))
-  assert "'emb_dmi'" in line and 'T5Config' in line
+  assert "'emb_dmi'" in line and 'T5Config' in line and 'did you mean emb_dim?' in line
 
 
 def test_misspelt_binding_in_file_names_the_file(tmp_path):
@@ -150,6 +152,105 @@ def test_unset_required_macro_is_one_line():
   line = _one_error_line(_cli('--gin_file=configs/models/t5_1_1_tiny.gin',
                               '--gin_file=configs/runs/pretrain.gin', '--gin.TRAIN_STEPS=5'))
   assert 'MODEL_DIR' in line and 'MIXTURE_OR_TASK_NAME' in line and 'TRAIN_STEPS' not in line
+
+
+def _parse_error(files, bindings):
+  gin.clear_config()
+  with pytest.raises(UserError) as e:
+    gin_utils.parse_gin(files, bindings)
+  return str(e.value)
+
+
+def test_misspelt_macro_on_the_command_line():
+  assert _parse_error(['gin/t5_tiny_span.gin'], ['TRAIN_STEPZ = 5']) == (
+      'gin: macro TRAIN_STEPZ (--gin.TRAIN_STEPZ) is used by no binding; '
+      'did you mean TRAIN_STEPS?')
+  assert _parse_error(['gin/t5_tiny_span.gin'], ['batch_size = 5', 'NO_SUCH_THING = 1']) == (
+      'gin: macro batch_size (--gin.batch_size) is used by no binding; '
+      'did you mean BATCH_SIZE? (also unused: NO_SUCH_THING)')
+  assert _parse_error(['gin/t5_tiny_span.gin'], ['NO_SUCH_THING = 1']) == (
+      'gin: macro NO_SUCH_THING (--gin.NO_SUCH_THING) is used by no binding; '
+      'remove it, or refer to it as %NO_SUCH_THING in a binding.')
+
+
+def test_misspelt_macro_in_a_gin_file(tmp_path):
+  run = tmp_path / 'my_run.gin'
+  run.write_text("include 'gin/t5_tiny_span.gin'\nTRAIN_STEPZ = 5\n")
+  assert _parse_error([str(run)], []) == (
+      f'gin: macro TRAIN_STEPZ ({run}:2) is used by no binding; did you mean TRAIN_STEPS?')
+  run.write_text("include 'gin/t5_tiny_span.gin'\nruns.Data.batch_size = %BATCH_SIZ\n")
+  assert _parse_error([str(run)], []) == (
+      f'gin: %BATCH_SIZ ({run}:2) refers to a macro that is never set; did you mean BATCH_SIZE?')
+
+
+def test_macros_used_through_other_macros_and_includes(tmp_path):
+  """A macro counts as used wherever a `%NAME` refers to it: nested in lists,
+  tuples or dicts, in another macro's value, in an included file."""
+  base = tmp_path / 'base.gin'
+  base.write_text("include 'gin/t5_tiny_span.gin'\nTASK_FEATURE_LENGTHS = %LENGTHS\n"
+                  "LENGTHS = {'inputs': %IN, 'targets': [(%OUT,)]}\nSTEPS = 7\n")
+  run = tmp_path / 'run.gin'
+  run.write_text(f"include '{base}'\nTRAIN_STEPS = %STEPS\nIN = 64\nOUT = 16\n")
+  gin.clear_config()
+  gin_utils.parse_gin([str(run)], ['STEPS = 9', 'OUT = 8'])
+  assert gin.query_parameter('OUT/gin.macro.value') == 8
+  run.write_text(f"include '{base}'\nIN = 64\nOUT = 16\n")
+  assert _parse_error([str(run)], ['STEPS = 9']) == (
+      f'gin: macro STEPS (--gin.STEPS) is used by no binding; did you mean TRAIN_STEPS?')
+
+
+def test_building_blocks_may_leave_their_macros_to_other_blocks():
+  """configs/models/*.gin set MODEL for a run file, configs/runs/*.gin set
+  DROPOUT_RATE for a model file: parsed alone, each leaves one unused."""
+  gin.clear_config()
+  gin_utils.parse_gin(['configs/models/t5_1_1_tiny.gin'], [])
+  gin.clear_config()
+  gin_utils.parse_gin(['configs/runs/finetune.gin'], [  # and MODEL comes from a model file
+      "MODEL_DIR = '/run'", "MIXTURE_OR_TASK_NAME = 'glue_sst2_v002'", 'TRAIN_STEPS = 1',
+      "INITIAL_CHECKPOINT_PATH = '/ckpt'"])
+
+
+def test_no_shipped_macro_is_dead():
+  """Every macro a shipped gin file sets is used (`%NAME`) by some shipped gin file."""
+  paths = glob.glob(os.path.join(REPO, 'configs', '*', '*.gin')) + glob.glob(
+      os.path.join(REPO, 'gin', '*.gin'))
+  texts = {os.path.relpath(p, REPO): open(p).read() for p in paths}
+  used = {name for text in texts.values() for name in re.findall(r'%(\w+)', text)}
+  dead = {(path, name) for path, text in texts.items()
+          for name in re.findall(r'^(\w+)\s*=', text, flags=re.MULTILINE) if name not in used}
+  assert not dead
+
+
+def test_misspelt_parameter_suggests_the_closest():
+  assert _parse_error(['gin/t5_tiny_span.gin'], ['train_script.train.log_everyy = 1']) == (
+      "gin: Configurable 'train_script.train' doesn't have a parameter named 'log_everyy'; "
+      'did you mean log_every? (In bindings string line 1; train_script.train.log_everyy = 1)')
+
+
+def test_misspelt_configurable_suggests_the_closest(tmp_path):
+  line = _parse_error(['gin/t5_tiny_span.gin'], ['encoder_decoder.T5Confg.emb_dim = 64'])
+  assert line.startswith("gin: No configurable matching 'encoder_decoder.T5Confg'; "
+                         'did you mean encoder_decoder.T5Config? (')
+  line = _parse_error(['gin/t5_tiny_span.gin'], ["ops.kernel.name = 'plain'"])
+  assert line.startswith("gin: No configurable matching 'ops.kernel'; did you mean ops.kernels?")
+  run = tmp_path / 'my_run.gin'
+  run.write_text("include 'gin/t5_tiny_span.gin'\n"
+                 'optimizers.adafactor.learning_rate = @optimizers.rsqrt_schedul()\n')
+  line = _parse_error([str(run)], [])
+  assert line.startswith("gin: No configurable matching reference '@optimizers.rsqrt_schedul()'; "
+                         'did you mean optimizers.rsqrt_schedule? (')
+  assert f'{run}' in line and 'line 2' in line
+
+
+def test_misspelt_macro_stops_train_at_once(tmp_path):
+  model_dir = tmp_path / 'run'
+  start = time.time()
+  line = _one_error_line(_cli('--gin_file=gin/t5_tiny_span.gin', '--gin.TRAIN_STEPZ=5',
+                              f"--gin.MODEL_DIR='{model_dir}'"))
+  assert line == ('error: gin: macro TRAIN_STEPZ (--gin.TRAIN_STEPZ) is used by no binding; '
+                  'did you mean TRAIN_STEPS?')
+  assert time.time() - start < 60
+  assert not model_dir.exists()
 
 
 def test_missing_include_names_the_file_and_line(tmp_path):
