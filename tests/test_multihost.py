@@ -109,16 +109,22 @@ def _expected_losses(flags, steps, num_hosts):
   return losses
 
 
-def test_two_processes_train_on_their_shards(tmp_path):
-  flags = [*SMALL_T5, '--gin.TRAIN_STEPS=3', '--gin.train_script.CheckpointConfig.async_save=False']
-  cmd = [sys.executable, '-m', 't5x_lite.train', *flags, f"--gin.MODEL_DIR='{tmp_path}'"]
+def launch_two_hosts(flags, model_dir):
+  """`python -m t5x_lite.train` as two processes of one run (one device each)."""
   port = _free_port()
+  cmd = [sys.executable, '-m', 't5x_lite.train', *flags, f"--gin.MODEL_DIR='{model_dir}'"]
   procs = []
   for i in range(2):
     env = dict(run_env(devices=1), JAX_COORDINATOR_ADDRESS=f'localhost:{port}',
                JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(i))
     procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True))
+  return procs
+
+
+def test_two_processes_train_on_their_shards(tmp_path):
+  flags = [*SMALL_T5, '--gin.TRAIN_STEPS=3', '--gin.train_script.CheckpointConfig.async_save=False']
+  procs = launch_two_hosts(flags, tmp_path)
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]

@@ -4,26 +4,12 @@ re-run resumes exactly (the losses of an uninterrupted run)."""
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 
-from conftest import REPO, SMALL_T5, read_metrics, run_env
-from test_multihost import _expected_losses, _free_port
-
-
-def _launch(flags, model_dir):
-  port = _free_port()
-  cmd = [sys.executable, '-m', 't5x_lite.train', *flags, f"--gin.MODEL_DIR='{model_dir}'"]
-  procs = []
-  for i in range(2):
-    env = dict(run_env(devices=1), JAX_COORDINATOR_ADDRESS=f'localhost:{port}',
-               JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(i))
-    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True))
-  return procs
+from conftest import SMALL_T5, read_metrics
+from test_multihost import _expected_losses, launch_two_hosts
 
 
 def _steps_logged(model_dir):
@@ -35,7 +21,7 @@ def _steps_logged(model_dir):
 
 def test_sigterm_on_one_host_saves_one_step_everywhere_and_resumes(tmp_path):
   base = [*SMALL_T5, '--gin.train_script.CheckpointConfig.async_save=False']
-  procs = _launch([*base, '--gin.TRAIN_STEPS=400', '--gin.CHECKPOINT_PERIOD=1000'], tmp_path)
+  procs = launch_two_hosts([*base, '--gin.TRAIN_STEPS=400', '--gin.CHECKPOINT_PERIOD=1000'], tmp_path)
   deadline = time.time() + 300
   while _steps_logged(tmp_path) < 3 and time.time() < deadline and procs[0].poll() is None:
     time.sleep(0.2)
@@ -51,7 +37,7 @@ def test_sigterm_on_one_host_saves_one_step_everywhere_and_resumes(tmp_path):
   assert {f.split('.')[0] for f in os.listdir(step_dir / 'data')} >= {'process_0', 'process_1'}
 
   resumed = [*base, f'--gin.TRAIN_STEPS={step + 2}']
-  procs = _launch(resumed, tmp_path)
+  procs = launch_two_hosts(resumed, tmp_path)
   outs = [p.communicate(timeout=600) for p in procs]
   assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
   assert f'resumed from {tmp_path}/checkpoints/{step}' in outs[0][0]
