@@ -6,18 +6,35 @@ sharded arrays as they are on the mesh), `meta` (JSON: step, data position, and
 a fingerprint of every array so damaged files are detected on restore instead
 of being trained on) and, when given, `data`: each host's tf.data iterator, so
 a resumed run continues the input stream where it stopped without replaying it.
+
+What goes wrong is told apart: a damaged checkpoint (a fingerprint mismatch, a
+missing, truncated or unreadable file inside it) is moved aside to
+`checkpoints/<step>.damaged-<time>` and the previous one is used; a checkpoint
+that does not fit the configured model, and a storage error (permission, full
+disk, missing directory), stop the run with one line and touch nothing; a save
+that fails stops the run with one line and leaves the earlier checkpoints as
+they were.
 """
 
+import contextlib
 import dataclasses
+import errno
+import glob
+import json
 import logging
 import os
+import re
+import shutil
+import sys
 import tempfile
+import time
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 import tensorflow as tf
+from etils import epath
 
 from t5x_lite import param_layout
 from t5x_lite.errors import UserError
@@ -71,6 +88,168 @@ def _fingerprint_list(tree: Any) -> list[int]:
   return [int(v) for v in jax.device_get(fingerprint(tree))]
 
 
+class Damaged(Exception):
+  """A checkpoint with a missing, truncated or unreadable file, or arrays that
+  do not match their fingerprint."""
+
+
+# tensorstore statuses that mean a file of the checkpoint is gone or cut short.
+_DAMAGE_STATUSES = ('DATA_LOSS', 'OUT_OF_RANGE', 'NOT_FOUND')
+_BAD_FILE_STATUSES = ('FAILED_PRECONDITION', 'INVALID_ARGUMENT')  # with 'Error reading <file>'
+_STORAGE_ERRNOS = (errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EIO)
+_STORAGE_WORDS = tuple((w, w) for w in (
+    'Permission denied', 'No space left on device', 'Read-only file system',
+    'Disk quota exceeded', 'Input/output error')) + (('PERMISSION_DENIED', 'Permission denied'),)
+_DAMAGED = '.damaged-'
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  line = text.splitlines()[0] if text else type(e).__name__
+  return line.split(' [tensorstore_spec')[0][:300]  # tensorstore appends its whole spec
+
+
+def _causes(e: BaseException):
+  while e is not None:
+    yield e
+    e = e.__cause__
+
+
+def _storage_problem(e: BaseException) -> Optional[str]:
+  """What is wrong when `e` is a storage error (permission, full disk, I/O), else None."""
+  for c in _causes(e):
+    if isinstance(c, OSError) and c.errno in _STORAGE_ERRNOS:
+      return f'{c.strerror}: {c.filename}' if c.filename else (c.strerror or _first_line(c))
+    text = str(c)
+    said = [label for word, label in _STORAGE_WORDS if word in text]
+    if said or isinstance(c, tf.errors.PermissionDeniedError):
+      path = re.search(r'"(/[^"]*)"', text)  # tensorstore quotes the file it failed on
+      return f'{(said or ["Permission denied"])[0]}: {path.group(1)}' if path else _first_line(c)
+  return None
+
+
+def _damage_reason(e: BaseException) -> str:
+  """'<file> is cut short' for tensorstore's long messages, else the first line."""
+  text = str(e)
+  paths = re.findall(r'"(/[^"]*)"', text)
+  status = text.split(':', 1)[0]
+  if paths and status.isupper():
+    word = {'OUT_OF_RANGE': 'cut short', 'NOT_FOUND': 'missing', 'DATA_LOSS': 'corrupt'}
+    return f'{paths[-1]} is {word.get(status, "unreadable")}'
+  return _first_line(e)
+
+
+def _is_damage(e: BaseException) -> bool:
+  """Whether `e` says a file of the checkpoint is missing, cut short or garbled."""
+  def one(c):
+    if isinstance(c, (Damaged, json.JSONDecodeError, UnicodeDecodeError, FileNotFoundError,
+                      tf.errors.NotFoundError, tf.errors.DataLossError)):
+      return True
+    text = str(c)
+    return isinstance(c, ValueError) and (text.startswith(_DAMAGE_STATUSES) or (
+        text.startswith(_BAD_FILE_STATUSES) and 'Error reading' in text))
+  return any(one(c) for c in _causes(e))
+
+
+def _quiet_late_callbacks() -> None:
+  """After a failed read or write, tensorstore's remaining callbacks land on
+  orbax's closed event loop, each printing a 'RuntimeError: Event loop is
+  closed' traceback: drop those (only those) so the one line stays one."""
+  previous = sys.unraisablehook
+  if getattr(previous, 't5x_lite_quiet', False):
+    return
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == 'Event loop is closed'):
+      previous(unraisable)
+  hook.t5x_lite_quiet = True
+  sys.unraisablehook = hook
+
+
+class _OrbaxStorageErrors(logging.Filter):
+  """Drops orbax's error logs (each with a traceback, from its background
+  threads) about a storage error: the Checkpointer reports it in one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR or f'{os.sep}orbax{os.sep}' not in record.pathname:
+      return True
+    exc = record.exc_info[1] if record.exc_info else None
+    return not ((exc is not None and _storage_problem(exc))
+                or any(w in record.getMessage() for w, _ in _STORAGE_WORDS))
+
+
+def _quiet_orbax_storage_errors() -> None:
+  absl_logger = logging.getLogger('absl')
+  if not any(isinstance(f, _OrbaxStorageErrors) for f in absl_logger.filters):
+    absl_logger.addFilter(_OrbaxStorageErrors())
+
+
+@contextlib.contextmanager
+def _reading(step_dir: str):
+  """Turns what goes wrong reading `step_dir` into Damaged (the checkpoint's
+  fault) or a UserError (the storage's); any other error passes as it is."""
+  try:
+    yield
+  except (UserError, Damaged):
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (sorted, or raised as it is)
+    problem = _storage_problem(e)
+    if problem:
+      raise UserError(f'cannot read checkpoint {step_dir} ({problem}); fix the permissions '
+                      'or the storage, then re-run.') from None
+    if not os.path.isdir(step_dir):
+      raise UserError(f'checkpoint {step_dir} is missing ({_first_line(e)}); check that '
+                      'nothing else is moving or deleting checkpoints, then re-run.') from None
+    if _is_damage(e):
+      raise Damaged(_damage_reason(e)) from e
+    raise
+
+
+def _key(path) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))))
+                  for k in path)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{'params/encoder/...': shape} of every array (leaves without a shape are skipped)."""
+  return {_key(path): tuple(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(tree)
+          if hasattr(x, 'shape')}
+
+
+def _stored_shapes(state_dir: str) -> dict[str, tuple[int, ...]]:
+  """The array shapes orbax recorded in a saved state, without reading the arrays."""
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    metadata = handler.metadata(epath.Path(state_dir))
+  finally:
+    handler.close()
+  return _shapes(getattr(metadata, 'tree', metadata))
+
+
+def _check_fits(step_dir: str, stored: dict, wanted: dict) -> None:
+  """A UserError naming the first differing arrays when the checkpoint's tree
+  or shapes differ from the configured model's."""
+  diffs = sorted((k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k)),
+                 key=lambda k: (not k.startswith('params/'), k))
+  if not diffs:
+    return
+  def shape(shapes, k):
+    return str(shapes[k]) if k in shapes else 'absent'
+  shown = '; '.join(f'{k}: model {shape(wanted, k)}, checkpoint {shape(stored, k)}'
+                    for k in diffs[:3])
+  more = f' and {len(diffs) - 3} more' if len(diffs) > 3 else ''
+  model_dir = os.path.dirname(os.path.dirname(step_dir))
+  raise UserError(f'checkpoint {step_dir} does not fit the configured model ({shown}{more}); '
+                  'the model config likely changed since it was written: run with the config '
+                  f'it was written with ({model_dir}/config.gin), or give the run a new '
+                  'MODEL_DIR.')
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    ocp.multihost.sync_global_processes(f't5x_lite_checkpoints_{name}')
+
+
 class Checkpointer:
   """Saves and restores train-state pytrees under `<model_dir>/checkpoints`."""
 
@@ -78,11 +257,26 @@ class Checkpointer:
                async_save: bool = True):
     self.directory = os.path.join(os.path.abspath(model_dir), 'checkpoints')
     self.save_period = save_period
+    self.keep = keep
     self._checkpointable_iterator = None
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save))
+    self._pending: Optional[int] = None  # the step being saved in the background
+    self._failed = False
+    _quiet_orbax_storage_errors()
+    try:
+      os.makedirs(self.directory, exist_ok=True)
+      with tempfile.NamedTemporaryFile(dir=self.directory, prefix='.write-probe-'):
+        pass
+      # Retention is ours (see _prune): orbax's would delete old steps even
+      # when the new one failed to write.
+      self.manager = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=None, create=True, cleanup_tmp_directories=True,
+              enable_async_checkpointing=async_save))
+    except OSError as e:
+      problem = _storage_problem(e) or _first_line(e)
+      raise UserError(f'cannot write checkpoints to {self.directory} ({problem}); fix the '
+                      'permissions or free space there, or choose another MODEL_DIR.') from None
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -97,15 +291,67 @@ class Checkpointer:
     `data_iterator`, positioned after `data_position` batches, is saved too;
     an iterator that tf.data cannot checkpoint is left out with a warning (a
     resumed run then replays the input pipeline up to `data_position`).
+
+    A save that fails on storage (now, or in the background: reported by the
+    next save, `wait` or `close`) is a UserError; the earlier checkpoints are
+    left as they were.
     """
+    self._finish()
     meta = {'step': int(step), 'data_position': int(data_position),
-            'fingerprint': _fingerprint_list(state)}
+            'fingerprint': _fingerprint_list(state),
+            'shapes': {k: list(v) for k, v in _shapes(state).items()}}
     items = {'state': ocp.args.StandardSave(state)}
     if data_iterator is not None and self._iterator_checkpointable(data_iterator):
       items['data'] = DataIterator(data_iterator)
     meta['data_iterator'] = 'data' in items
     items['meta'] = ocp.args.JsonSave(meta)
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self._pending = step
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      self._save_failed(e)
+      raise
+
+  def _finish(self) -> None:
+    """Waits for the save in progress; keeps the newest `keep` once it is on disk."""
+    if self._pending is None or self._failed:
+      return
+    try:
+      self.manager.wait_until_finished()
+      if not os.path.isdir(os.path.join(self.directory, str(self._pending))):
+        raise OSError(errno.EIO, 'the checkpoint was not finalized',
+                      os.path.join(self.directory, str(self._pending)))
+    except Exception as e:  # pylint: disable=broad-except
+      self._save_failed(e)
+      raise
+    self._pending = None
+    self._prune()
+
+  def _prune(self) -> None:
+    steps = self.all_steps()
+    if self.keep is not None:
+      for step in steps[:max(len(steps) - max(self.keep, 1), 0)]:
+        self.manager.delete(step)
+
+  def _save_failed(self, e: Exception) -> None:
+    """For a storage error: drops the partial files of the failed step and
+    raises one line naming the checkpoint that survives."""
+    step, self._failed = self._pending, True
+    problem = _storage_problem(e)
+    if problem is None:
+      return  # not a storage error: it goes up as it is
+    _quiet_late_callbacks()
+    if jax.process_index() == 0:
+      for partial in glob.glob(os.path.join(self.directory, f'{step}.orbax-checkpoint-tmp*')):
+        shutil.rmtree(partial, ignore_errors=True)  # frees space on a full disk
+    self.manager.reload()
+    if step in self.all_steps():  # renamed into place, then failed: not to be trusted
+      self._move_aside(step)
+    kept = [s for s in self.all_steps() if s != step]
+    latest = f'{self.directory}/{kept[-1]}' if kept else 'none yet'
+    raise UserError(f'writing checkpoint {self.directory}/{step} failed ({problem}); the '
+                    f'earlier checkpoints are intact (latest: {latest}); free space or fix '
+                    f'the permissions of {self.directory}, then re-run to resume.') from None
 
   def _iterator_checkpointable(self, iterator: tf.data.Iterator) -> bool:
     """Whether tf.data can save this iterator (checked once, on a scratch dir)."""
@@ -128,37 +374,89 @@ class Checkpointer:
 
     Returns (state, meta, data iterator), or None when there is no checkpoint.
     The iterator, made by `new_data_iterator` and set to the saved position, is
-    None when the checkpoint holds none. A damaged checkpoint is reported and
-    the previous one is used.
+    None when the checkpoint holds none. A damaged checkpoint is moved aside
+    (`<step>.damaged-<time>`, out of the step listing) and the previous one is
+    used. A checkpoint that does not fit `abstract_state`, or a storage error,
+    is a UserError, and nothing on disk is changed.
     """
-    steps = self.all_steps()
-    for step in reversed(steps):
+    _quiet_late_callbacks()
+    moved = []
+    for step in reversed(self.all_steps()):
       try:
-        meta = self.manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))['meta']
-        items = {'state': ocp.args.StandardRestore(abstract_state)}
-        if new_data_iterator is not None and meta.get('data_iterator'):
-          items['data'] = DataIterator(new_data_iterator())
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        state = restored['state']
-        if meta.get('fingerprint') != _fingerprint_list(state):
-          raise ValueError('array contents do not match the fingerprint saved with them')
-        return state, meta, restored['data'] if 'data' in items else None
-      except Exception as e:  # pylint: disable=broad-except
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        log.warning('checkpoint %s/%d is damaged (%s); trying the previous one.',
-                    self.directory, step, reason[:300])
-    if steps:
-      raise UserError(f'every checkpoint in {self.directory} is damaged (steps {steps}); '
-                      'move that directory away to start over, or restore it from a backup.')
+        return self._restore(step, abstract_state, new_data_iterator)
+      except Damaged as e:
+        moved.append(self._move_aside(step))
+        log.warning('checkpoint %s/%d is damaged (%s); moved it to %s and trying the previous '
+                    'one.', self.directory, step, e, moved[-1])
+    if moved:
+      raise UserError(f'every checkpoint in {self.directory} is damaged (moved aside: '
+                      f'{", ".join(os.path.basename(m) for m in moved)}); re-run to start from '
+                      'step 0, or put a checkpoint back from a backup.')
     return None
 
+  def _restore(self, step: int, abstract_state: Any,
+               new_data_iterator: Optional[Callable[[], tf.data.Iterator]]):
+    step_dir = os.path.join(self.directory, str(step))
+    with _reading(step_dir):
+      meta = self.manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))['meta']
+      if not isinstance(meta, dict) or not isinstance(meta.get('fingerprint'), list):
+        raise Damaged('its meta file has no fingerprint')
+      with open(os.path.join(step_dir, 'state', '_METADATA'), 'rb') as f:
+        json.loads(f.read())  # orbax's tree metadata: unreadable means damaged
+      stored = ({k: tuple(v) for k, v in meta['shapes'].items()}
+                if isinstance(meta.get('shapes'), dict)  # else written before shapes were kept
+                else _stored_shapes(os.path.join(step_dir, 'state')))
+    _check_fits(step_dir, stored, _shapes(abstract_state))
+    with _reading(step_dir):
+      state = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))['state']
+      if meta['fingerprint'] != _fingerprint_list(state):
+        raise Damaged('array contents do not match the fingerprint saved with them')
+    iterator = None
+    if new_data_iterator is not None and meta.get('data_iterator'):
+      try:
+        with _reading(step_dir):
+          iterator = self.manager.restore(step, args=ocp.args.Composite(
+              data=DataIterator(new_data_iterator())))['data']
+      except (AssertionError, ValueError, tf.errors.OpError) as e:
+        raise UserError(f'the input pipeline position saved in {step_dir} does not fit the '
+                        f'configured pipeline ({_first_line(e)}); the data config likely '
+                        'changed since it was written: run with the config it was written '
+                        'with, or give the run a new MODEL_DIR.') from None
+    return state, meta, iterator
+
+  def _move_aside(self, step: int) -> str:
+    """Renames checkpoints/<step> to <step>.damaged-<time>, which orbax does not list."""
+    src = os.path.join(self.directory, str(step))
+    dst = base = f'{src}{_DAMAGED}{time.strftime("%Y%m%d-%H%M%S")}'
+    if jax.process_index() == 0:
+      n = 1
+      while os.path.exists(dst):
+        n += 1
+        dst = f'{base}-{n}'
+      try:
+        os.rename(src, dst)
+      except OSError as e:
+        raise UserError(f'checkpoint {src} is damaged but cannot be moved aside '
+                        f'({_storage_problem(e) or _first_line(e)}); move it away yourself, '
+                        'then re-run.') from None
+    _sync(f'move_aside_{step}')
+    self.manager.reload()
+    return dst
+
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    self._finish()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self._finish()
+    finally:
+      try:
+        self.manager.close()
+      except Exception:  # pylint: disable=broad-except
+        if not self._failed:  # else it is the failure already reported
+          raise
 
 
 def _resolve_step_dir(path: str) -> str:
@@ -168,8 +466,8 @@ def _resolve_step_dir(path: str) -> str:
     return path
   ckpt_dir = os.path.join(path, 'checkpoints') if os.path.isdir(
       os.path.join(path, 'checkpoints')) else path
-  steps = sorted(int(d) for d in os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) and all(
-      d.isdigit() for d in os.listdir(ckpt_dir)) else []
+  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(
+      ckpt_dir) else []
   if not steps:
     raise UserError(f'no checkpoint found at INITIAL_CHECKPOINT_PATH={path}; give a '
                     "'<model_dir>/checkpoints/<step>' directory written by t5x_lite.")
