@@ -19,12 +19,10 @@ they were.
 import contextlib
 import dataclasses
 import errno
-import glob
 import json
 import logging
 import os
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -334,20 +332,20 @@ class Checkpointer:
         self.manager.delete(step)
 
   def _save_failed(self, e: Exception) -> None:
-    """For a storage error: drops the partial files of the failed step and
-    raises one line naming the checkpoint that survives."""
+    """For a storage error: one line naming the checkpoint that survives. The
+    failed step's partial `<step>.orbax-checkpoint-tmp` directory goes when
+    the next Checkpointer opens the directory (orbax's writes still in flight
+    may outlive this one)."""
     step, self._failed = self._pending, True
     problem = _storage_problem(e)
     if problem is None:
       return  # not a storage error: it goes up as it is
     _quiet_late_callbacks()
-    if jax.process_index() == 0:
-      for partial in glob.glob(os.path.join(self.directory, f'{step}.orbax-checkpoint-tmp*')):
-        shutil.rmtree(partial, ignore_errors=True)  # frees space on a full disk
-    self.manager.reload()
-    if step in self.all_steps():  # renamed into place, then failed: not to be trusted
-      self._move_aside(step)
-    kept = [s for s in self.all_steps() if s != step]
+    with contextlib.suppress(Exception):  # it is the failure reported below
+      self.manager.close()
+    if jax.process_index() == 0 and os.path.isdir(os.path.join(self.directory, str(step))):
+      _rename_aside(os.path.join(self.directory, str(step)))  # in place, yet not to be trusted
+    kept = sorted(int(d) for d in os.listdir(self.directory) if d.isdigit())
     latest = f'{self.directory}/{kept[-1]}' if kept else 'none yet'
     raise UserError(f'writing checkpoint {self.directory}/{step} failed ({problem}); the '
                     f'earlier checkpoints are intact (latest: {latest}); free space or fix '
@@ -429,18 +427,7 @@ class Checkpointer:
   def _move_aside(self, step: int) -> str:
     """Renames checkpoints/<step> to <step>.damaged-<time>, which orbax does not list."""
     src = os.path.join(self.directory, str(step))
-    dst = base = f'{src}{_DAMAGED}{time.strftime("%Y%m%d-%H%M%S")}'
-    if jax.process_index() == 0:
-      n = 1
-      while os.path.exists(dst):
-        n += 1
-        dst = f'{base}-{n}'
-      try:
-        os.rename(src, dst)
-      except OSError as e:
-        raise UserError(f'checkpoint {src} is damaged but cannot be moved aside '
-                        f'({_storage_problem(e) or _first_line(e)}); move it away yourself, '
-                        'then re-run.') from None
+    dst = _rename_aside(src) if jax.process_index() == 0 else f'{src}{_DAMAGED}...'
     _sync(f'move_aside_{step}')
     self.manager.reload()
     return dst
@@ -449,14 +436,29 @@ class Checkpointer:
     self._finish()
 
   def close(self) -> None:
+    if self._failed:
+      return  # closed when the failure was reported
     try:
       self._finish()
     finally:
-      try:
+      if not self._failed:
         self.manager.close()
-      except Exception:  # pylint: disable=broad-except
-        if not self._failed:  # else it is the failure already reported
-          raise
+
+
+def _rename_aside(src: str) -> str:
+  """Renames the step directory `src` to `<src>.damaged-<time>`; returns the new name."""
+  dst = base = f'{src}{_DAMAGED}{time.strftime("%Y%m%d-%H%M%S")}'
+  n = 1
+  while os.path.exists(dst):
+    n += 1
+    dst = f'{base}-{n}'
+  try:
+    os.rename(src, dst)
+  except OSError as e:
+    raise UserError(f'checkpoint {src} is damaged but cannot be moved aside '
+                    f'({_storage_problem(e) or _first_line(e)}); move it away yourself, '
+                    'then re-run.') from None
+  return dst
 
 
 def _resolve_step_dir(path: str) -> str:

@@ -1,5 +1,11 @@
-"""Checkpoint save → restore round trip, damage detection, params-only restore."""
+"""Checkpoint save → restore round trip, damage detection, params-only restore,
+and the faults around them: damaged files, a changed model config, storage
+errors on read, write and creation."""
 
+import errno
+import glob
+import hashlib
+import json
 import os
 
 import jax
@@ -8,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 import tensorflow as tf
+from etils import epath
 
 from t5x_lite import checkpoints
 from t5x_lite import param_layout
@@ -63,40 +70,207 @@ def _data_files(step_dir):
   return sorted(files)
 
 
-@pytest.mark.parametrize('damage', ['flip_bytes', 'delete_files'])
-def test_damaged_latest_falls_back_to_previous(tmp_path, damage, caplog):
+def _digest(directory):
+  """{relative path: sha256} of every file under `directory`."""
+  out = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      out[os.path.relpath(path, directory)] = hashlib.sha256(open(path, 'rb').read()).hexdigest()
+  return out
+
+
+def fail_writes(monkeypatch, under, code):
+  """Makes writing the tree metadata (`_METADATA`) of a save whose path
+  contains `under` fail with OSError `code`, at the storage layer orbax writes
+  its metadata through (etils' paths). Orbax writes it once the array data is
+  on disk, so the save fails partway, as on a disk that fills up during it."""
+  cls = type(epath.Path('/'))
+  for name in ('write_text', 'write_bytes'):
+    def failing(self, *args, _original=getattr(cls, name), **kwargs):
+      if under in str(self) and str(self).endswith(f'{os.sep}_METADATA'):
+        raise OSError(code, os.strerror(code), str(self))
+      return _original(self, *args, **kwargs)
+    monkeypatch.setattr(cls, name, failing)
+
+
+def deny_writes(monkeypatch, directory):
+  """`directory` becomes unwritable: chmod where that stops writes; as root,
+  where it does not, creating files or directories under it is refused with
+  EACCES (injected into os.mkdir / os.open)."""
+  if os.geteuid() != 0:
+    os.chmod(directory, 0o555)
+    return
+  for name in ('mkdir', 'open'):
+    def denied(path, *args, _original=getattr(os, name), **kwargs):
+      if os.fspath(path).startswith(os.fspath(directory)):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+      return _original(path, *args, **kwargs)
+    monkeypatch.setattr(os, name, denied)
+
+
+def _truncate(path):
+  with open(path, 'r+b') as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def _flip(path):
+  data = bytearray(open(path, 'rb').read())
+  for i in range(len(data) // 2, len(data) // 2 + 8):
+    data[i] ^= 0xFF
+  open(path, 'wb').write(bytes(data))
+
+
+_DAMAGE = {
+    'flip_bytes': lambda step_dir: [_flip(p) for p in _data_files(step_dir)],
+    'truncate_files': lambda step_dir: [_truncate(p) for p in _data_files(step_dir)],
+    'delete_files': lambda step_dir: [os.remove(p) for p in _data_files(step_dir)],
+    'delete_tree_metadata': lambda step_dir: os.remove(os.path.join(step_dir, 'state', '_METADATA')),
+    'delete_meta': lambda step_dir: os.remove(os.path.join(step_dir, 'meta', 'metadata')),
+}
+
+
+@pytest.mark.parametrize('damage', sorted(_DAMAGE))
+def test_damaged_latest_is_moved_aside_and_training_goes_past_it(tmp_path, damage, caplog):
   ckpt = checkpoints.Checkpointer(str(tmp_path), save_period=1, keep=3)
   ckpt.save(1, _state(1), 1)
   ckpt.save(2, _state(2), 2)
   ckpt.close()
-  files = _data_files(os.path.join(tmp_path, 'checkpoints', '2'))
-  assert files, 'expected array data files in the checkpoint'
-  for path in files:
-    if damage == 'delete_files':
-      os.remove(path)
-    else:
-      data = bytearray(open(path, 'rb').read())
-      for i in range(len(data) // 2, len(data) // 2 + 8):
-        data[i] ^= 0xFF
-      open(path, 'wb').write(bytes(data))
+  step_dir = os.path.join(tmp_path, 'checkpoints', '2')
+  assert _data_files(step_dir), 'expected array data files in the checkpoint'
+  _DAMAGE[damage](step_dir)
+  damaged = _digest(step_dir)
   ckpt = checkpoints.Checkpointer(str(tmp_path), save_period=1, keep=3)
   state, meta, _ = ckpt.restore_latest(_abstract(_state(0)))
   assert meta['step'] == 1
   _assert_equal(state, _state(1))
-  assert any('checkpoints/2 is damaged' in r.getMessage() for r in caplog.records)
+  [aside] = glob.glob(f'{step_dir}.damaged-*')
+  assert _digest(aside) == damaged  # kept as it was, for inspection
+  assert ckpt.all_steps() == [1]
+  assert any(f'checkpoint {step_dir} is damaged (' in r.getMessage()
+             and f'moved it to {aside} ' in r.getMessage() for r in caplog.records)
+  ckpt.save(2, _state(2), 2)  # past the damaged step: no "step already exists"
+  ckpt.save(3, _state(3), 3)
+  ckpt.close()
+  ckpt = checkpoints.Checkpointer(str(tmp_path), save_period=1, keep=3)
+  state, meta, _ = ckpt.restore_latest(_abstract(_state(0)))
+  assert meta['step'] == 3 and ckpt.all_steps() == [1, 2, 3]
+  _assert_equal(state, _state(3))
   ckpt.close()
 
 
-def test_all_damaged_is_an_error(tmp_path):
+def test_all_damaged_is_an_error_then_a_fresh_start(tmp_path):
   ckpt = checkpoints.Checkpointer(str(tmp_path), save_period=1)
   ckpt.save(1, _state(1), 1)
   ckpt.close()
   for path in _data_files(os.path.join(tmp_path, 'checkpoints', '1')):
     os.remove(path)
   ckpt = checkpoints.Checkpointer(str(tmp_path), save_period=1)
-  with pytest.raises(UserError, match='every checkpoint'):
+  with pytest.raises(UserError, match=r'every checkpoint in .*/checkpoints is damaged '
+                     r'\(moved aside: 1\.damaged-.*re-run to start from step 0'):
+    ckpt.restore_latest(_abstract(_state(0)))
+  assert ckpt.restore_latest(_abstract(_state(0))) is None
+  ckpt.close()
+
+
+def _changed_model(abstract):
+  """The abstract state of a model whose config changed: a wider kernel, a new layer."""
+  kernel = abstract['params']['dense']['kernel']
+  params = dict(abstract['params'],
+                dense={'kernel': jax.ShapeDtypeStruct((16, 12), kernel.dtype, sharding=kernel.sharding)},
+                layers_2={'w': jax.ShapeDtypeStruct((3,), kernel.dtype, sharding=kernel.sharding)})
+  return dict(abstract, params=params)
+
+
+@pytest.mark.parametrize('shapes_in_meta', [True, False], ids=['shapes_in_meta', 'orbax_metadata'])
+def test_config_change_is_one_line_and_touches_nothing(tmp_path, shapes_in_meta):
+  ckpt = checkpoints.Checkpointer(str(tmp_path), save_period=1)
+  ckpt.save(1, _state(1), 1)
+  ckpt.close()
+  step_dir = os.path.join(tmp_path, 'checkpoints', '1')
+  if not shapes_in_meta:  # as written before the shapes were kept with the fingerprint
+    path = os.path.join(step_dir, 'meta', 'metadata')
+    meta = json.load(open(path))
+    del meta['shapes']
+    json.dump(meta, open(path, 'w'))
+  before = _digest(os.path.join(tmp_path, 'checkpoints'))
+  ckpt = checkpoints.Checkpointer(str(tmp_path), save_period=1)
+  with pytest.raises(UserError) as e:
+    ckpt.restore_latest(_changed_model(_abstract(_state(0))))
+  ckpt.close()
+  message = str(e.value)
+  assert '\n' not in message
+  assert message.startswith(
+      f'checkpoint {step_dir} does not fit the configured model (params/dense/kernel: model '
+      '(16, 12), checkpoint (16, 8); params/layers_2/w: model (3,), checkpoint absent); ')
+  assert 'the model config likely changed since it was written' in message
+  assert f'({tmp_path}/config.gin)' in message
+  assert _digest(os.path.join(tmp_path, 'checkpoints')) == before
+
+
+def test_storage_error_on_read_is_one_line_and_touches_nothing(tmp_path, monkeypatch):
+  ckpt = checkpoints.Checkpointer(str(tmp_path), save_period=1)
+  ckpt.save(1, _state(1), 1)
+  ckpt.close()
+  step_dir = os.path.join(tmp_path, 'checkpoints', '1')
+  before = _digest(os.path.join(tmp_path, 'checkpoints'))
+  cls = type(epath.Path('/'))
+  def denied(self, *args, _original=cls.read_text, **kwargs):
+    if str(self).startswith(step_dir):
+      raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+    return _original(self, *args, **kwargs)
+  monkeypatch.setattr(cls, 'read_text', denied)
+  ckpt = checkpoints.Checkpointer(str(tmp_path), save_period=1)
+  with pytest.raises(UserError, match=(
+      f'^cannot read checkpoint {step_dir} \\(Permission denied: {step_dir}/meta/metadata\\); '
+      'fix the permissions or the storage, then re-run.$')):
     ckpt.restore_latest(_abstract(_state(0)))
   ckpt.close()
+  assert _digest(os.path.join(tmp_path, 'checkpoints')) == before
+
+
+@pytest.mark.parametrize('async_save', [True, False], ids=['async', 'sync'])
+@pytest.mark.parametrize('code', [errno.ENOSPC, errno.EACCES], ids=['disk_full', 'permission'])
+def test_failed_save_keeps_the_earlier_checkpoint(tmp_path, monkeypatch, code, async_save):
+  """keep=1: orbax's own retention would delete step 1 once step 2 started."""
+  directory = os.path.join(tmp_path, 'checkpoints')
+  ckpt = checkpoints.Checkpointer(str(tmp_path), save_period=1, keep=1, async_save=async_save)
+  ckpt.save(1, _state(1), 1)
+  ckpt.wait()
+  before = _digest(os.path.join(directory, '1'))
+  with monkeypatch.context() as m:
+    fail_writes(m, os.path.join(directory, '2.'), code)
+    with pytest.raises(UserError) as e:
+      ckpt.save(2, _state(2), 2)
+      ckpt.wait()  # an asynchronous save reports here
+    ckpt.close()  # the failure is reported once
+  message = str(e.value)
+  assert message.startswith(
+      f'writing checkpoint {directory}/2 failed ({os.strerror(code)}: {directory}/2.')
+  assert message.endswith(
+      f'the earlier checkpoints are intact (latest: {directory}/1); free space or fix the '
+      f'permissions of {directory}, then re-run to resume.')
+  assert [d for d in os.listdir(directory) if '.orbax-checkpoint-tmp' not in d] == ['1']
+  assert _digest(os.path.join(directory, '1')) == before
+  ckpt = checkpoints.Checkpointer(str(tmp_path), save_period=1, keep=1, async_save=async_save)
+  state, meta, _ = ckpt.restore_latest(_abstract(_state(0)))
+  assert meta['step'] == 1
+  _assert_equal(state, _state(1))
+  ckpt.save(2, _state(2), 2)
+  ckpt.close()
+  assert sorted(os.listdir(directory)) == ['2']  # keep=1, and the partial step 2 is gone
+
+
+def test_unwritable_model_dir_is_one_line(tmp_path, monkeypatch):
+  model_dir = tmp_path / 'run'
+  model_dir.mkdir()
+  deny_writes(monkeypatch, model_dir)
+  with pytest.raises(UserError, match=(
+      f'^cannot write checkpoints to {model_dir}/checkpoints \\(Permission denied: '
+      f'{model_dir}/checkpoints\\); fix the permissions or free space there, or choose '
+      'another MODEL_DIR.$')):
+    checkpoints.Checkpointer(str(model_dir), save_period=1)
+  os.chmod(model_dir, 0o755)
 
 
 def test_restore_params_only(tmp_path):
