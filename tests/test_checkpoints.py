@@ -70,7 +70,7 @@ def _data_files(step_dir):
   return sorted(files)
 
 
-def _digest(directory):
+def digest_files(directory):
   """{relative path: sha256} of every file under `directory`."""
   out = {}
   for root, _, names in os.walk(directory):
@@ -139,13 +139,13 @@ def test_damaged_latest_is_moved_aside_and_training_goes_past_it(tmp_path, damag
   step_dir = os.path.join(tmp_path, 'checkpoints', '2')
   assert _data_files(step_dir), 'expected array data files in the checkpoint'
   _DAMAGE[damage](step_dir)
-  damaged = _digest(step_dir)
+  damaged = digest_files(step_dir)
   ckpt = checkpoints.Checkpointer(str(tmp_path), save_period=1, keep=3)
   state, meta, _ = ckpt.restore_latest(_abstract(_state(0)))
   assert meta['step'] == 1
   _assert_equal(state, _state(1))
   [aside] = glob.glob(f'{step_dir}.damaged-*')
-  assert _digest(aside) == damaged  # kept as it was, for inspection
+  assert digest_files(aside) == damaged  # kept as it was, for inspection
   assert ckpt.all_steps() == [1]
   assert any(f'checkpoint {step_dir} is damaged (' in r.getMessage()
              and f'moved it to {aside} ' in r.getMessage() for r in caplog.records)
@@ -193,7 +193,7 @@ def test_config_change_is_one_line_and_touches_nothing(tmp_path, shapes_in_meta)
     meta = json.load(open(path))
     del meta['shapes']
     json.dump(meta, open(path, 'w'))
-  before = _digest(os.path.join(tmp_path, 'checkpoints'))
+  before = digest_files(os.path.join(tmp_path, 'checkpoints'))
   ckpt = checkpoints.Checkpointer(str(tmp_path), save_period=1)
   with pytest.raises(UserError) as e:
     ckpt.restore_latest(_changed_model(_abstract(_state(0))))
@@ -205,7 +205,7 @@ def test_config_change_is_one_line_and_touches_nothing(tmp_path, shapes_in_meta)
       '(16, 12), checkpoint (16, 8); params/layers_2/w: model (3,), checkpoint absent); ')
   assert 'the model config likely changed since it was written' in message
   assert f'({tmp_path}/config.gin)' in message
-  assert _digest(os.path.join(tmp_path, 'checkpoints')) == before
+  assert digest_files(os.path.join(tmp_path, 'checkpoints')) == before
 
 
 def test_storage_error_on_read_is_one_line_and_touches_nothing(tmp_path, monkeypatch):
@@ -213,7 +213,7 @@ def test_storage_error_on_read_is_one_line_and_touches_nothing(tmp_path, monkeyp
   ckpt.save(1, _state(1), 1)
   ckpt.close()
   step_dir = os.path.join(tmp_path, 'checkpoints', '1')
-  before = _digest(os.path.join(tmp_path, 'checkpoints'))
+  before = digest_files(os.path.join(tmp_path, 'checkpoints'))
   cls = type(epath.Path('/'))
   def denied(self, *args, _original=cls.read_text, **kwargs):
     if str(self).startswith(step_dir):
@@ -226,7 +226,7 @@ def test_storage_error_on_read_is_one_line_and_touches_nothing(tmp_path, monkeyp
       'fix the permissions or the storage, then re-run.$')):
     ckpt.restore_latest(_abstract(_state(0)))
   ckpt.close()
-  assert _digest(os.path.join(tmp_path, 'checkpoints')) == before
+  assert digest_files(os.path.join(tmp_path, 'checkpoints')) == before
 
 
 @pytest.mark.parametrize('async_save', [True, False], ids=['async', 'sync'])
@@ -237,7 +237,7 @@ def test_failed_save_keeps_the_earlier_checkpoint(tmp_path, monkeypatch, code, a
   ckpt = checkpoints.Checkpointer(str(tmp_path), save_period=1, keep=1, async_save=async_save)
   ckpt.save(1, _state(1), 1)
   ckpt.wait()
-  before = _digest(os.path.join(directory, '1'))
+  before = digest_files(os.path.join(directory, '1'))
   with monkeypatch.context() as m:
     fail_writes(m, os.path.join(directory, '2.'), code)
     with pytest.raises(UserError) as e:
@@ -251,7 +251,7 @@ def test_failed_save_keeps_the_earlier_checkpoint(tmp_path, monkeypatch, code, a
       f'the earlier checkpoints are intact (latest: {directory}/1); free space or fix the '
       f'permissions of {directory}, then re-run to resume.')
   assert [d for d in os.listdir(directory) if '.orbax-checkpoint-tmp' not in d] == ['1']
-  assert _digest(os.path.join(directory, '1')) == before
+  assert digest_files(os.path.join(directory, '1')) == before
   ckpt = checkpoints.Checkpointer(str(tmp_path), save_period=1, keep=1, async_save=async_save)
   state, meta, _ = ckpt.restore_latest(_abstract(_state(0)))
   assert meta['step'] == 1

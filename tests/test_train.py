@@ -1,8 +1,12 @@
 """End to end through `python -m t5x_lite.train`: outputs, loss falls, exact
-resume after SIGKILL, checkpoint on SIGTERM, 8 fake devices = 1 device."""
+resume after SIGKILL, checkpoint on SIGTERM, 8 fake devices = 1 device, and the
+checkpoint faults: damaged files, a changed model, a failed save, an unwritable
+MODEL_DIR."""
 
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -245,3 +249,115 @@ def test_gpt_tiny_trains_through_the_same_entry_point(tmp_path):
 def test_bart_tiny_trains_through_the_same_entry_point(tmp_path):
   rows = _train_tiny('gin/bart_tiny_denoise.gin', str(tmp_path), {'inputs': 64, 'targets': 64})
   assert rows[-1]['loss'] < 0.8 * rows[0]['loss']
+
+
+# Checkpoint faults through the entry point (tests/test_checkpoints.py covers
+# the Checkpointer alone). A fault that needs injecting runs in this process.
+
+def _train_in_process(monkeypatch, capsys, model_dir, *extra):
+  """`python -m t5x_lite.train` in this process: (exit status, stdout, stderr)."""
+  from t5x_lite import gin_utils  # pylint: disable=g-import-not-at-top
+  from t5x_lite import train as train_module  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(sys, 'argv', ['train', *train_cmd(model_dir, *extra)[3:]])
+  gin.clear_config(clear_constants=True)
+  try:
+    gin_utils.run(train_module.main, 'train')
+    code = 0
+  except SystemExit as e:
+    code = e.code
+  finally:
+    gin.clear_config(clear_constants=True)
+  out = capsys.readouterr()
+  return code, out.out, out.err
+
+
+def _no_noise(stderr):
+  assert 'Traceback' not in stderr and 'Event loop is closed' not in stderr, stderr[-3000:]
+
+
+def test_damaged_checkpoints_are_moved_aside_and_training_goes_past_them(tmp_path):
+  model_dir = str(tmp_path)
+  ckpts = os.path.join(model_dir, 'checkpoints')
+  run_train(model_dir, '--gin.TRAIN_STEPS=20', '--gin.CHECKPOINT_PERIOD=10')
+  for root, _, names in os.walk(os.path.join(ckpts, '20', 'state')):  # truncate the arrays
+    for name in names if os.path.basename(root) == 'd' else ():
+      path = os.path.join(root, name)
+      os.truncate(path, os.path.getsize(path) // 2)
+  proc = run_train(model_dir, '--gin.TRAIN_STEPS=30', '--gin.CHECKPOINT_PERIOD=10')
+  [aside] = [os.path.join(ckpts, d) for d in os.listdir(ckpts) if d.startswith('20.damaged-')]
+  [line] = [l for l in proc.stderr.splitlines() if 'damaged' in l]
+  assert f'checkpoint {ckpts}/20 is damaged ({ckpts}/20/state/' in line, line
+  assert line.endswith(f' is cut short); moved it to {aside} and trying the previous one.'), line
+  assert f'resumed from {ckpts}/10 (data position 10, ' in proc.stdout
+  _no_noise(proc.stderr)
+  os.remove(os.path.join(ckpts, '30', 'state', '_METADATA'))  # a deleted metadata file
+  proc = run_train(model_dir, '--gin.TRAIN_STEPS=40', '--gin.CHECKPOINT_PERIOD=10')
+  assert (f'checkpoint {ckpts}/30 is damaged ([Errno 2] No such file or directory: '
+          f"'{ckpts}/30/state/_METADATA'); moved it to {ckpts}/30.damaged-") in proc.stderr
+  assert f'resumed from {ckpts}/20 (data position 20, ' in proc.stdout
+  _no_noise(proc.stderr)
+  assert sorted(d for d in os.listdir(ckpts) if d.isdigit()) == ['20', '30', '40']  # keep 3
+  assert len([d for d in os.listdir(ckpts) if '.damaged-' in d]) == 2
+  assert [r['step'] for r in read_metrics(model_dir)] == list(range(1, 41))
+
+
+def test_a_changed_model_config_is_one_line_and_touches_no_checkpoint(tmp_path, uninterrupted):
+  from test_checkpoints import digest_files  # pylint: disable=g-import-not-at-top
+  model_dir = str(tmp_path / 'run')
+  shutil.copytree(uninterrupted, model_dir)
+  ckpts = os.path.join(model_dir, 'checkpoints')
+  before = digest_files(model_dir)
+  proc = run_train(model_dir, f'--gin.TRAIN_STEPS={STEPS + 10}',
+                   '--gin.encoder_decoder.T5Config.num_encoder_layers=3', check=False)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  _no_noise(proc.stderr)
+  [line] = [l for l in proc.stderr.splitlines() if 'error' in l.lower()]
+  assert line.startswith(f'error: checkpoint {ckpts}/{STEPS} does not fit the configured model '
+                         '(params/encoder/layers_2/')
+  assert ': model (32, 32), checkpoint absent; ' in line
+  assert line.endswith('the model config likely changed since it was written: run with the '
+                       f'config it was written with ({model_dir}/config.gin), or give the run '
+                       'a new MODEL_DIR.')
+  assert digest_files(model_dir) == before
+
+
+def test_a_failed_save_is_one_line_and_the_run_resumes_from_the_survivor(
+    tmp_path, monkeypatch, capsys):
+  """A full disk during the save of step 20 (injected: see fail_writes)."""
+  from test_checkpoints import fail_writes  # pylint: disable=g-import-not-at-top
+  model_dir = str(tmp_path)
+  ckpts = os.path.join(model_dir, 'checkpoints')
+  run = ['--gin.TRAIN_STEPS=20', '--gin.CHECKPOINT_PERIOD=10']
+  with monkeypatch.context() as m:
+    fail_writes(m, os.path.join(ckpts, '20.'), errno.ENOSPC)
+    code, out, err = _train_in_process(m, capsys, model_dir, *run)
+  assert code == 2 and 'done:' not in out
+  _no_noise(err)
+  [line] = [l for l in err.splitlines() if 'error' in l.lower()]
+  assert line.startswith(f'error: writing checkpoint {ckpts}/20 failed (No space left on '
+                         f'device: {ckpts}/20.')
+  assert line.endswith(f'the earlier checkpoints are intact (latest: {ckpts}/10); free space '
+                       f'or fix the permissions of {ckpts}, then re-run to resume.')
+  assert [d for d in os.listdir(ckpts) if d.isdigit()] == ['10']
+  proc = run_train(model_dir, *run)  # a re-run, once there is space
+  assert f'resumed from {ckpts}/10 (data position 10, ' in proc.stdout
+  assert sorted(os.listdir(ckpts)) == ['10', '20']
+  assert [r['step'] for r in read_metrics(model_dir)] == list(range(1, 21))
+
+
+def test_an_unwritable_model_dir_is_one_line(tmp_path, monkeypatch, capsys):
+  """chmod where that stops writes; as root, EACCES injected (see deny_writes)."""
+  from test_checkpoints import deny_writes  # pylint: disable=g-import-not-at-top
+  model_dir = tmp_path / 'run'
+  model_dir.mkdir()
+  try:
+    with monkeypatch.context() as m:
+      deny_writes(m, model_dir)
+      code, _, err = _train_in_process(m, capsys, str(model_dir), '--gin.TRAIN_STEPS=2')
+  finally:
+    os.chmod(model_dir, 0o755)
+  assert code == 2
+  assert err.strip().splitlines()[-1] == (
+      f'error: cannot write checkpoints to {model_dir}/checkpoints (Permission denied: '
+      f'{model_dir}/checkpoints); fix the permissions or free space there, or choose another '
+      'MODEL_DIR.')
