@@ -16,11 +16,10 @@ from t5x_lite import trainer
 from t5x_lite.models import bart
 from t5x_lite.partitioning import Partitioner
 
+import families
 from conftest import assert_logical_names
 
-TINY = bart.BartConfig(vocab_size=64, emb_dim=32, num_heads=4, head_dim=8,
-                       mlp_dim=48, num_encoder_layers=2, num_decoder_layers=2,
-                       max_positions=40, dropout_rate=0.0,
+TINY = families.config('bart', emb_dim=32, num_heads=4, mlp_dim=48, max_positions=40,
                        initializer_range=0.2)
 ALLOWED = {'vocab', 'embed', 'heads', 'kv', 'joined_kv', 'mlp', 'abspos'}
 LENGTHS = {'inputs': 16, 'targets': 8}

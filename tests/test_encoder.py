@@ -12,11 +12,10 @@ from t5x_lite import trainer
 from t5x_lite.models import encoder as enc
 from t5x_lite.partitioning import Partitioner
 
+import families
 from conftest import assert_logical_names
 
-TINY = enc.BertConfig(vocab_size=64, emb_dim=32, num_heads=2, head_dim=8,
-                      mlp_dim=64, num_layers=2, max_positions=16,
-                      dropout_rate=0.0, attention_dropout_rate=0.0)
+TINY = families.config('bert', emb_dim=32, mlp_dim=64)
 ALLOWED = {'vocab', 'embed', 'heads', 'kv', 'joined_kv', 'mlp', 'abspos'}
 
 

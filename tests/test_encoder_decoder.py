@@ -11,10 +11,10 @@ from flax import linen as nn
 from t5x_lite import losses
 from t5x_lite.models import encoder_decoder as ed
 
+import families
 from conftest import assert_logical_names
 
-TINY = ed.T5Config(vocab_size=64, emb_dim=32, num_heads=2, head_dim=8,
-                   mlp_dim=64, num_encoder_layers=2, num_decoder_layers=2)
+TINY = families.config('t5', emb_dim=32, mlp_dim=64)
 ALLOWED = {'vocab', 'embed', 'heads', 'kv', 'joined_kv', 'mlp',
            'relpos_buckets', 'layers'}
 

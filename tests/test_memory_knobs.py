@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+import families
 from conftest import REPO, assert_logical_names
 from t5x_lite import gin_utils
 from t5x_lite import hf
@@ -32,19 +33,18 @@ SIZES = dict(vocab_size=V, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64)
 # Two encoder layers check the stacking order; one decoder layer keeps the
 # unscanned programs (which grow with depth) quick to compile.
 ENC_DEC_LAYERS = dict(num_encoder_layers=2, num_decoder_layers=1)
+# The models' default dropout rates (the comparisons run without dropout).
+DROPOUT = dict(dropout_rate=0.1, attention_dropout_rate=0.1)
 # family -> (Model class, config, HF converter module name)
 FAMILIES = {
     't5': (encoder_decoder.EncoderDecoderModel,
-           encoder_decoder.T5Config(**SIZES, **ENC_DEC_LAYERS, dropout_rate=0.1,
-                                    relative_attention_num_buckets=8,
-                                    relative_attention_max_distance=16), 't5'),
-    'bert': (encoder.EncoderModel,
-             encoder.BertConfig(**SIZES, num_layers=2, max_positions=16), 'bert'),
-    'gpt': (decoder.DecoderModel,
-            decoder.GPTConfig(**SIZES, num_layers=2, max_positions=16), 'gpt2'),
-    'bart': (bart.BartModel,
-             bart.BartConfig(**SIZES, **ENC_DEC_LAYERS, max_positions=16,
-                             attention_dropout_rate=0.1), 'bart'),
+           families.config('t5', **SIZES, **ENC_DEC_LAYERS, dropout_rate=0.1,
+                           relative_attention_num_buckets=8,
+                           relative_attention_max_distance=16), 't5'),
+    'bert': (encoder.EncoderModel, families.config('bert', **SIZES, **DROPOUT), 'bert'),
+    'gpt': (decoder.DecoderModel, families.config('gpt', **SIZES, **DROPOUT), 'gpt2'),
+    'bart': (bart.BartModel, families.config('bart', **SIZES, **ENC_DEC_LAYERS, **DROPOUT),
+             'bart'),
 }
 ALLOWED = layers.LOGICAL_AXIS_NAMES + ('abspos',)
 
@@ -279,9 +279,8 @@ def test_trainer_step_with_scan_and_remat(family):
 
 
 def test_weight_decay_skips_scanned_biases_and_norms():
-  model = decoder.DecoderModel(decoder.GPTConfig(
-      vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32, num_layers=3,
-      max_positions=8, scan_layers=True))
+  model = decoder.DecoderModel(families.config('gpt', num_layers=3, max_positions=8,
+                                               scan_layers=True, **DROPOUT))
   shapes = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), model.dummy_batch(1, 4)))
   mask = optimizers._matrices(shapes['params'])  # pylint: disable=protected-access
   layer = mask['decoder']['layers']
