@@ -1,10 +1,7 @@
 """GPT decoder: names, init, LM / prefix-LM masks on real seqio features,
-packing, loss, score and training under the data / model parallel rules."""
+packing, loss and score (training on a model-parallel mesh: tests/multidevice)."""
 
 import functools
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -18,11 +15,10 @@ from t5x_lite import layers
 from t5x_lite import losses
 from t5x_lite.models import decoder as dec
 
-from conftest import REPO, assert_logical_names, run_env
+import families
+from conftest import assert_logical_names
 
-TINY = dec.GPTConfig(vocab_size=64, emb_dim=32, num_heads=4, head_dim=8,
-                     mlp_dim=64, num_layers=2, max_positions=32,
-                     dropout_rate=0.0, attention_dropout_rate=0.0)
+TINY = families.config('gpt', emb_dim=32, num_heads=4, mlp_dim=64, max_positions=32)
 ALLOWED = {'vocab', 'embed', 'heads', 'kv', 'joined_kv', 'mlp', 'abspos'}
 
 # (inputs, targets) pairs; LM tasks use their concatenation as 'targets'.
@@ -235,53 +231,3 @@ def test_loss_options_dropout_and_errors():
     model.logits(params, {'decoder_target_tokens':
                           batch['decoder_target_tokens']})
 
-
-FOUR_DEVICES = textwrap.dedent('''
-    import jax, numpy as np
-    from t5x_lite import optimizers, trainer
-    from t5x_lite.models import decoder
-    from t5x_lite.partitioning import Partitioner
-
-    cfg = decoder.GPTConfig(vocab_size=128, emb_dim=32, num_heads=4, head_dim=8,
-                            mlp_dim=64, num_layers=1, max_positions=16,
-                            dropout_rate=0.0, attention_dropout_rate=0.0)
-    model = decoder.DecoderModel(cfg)
-    rng = np.random.RandomState(0)
-    batch = model.dummy_batch(4, 16)
-    batch['decoder_target_tokens'] = rng.randint(1, 128, (4, 16)).astype(
-        np.int32)
-    batch['decoder_input_tokens'] = np.pad(
-        batch['decoder_target_tokens'][:, :-1], ((0, 0), (1, 0)))
-    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-              for k, v in batch.items()}
-    # model_parallel maps 'batch' to 'data' as data_parallel does, and shards
-    # heads / mlp / vocab over 'model'.
-    for rules in ('model_parallel',):
-      p = Partitioner((2, 2), rules=rules)
-      t = trainer.Trainer(model, optimizers.adamw(3e-3), p, shapes)
-      state = t.init_state(0)
-      qspec = tuple(state.params['decoder']['layers_0']['self_attention'][
-          'query']['kernel'].sharding.spec)
-      assert qspec == (None, 'model'), qspec
-      host_params = jax.tree_util.tree_map(np.asarray, state.params)
-      want = float(jax.jit(model.loss_fn)(host_params, batch, None)[0])
-      losses = []
-      for _ in range(4):
-        state, m = t.train_step(state, p.shard_batch(batch))
-        losses.append(float(m['loss']))
-      print(rules, want, losses)
-      np.testing.assert_allclose(losses[0], want, rtol=1e-5)
-      assert losses[-1] < losses[0] - 0.05
-      assert {'loss', 'accuracy', 'cross_ent_loss', 'learning_rate'} <= set(m)
-    print('OK')
-''')
-
-
-def test_trainer_reduces_loss_under_data_and_model_parallel_rules():
-  # A few adamw steps on a fixed batch, on a 2x2 mesh of fake CPU devices;
-  # the first loss equals the unsharded one.
-  proc = subprocess.run([sys.executable, '-c', FOUR_DEVICES], cwd=REPO,
-                        env=run_env(4), capture_output=True, text=True,
-                        timeout=600)
-  assert proc.returncode == 0 and 'OK' in proc.stdout, (
-      proc.stdout + proc.stderr[-5000:])

@@ -1,14 +1,9 @@
 """Meshes from config, layout errors before compiling, sharded params and batches."""
 
-import subprocess
-import sys
-import textwrap
-
 import flax.linen as nn
 import jax
 import pytest
 
-from conftest import REPO, run_env
 from t5x_lite.errors import UserError
 from t5x_lite.partitioning import RULE_SETS, Partitioner
 
@@ -71,33 +66,3 @@ def test_bad_rules():
   with pytest.raises(UserError, match="names a mesh axis"):
     Partitioner(rules=[('batch', 'replica')])
 
-
-EIGHT_DEVICES = textwrap.dedent('''
-    from t5x_lite.errors import UserError
-    from t5x_lite.partitioning import Partitioner
-
-    def expect_error(fn, text):
-      try:
-        fn()
-      except UserError as e:
-        assert text in str(e), str(e)
-      else:
-        raise AssertionError('no error: ' + text)
-
-    assert dict(Partitioner().mesh.shape) == {'data': 8, 'fsdp': 1, 'model': 1}
-    assert dict(Partitioner((-1, 2, 2)).mesh.shape) == {'data': 2, 'fsdp': 2, 'model': 2}
-    assert dict(Partitioner((4, -1)).mesh.shape) == {'data': 4, 'model': 2}
-    assert Partitioner((2, 2, 2), rules='fsdp').data_parallel_size == 4
-    assert Partitioner((4, 2), rules='model_parallel').data_parallel_size == 4
-    expect_error(lambda: Partitioner((3, -1, 1)), 'do not divide the 8')
-    expect_error(lambda: Partitioner((16, 1, 1)), 'needs 16 devices but 8')
-    expect_error(lambda: Partitioner().check_batch_size(12),
-                 'not divisible by the data-parallel size 8')
-    print('OK')
-''')
-
-
-def test_eight_fake_devices():
-  proc = subprocess.run([sys.executable, '-c', EIGHT_DEVICES], cwd=REPO, env=run_env(8),
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0 and 'OK' in proc.stdout, proc.stdout + proc.stderr[-5000:]
