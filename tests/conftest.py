@@ -1,9 +1,13 @@
-"""Shared helpers: run the train entry point in a subprocess on a very small T5."""
+"""Shared helpers: run the train entry point in a subprocess on a very small T5;
+`require_shared_data` / `require` for what a test needs beyond the package."""
 
+import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 from t5x_lite import host
 
@@ -17,6 +21,53 @@ from flax import linen as nn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), 'shared', 'data')
+
+# Tests on 8 fake devices run in a process of their own (tests/test_layouts.py).
+collect_ignore = ['multidevice']
+
+
+def _missing(what: str) -> None:
+  """Skips the test, or fails it where the CI environment variable is set
+  (a CI run must not pass by skipping what it was meant to test)."""
+  if os.environ.get('CI'):
+    pytest.fail(f'{what}; CI is set, so this fails instead of skipping.', pytrace=False)
+  pytest.skip(what, allow_module_level=True)
+
+
+def require_shared_data(*parts: str) -> str:
+  """The path SHARED_DATA/parts..., which must exist: skips the test if it
+  does not (fails it under CI)."""
+  path = os.path.join(SHARED_DATA, *parts)
+  if not os.path.exists(path):
+    _missing(f'needs {path} (the shared data next to the repo)')
+  return path
+
+
+def require(module: str):
+  """Imports `module` (a test extra: pip install -e '.[test]'): skips the test
+  if it is not installed (fails it under CI)."""
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    _missing(f"needs {module} ({e}); install the test extras: pip install -e '.[test]'")
+
+
+# The processes the tests start share one persistent compilation cache, made
+# for this test session (the xdist workers inherit it): entry points that run
+# the same small model compile its programs once. A cached program is the same
+# executable, so no result changes.
+_CACHE_ENV = 'T5X_LITE_TEST_COMPILATION_CACHE'
+_own_cache = None
+if not os.environ.get(_CACHE_ENV):
+  _own_cache = tempfile.mkdtemp(prefix='t5x_lite_tests_jax_cache_')
+  os.environ[_CACHE_ENV] = _own_cache
+
+
+def pytest_unconfigure(config):
+  del config
+  if _own_cache:
+    shutil.rmtree(_own_cache, ignore_errors=True)
+
 
 # A T5.1.1 small enough that a step takes milliseconds, on the embedded corpus.
 SMALL_T5 = [
@@ -42,6 +93,8 @@ def train_cmd(model_dir, *extra):
 def run_env(devices=1):
   env = dict(os.environ)
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['JAX_COMPILATION_CACHE_DIR'] = os.environ[_CACHE_ENV]
+  env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   env['TF_CPP_MIN_LOG_LEVEL'] = '3'
   return env
 

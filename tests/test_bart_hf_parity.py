@@ -11,8 +11,10 @@ from t5x_lite import hf as t5x_lite_hf
 from t5x_lite.hf import bart as hf_bart
 from t5x_lite.models import bart
 
-torch = pytest.importorskip('torch')
-transformers = pytest.importorskip('transformers')
+from conftest import require
+
+torch = require('torch')
+transformers = require('transformers')
 
 HF_PAD = 1  # HF BART's <pad>; <s> = 0 and </s> = 2 are ordinary ids here.
 
@@ -165,7 +167,7 @@ def test_round_trip_to_hf_state_dict():
 
 def test_saved_checkpoint_without_tied_aliases(tmp_path):
   """save_pretrained keeps only model.shared.weight of the tied tensors."""
-  safetensors_numpy = pytest.importorskip('safetensors.numpy')
+  safetensors_numpy = require('safetensors.numpy')
   hf = random_hf_model()
   hf.save_pretrained(tmp_path)
   saved = safetensors_numpy.load_file(str(tmp_path / 'model.safetensors'))

@@ -8,12 +8,14 @@ from flax import linen as nn
 from t5x_lite.hf import bert as hf_bert
 from t5x_lite.models import encoder as enc
 
-torch = pytest.importorskip('torch')
-transformers = pytest.importorskip('transformers')
+import families
+from conftest import require
 
-SMALL = enc.BertConfig(vocab_size=97, emb_dim=32, num_heads=4, head_dim=8,
-                       mlp_dim=48, num_layers=2, max_positions=40,
-                       dropout_rate=0.0, attention_dropout_rate=0.0)
+torch = require('torch')
+transformers = require('transformers')
+
+SMALL = families.config('bert', vocab_size=97, emb_dim=32, num_heads=4, mlp_dim=48,
+                        max_positions=40)
 
 
 def hf_config(cfg: enc.BertConfig):

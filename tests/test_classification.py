@@ -22,12 +22,13 @@ from t5x_lite.models import classification as cls
 from t5x_lite.models import decoder as dec
 from t5x_lite.models import encoder as enc
 
-SMALL_BERT = enc.BertConfig(vocab_size=97, emb_dim=32, num_heads=4, head_dim=8,
-                            mlp_dim=48, num_layers=2, max_positions=40,
-                            dropout_rate=0.0, attention_dropout_rate=0.0)
-SMALL_GPT = dec.GPTConfig(vocab_size=8192, emb_dim=32, num_heads=4, head_dim=8,
-                          mlp_dim=48, num_layers=1, max_positions=40,
-                          dropout_rate=0.0, attention_dropout_rate=0.0)
+import families
+from conftest import SHARED_DATA, require, require_shared_data
+
+# The sizes of the HF reference models; the GPT reads the embedded vocabulary.
+HF_SIZES = dict(vocab_size=97, emb_dim=32, num_heads=4, mlp_dim=48, max_positions=40)
+SMALL_BERT = families.config('bert', **HF_SIZES)
+SMALL_GPT = families.config('gpt', **{**HF_SIZES, 'vocab_size': 8192}, num_layers=1)
 
 
 def _rows(converter, rows, length):
@@ -50,8 +51,8 @@ def _truncate_seq_pair(a, b, max_length):
 
 @pytest.mark.parametrize('num_classes', [3, 1])
 def test_bert_logits_and_loss_match_hf(num_classes, tmp_path):
-  torch = pytest.importorskip('torch')
-  transformers = pytest.importorskip('transformers')
+  torch = require('torch')
+  transformers = require('transformers')
   cfg = SMALL_BERT
   torch.manual_seed(0)
   hf = transformers.BertForSequenceClassification(transformers.BertConfig(
@@ -249,9 +250,7 @@ def test_every_param_has_logical_names():
 # --- training, checkpoints, gin --------------------------------------------
 
 def test_tiny_bert_classifier_learns_separable_task():
-  cfg = enc.BertConfig(vocab_size=64, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
-                       num_layers=1, max_positions=16, dropout_rate=0.0,
-                       attention_dropout_rate=0.0)
+  cfg = families.config('bert', emb_dim=32, head_dim=16, mlp_dim=64, num_layers=1)
   model = cls.BertClassificationModel(cfg, num_classes=2)
   rng = np.random.default_rng(0)
   tokens = rng.integers(10, 64, (64, 10)).astype(np.int32)
@@ -328,13 +327,10 @@ def test_models_are_gin_configurable():
 
 @pytest.fixture(scope='module')
 def shared_files():
-  import conftest  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(os.path.join(conftest.SHARED_DATA, 'glue')):
-    pytest.skip('shared GLUE samples not present')
   settings.use(glue=glue_sources.data_settings(
-      source='files', glue_dir=f'{conftest.SHARED_DATA}/glue',
-      super_glue_dir=f'{conftest.SHARED_DATA}/super_glue'))
-  yield conftest.SHARED_DATA
+      source='files', glue_dir=require_shared_data('glue'),
+      super_glue_dir=require_shared_data('super_glue')))
+  yield SHARED_DATA
   settings.use()
 
 

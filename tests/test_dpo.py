@@ -14,7 +14,8 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 
-from conftest import read_metrics, run_env, REPO, SHARED_DATA
+import families
+from conftest import read_metrics, require_shared_data, run_env, REPO, SHARED_DATA
 from t5x_lite.tasks import preferences as tp
 from t5x_lite import losses
 from t5x_lite import optimizers
@@ -25,12 +26,18 @@ from t5x_lite.data import pipeline
 from t5x_lite.data import preferences
 from t5x_lite.errors import UserError
 from t5x_lite.models import decoder
-from t5x_lite.models import encoder_decoder as ed
 from t5x_lite.models import preference
 from t5x_lite.partitioning import Partitioner
 
 HH = os.path.join(SHARED_DATA, 'preferences', 'hh-rlhf', 'harmless-base', 'test_first200.jsonl')
 DEMO = os.path.join(SHARED_DATA, 'preferences', 'llama_factory', 'dpo_en_demo.json')
+
+
+@pytest.fixture
+def shared_samples():
+  """The preference samples in the shared data (the built-in tasks read them too)."""
+  return (require_shared_data('preferences', 'hh-rlhf', 'harmless-base', 'test_first200.jsonl'),
+          require_shared_data('preferences', 'llama_factory', 'dpo_en_demo.json'))
 
 
 def _log_sigmoid(x):
@@ -100,6 +107,7 @@ def test_bad_dpo_options_are_user_errors():
 # Readers and tasks.
 
 
+@pytest.mark.usefixtures('shared_samples')
 def test_hh_rlhf_prompt_is_the_shared_dialogue_prefix():
   pairs = preferences.read_pairs_files(HH, 'hh')
   with open(HH) as f:
@@ -112,6 +120,7 @@ def test_hh_rlhf_prompt_is_the_shared_dialogue_prefix():
     assert '\n\nAssistant:' not in os.path.commonprefix([p['chosen'], p['rejected']])
 
 
+@pytest.mark.usefixtures('shared_samples')
 def test_sharegpt_demo_and_hand_written_pairs(tmp_path):
   with open(DEMO) as f:
     raw = json.load(f)
@@ -166,6 +175,7 @@ def test_task_features_trim_eos_and_pair_key(tmp_path, gpt):
   assert ex['pair_key'] == int(want_key)
 
 
+@pytest.mark.usefixtures('shared_samples')
 def test_built_in_samples_and_mixture():
   for sfx in ('', '_gpt'):
     assert pipeline.get_task_or_mixture('hh_rlhf_harmless_sample' + sfx).num_input_examples(
@@ -245,13 +255,7 @@ A_TOKENS, B_TOKENS = np.arange(2, 10), np.arange(10, 18)  # chosen / rejected vo
 
 
 def _tiny(family):
-  if family == 'gpt':
-    return decoder.DecoderModel(decoder.GPTConfig(
-        vocab_size=V, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_layers=1,
-        max_positions=16, dropout_rate=0.0, attention_dropout_rate=0.0))
-  return ed.EncoderDecoderModel(ed.T5Config(
-      vocab_size=V, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=1,
-      num_decoder_layers=1, dropout_rate=0.0))
+  return families.tiny(family, vocab_size=V, emb_dim=32, head_dim=16, mlp_dim=64, num_layers=1)
 
 
 def _synthetic(n, seed):
@@ -364,6 +368,7 @@ def _run(module, *args, devices=1):
   return proc
 
 
+@pytest.mark.usefixtures('shared_samples')
 def test_precomputed_reference_trains_like_the_kept_reference_on_8_devices(tmp_path):
   """gin/gpt_dpo.gin: the reference kept in the train state (8 fake devices, data x
   fsdp x model) and the precomputed reference log-probs (1 device) give the same run."""

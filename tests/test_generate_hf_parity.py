@@ -2,7 +2,6 @@
 
 import jax
 import numpy as np
-import pytest
 
 from flax import linen as nn
 from t5x_lite import hf as t5x_lite_hf
@@ -12,8 +11,11 @@ import test_bart_hf_parity as bart_parity
 import test_gpt2_hf_parity as gpt2_parity
 import test_t5_hf_parity as t5_parity
 
-torch = pytest.importorskip('torch')
-transformers = pytest.importorskip('transformers')
+import families
+from conftest import require
+
+torch = require('torch')
+transformers = require('transformers')
 
 STEPS = 10
 
@@ -86,10 +88,9 @@ def test_bart_greedy_matches_hf_generate(tmp_path):
 def test_t5_greedy_and_beam_match_hf_generate():
   """Few relative position buckets, so decode positions reach the log-spaced range."""
   # Equal stack depths: HF's generation cache assumes them.
-  cfg = ed.T5Config(vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=48,
-                    num_encoder_layers=2, num_decoder_layers=2,
-                    relative_attention_num_buckets=12, relative_attention_max_distance=20,
-                    logits_via_embedding=True)
+  cfg = families.config('t5', emb_dim=32, num_heads=4, mlp_dim=48,
+                        relative_attention_num_buckets=12, relative_attention_max_distance=20,
+                        logits_via_embedding=True)
   model = ed.EncoderDecoderModel(cfg)
   batch = model.dummy_batch(3, 12, STEPS)
   params = nn.unbox(model.init(jax.random.key(5), batch))['params']

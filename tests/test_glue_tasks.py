@@ -16,7 +16,7 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, require, require_shared_data
 from t5x_lite import gin_utils
 from t5x_lite.tasks import glue  # registers the tasks and mixtures
 from t5x_lite.data import glue_sources
@@ -67,9 +67,17 @@ RECORD_ROW = {
 
 
 @pytest.fixture(scope='module')
-def data_dirs(tmp_path_factory):
+def shared_glue():
+  """The shared GLUE and SuperGLUE files must exist (see conftest.require_shared_data)."""
+  require_shared_data('glue')
+  require_shared_data('super_glue')
+
+
+@pytest.fixture(scope='module')
+def data_dirs(shared_glue, tmp_path_factory):
   """The shared files, plus small hand-written files in the original formats
   for the benchmarks without a sample (MRPC, QQP, MNLI, AX, CB, ReCoRD)."""
+  del shared_glue
   root = tmp_path_factory.mktemp('glue_data')
   glue_dir, sg_dir = str(root / 'glue'), str(root / 'super_glue')
   for src, dst in ((GLUE, glue_dir), (SUPER_GLUE, sg_dir)):
@@ -141,7 +149,7 @@ glue_sources.data_settings:
     gin_utils.parse_gin([str(config)], ["glue_sources.data_settings.source = 'tfds'"])
     assert settings.glue().source == 'tfds'
     gin.clear_config()
-    (tmp_path / 'none.gin').write_text('X = 1\n')
+    (tmp_path / 'none.gin').write_text('# binds nothing\n')
     gin_utils.parse_gin([str(tmp_path / 'none.gin')], [])
     assert settings.glue() == glue_sources.DataSettings()  # a run that binds none: defaults
   finally:
@@ -188,6 +196,7 @@ def _json_rows(path):
     return [json.loads(line) for line in f if line.strip()]
 
 
+@pytest.mark.usefixtures('shared_glue')
 def test_glue_files_rows_match_csv_reading():
   sst2 = glue_sources.make_source('glue', 'sst2', settings=LOCAL)
   assert sst2.num_input_examples('validation') == 872
@@ -217,6 +226,7 @@ def test_glue_files_rows_match_csv_reading():
       r[3] for r in _csv_rows(f'{GLUE}/RTE/train.tsv')[1:]]
 
 
+@pytest.mark.usefixtures('shared_glue')
 def test_super_glue_files_rows_match_json_reading():
   def source(config, split='validation'):
     return _rows(glue_sources.make_source('super_glue', config, settings=LOCAL),
@@ -258,7 +268,7 @@ def test_super_glue_files_rows_match_json_reading():
 
 def _prepare_tfds(raw_dir, data_dir, names):
   """Runs TFDS's own builders on local copies (its download step mocked)."""
-  tfds = pytest.importorskip('tensorflow_datasets')
+  tfds = require('tensorflow_datasets')
   with mock.patch.object(tfds.download.DownloadManager,
                          'download_and_extract', lambda self, url: raw_dir):
     for name in names:
@@ -273,6 +283,7 @@ def _normalized(rows):
   return sorted(canonical(r) for r in rows)
 
 
+@pytest.mark.usefixtures('shared_glue')
 def test_files_give_what_tfds_builders_give(tmp_path):
   raw = tmp_path / 'raw'
   cola = open(f'{GLUE}/CoLA/dev.tsv').readlines()
@@ -420,6 +431,7 @@ def test_every_task_formats_as_t5(files):
       assert ex[key].tolist() == vocab.encode(text) + [vocab.eos_id], name
 
 
+@pytest.mark.usefixtures('shared_glue')
 def test_formats_hold_on_every_row():
   """STS-B targets round to 0.2; every target maps back to its label."""
   for source, text in _text_rows('glue', 'stsb', 'validation', LOCAL):
@@ -490,6 +502,7 @@ def test_record_and_mnli_splits(files):
                                   'test': 'test_mismatched'}
 
 
+@pytest.mark.usefixtures('shared_glue')
 def test_shards_and_shuffle():
   source = glue_sources.make_source('glue', 'sst2', settings=LOCAL)
   whole = [r['idx'] for r in _rows(source, 'validation')]

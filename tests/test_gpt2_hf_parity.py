@@ -11,12 +11,14 @@ from t5x_lite import hf as t5x_lite_hf
 from t5x_lite.hf import gpt2 as hf_gpt2
 from t5x_lite.models import decoder as dec
 
-torch = pytest.importorskip('torch')
-transformers = pytest.importorskip('transformers')
+import families
+from conftest import require
 
-SMALL = dec.GPTConfig(vocab_size=97, emb_dim=32, num_heads=4, head_dim=8,
-                      mlp_dim=48, num_layers=2, max_positions=40,
-                      dropout_rate=0.0, attention_dropout_rate=0.0)
+torch = require('torch')
+transformers = require('transformers')
+
+SMALL = families.config('gpt', vocab_size=97, emb_dim=32, num_heads=4, mlp_dim=48,
+                        max_positions=40)
 
 
 def hf_config(cfg: dec.GPTConfig, **overrides):

@@ -14,16 +14,16 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import REPO, read_metrics, run_env
+from conftest import REPO, read_metrics, require, run_env
 from t5x_lite import checkpoints
 from t5x_lite import hf
 from t5x_lite import import_hf
 from t5x_lite.errors import UserError
 from t5x_lite.hf import io as hf_io
 
-torch = pytest.importorskip('torch')
-transformers = pytest.importorskip('transformers')
-safetensors_torch = pytest.importorskip('safetensors.torch')
+torch = require('torch')
+transformers = require('transformers')
+safetensors_torch = require('safetensors.torch')
 
 
 def perturb(model, seed=0):

@@ -16,6 +16,12 @@ SEEDS = os.path.join(conftest.SHARED_DATA, 'instructions', 'self_instruct', 'see
 POOL = ['Write a short poem about the sea.', 'Sort the given numbers in ascending order.']
 
 
+@pytest.fixture
+def shared_seeds():
+  """Self-Instruct's seed tasks, from the shared data."""
+  return conftest.require_shared_data('instructions', 'self_instruct', 'seed_tasks.jsonl')
+
+
 def _rouge(a, b):
   return rouge_scorer.RougeScorer(['rougeL']).score(a, b)['rougeL'].fmeasure
 
@@ -139,6 +145,7 @@ def _stub(prompt):
           f'13. Reverse the letters of word {n} in the given text.\n')
 
 
+@pytest.mark.usefixtures('shared_seeds')
 def test_generate_data_with_stub(tmp_path):
   seed_tasks = si.load_seed_tasks(SEEDS)
   assert len(seed_tasks) == 175
@@ -185,6 +192,7 @@ def test_generate_data_with_stub(tmp_path):
   assert open(again['files']['tasks']).read() == open(stats['files']['tasks']).read()
 
 
+@pytest.mark.usefixtures('shared_seeds')
 def test_random_init_gpt_end_to_end(tmp_path, capsys):
   cfg = decoder.GPTConfig(vocab_size=8192, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
                           num_layers=1, max_positions=320)

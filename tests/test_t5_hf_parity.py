@@ -8,8 +8,11 @@ from flax import linen as nn
 from t5x_lite.hf import t5 as hf_t5
 from t5x_lite.models import encoder_decoder as ed
 
-torch = pytest.importorskip('torch')
-transformers = pytest.importorskip('transformers')
+import families
+from conftest import require
+
+torch = require('torch')
+transformers = require('transformers')
 
 
 def build_hf(params, cfg: ed.T5Config):
@@ -56,13 +59,10 @@ def make_batch(rng, batch, in_len, tgt_len, vocab, in_lens, tgt_lens):
 
 
 CONFIGS = {
-    'untied': ed.T5Config(vocab_size=64, emb_dim=32, num_heads=2, head_dim=8,
-                          mlp_dim=64, num_encoder_layers=2,
-                          num_decoder_layers=2),
+    'untied': families.config('t5', emb_dim=32, mlp_dim=64),
     # Few buckets and a short max distance exercise the log and clip ranges.
-    'tied_small_buckets': ed.T5Config(
-        vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=48,
-        num_encoder_layers=2, num_decoder_layers=3,
+    'tied_small_buckets': families.config(
+        't5', emb_dim=32, num_heads=4, mlp_dim=48, num_decoder_layers=3,
         relative_attention_num_buckets=12, relative_attention_max_distance=20,
         logits_via_embedding=True),
 }

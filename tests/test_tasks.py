@@ -16,11 +16,11 @@ from t5x_lite.data import registry
 from t5x_lite.data import sources
 from t5x_lite.errors import UserError
 
+from conftest import require_shared_data
+
 LENGTHS = {'inputs': 512, 'targets': 114}
-SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), 'shared', 'data', 'text')
-C4_JSONL = os.path.join(SHARED, 'c4', 'c4_en_train_first1000.jsonl')
-SHAKESPEARE = os.path.join(SHARED, 'tinyshakespeare', 'input.txt')
+C4_JSONL = ('text', 'c4', 'c4_en_train_first1000.jsonl')
+SHAKESPEARE = ('text', 'tinyshakespeare', 'input.txt')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -167,11 +167,11 @@ def test_old_import_in_gin_is_one_line(tmp_path, monkeypatch, repo_on_path):
   assert f'{config}", line 2' in message
 
 
-@pytest.mark.skipif(not os.path.exists(SHAKESPEARE), reason='no shared data')
 def test_user_recipe_text_file():
+  shakespeare = require_shared_data(*SHAKESPEARE)
   task = tasks.register_span_corruption_task(
-      'test_shakespeare_span', SHAKESPEARE, file_format='text',
-      validation_paths=SHAKESPEARE)
+      'test_shakespeare_span', shakespeare, file_format='text',
+      validation_paths=shakespeare)
   examples = take(task, 4, seed=0)
   check_examples(examples)
   assert len(examples[0]['inputs']) == 512
@@ -180,14 +180,14 @@ def test_user_recipe_text_file():
   check_examples(take(task, 1, split='validation', seed=0))
 
 
-@pytest.mark.skipif(not os.path.exists(C4_JSONL), reason='no shared data')
 def test_user_recipe_jsonl_file():
+  c4_jsonl = require_shared_data(*C4_JSONL)
   task = tasks.register_span_corruption_task(
-      'test_c4_jsonl_span', [C4_JSONL], file_format='jsonl', text_key='text')
+      'test_c4_jsonl_span', [c4_jsonl], file_format='jsonl', text_key='text')
   check_examples(take(task, 4, seed=0))
   with pytest.raises(UserError, match="'body'"):
     tasks.register_span_corruption_task(
-        'test_c4_jsonl_bad_key', C4_JSONL, file_format='jsonl',
+        'test_c4_jsonl_bad_key', c4_jsonl, file_format='jsonl',
         text_key='body').get_dataset(LENGTHS, split='train')
 
 
