@@ -11,7 +11,8 @@ import seqio
 import tensorflow as tf
 from rouge_score import rouge_scorer
 
-from conftest import SHARED_DATA
+import families
+from conftest import SHARED_DATA, require_shared_data
 from t5x_lite.tasks import instructions as ti
 from t5x_lite import metrics
 from t5x_lite import runs
@@ -27,6 +28,12 @@ from t5x_lite.models import decoder
 DATA = os.path.join(SHARED_DATA, 'instructions')
 SNI = os.path.join(DATA, 'super_natural_instructions', 'tasks')
 SNI_137 = os.path.join(SNI, 'task137_detoxifying-lms_classification_toxicity.json')
+
+
+@pytest.fixture
+def shared_instructions():
+  """The shared instruction samples (the built-in instruction tasks read them too)."""
+  return require_shared_data('instructions')
 
 
 def _write(path, text):
@@ -45,6 +52,7 @@ def test_template_is_documented_alpaca_form():
       'Be brief.\n\n### Instruction:\nAdd.\n\n### Response:\n')
 
 
+@pytest.mark.usefixtures('shared_instructions')
 def test_readers_on_the_shared_samples():
   with open(os.path.join(DATA, 'alpaca', 'alpaca_en_demo.json')) as f:
     raw = json.load(f)
@@ -156,6 +164,7 @@ def test_mixture_rates_are_capped_example_counts(tmp_path):
     ti.register_instruction_mixture('mix_bad', list(sizes), cap=0)
 
 
+@pytest.mark.usefixtures('shared_instructions')
 def test_sni_heldout_split_and_references():
   train = seqio.get_mixture_or_task('sni_train_mixture')
   heldout = seqio.get_mixture_or_task('sni_heldout_mixture')
@@ -191,8 +200,9 @@ def test_rouge_l_is_best_over_references():
 
 @pytest.fixture
 def glue_files():
-  settings.use(glue=glue_sources.data_settings(source='files', glue_dir=f'{SHARED_DATA}/glue',
-                                               super_glue_dir=f'{SHARED_DATA}/super_glue'))
+  settings.use(glue=glue_sources.data_settings(
+      source='files', glue_dir=require_shared_data('glue'),
+      super_glue_dir=require_shared_data('super_glue')))
   yield
   settings.use()
 
@@ -253,9 +263,7 @@ def _wit_batch(pack, lp, lr):
 
 @pytest.fixture(scope='module')
 def tiny_gpt():
-  cfg = decoder.GPTConfig(vocab_size=32, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
-                          num_layers=2, max_positions=32, dropout_rate=0.0,
-                          attention_dropout_rate=0.0)
+  cfg = families.config('gpt', vocab_size=32, max_positions=32)
   model = decoder.DecoderModel(cfg, loss_normalizing_factor='NUM_WEIGHTED_TOKENS',
                                feature_converter_cls=fc.WitFeatureConverter)
   params = model.init(jax.random.PRNGKey(0), model.dummy_batch(2, 11))['params']
@@ -336,10 +344,10 @@ def test_encoder_decoder_weights_and_prompt_weight_error():
 # Training and evaluation end to end.
 
 
+@pytest.mark.usefixtures('shared_instructions')
 def test_tiny_gpt_trains_and_scores_rouge_on_heldout_tasks(tmp_path):
-  cfg = decoder.GPTConfig(vocab_size=8192, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
-                          num_layers=1, max_positions=128, dropout_rate=0.0,
-                          attention_dropout_rate=0.0)
+  cfg = families.config('gpt', vocab_size=8192, emb_dim=32, head_dim=16, mlp_dim=64,
+                        num_layers=1, max_positions=128)
   model = decoder.DecoderModel(cfg, loss_normalizing_factor='NUM_WEIGHTED_TOKENS',
                                feature_converter_cls=fc.WitFeatureConverter)
   from t5x_lite import optimizers  # pylint: disable=g-import-not-at-top
