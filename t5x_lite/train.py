@@ -260,7 +260,8 @@ def train(*,
         writer.write(step, eval_metrics)
         last_eval = eval_metrics or last_eval
         say(f'step {step}: ' + ', '.join(f'{k} {v:.2f}' for k, v in eval_metrics.items()))
-      if preemption.requested:
+      # A SIGTERM that lands after `saves` was decided stops the run at the next step.
+      if saves and preemption.requested:
         ckpt.wait()
         bar.close()
         say(f'SIGTERM: saved checkpoint {ckpt.directory}/{step}; re-run the same command to resume.')
