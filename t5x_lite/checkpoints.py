@@ -128,6 +128,8 @@ def _storage_problem(e: BaseException) -> Optional[str]:
 
 def _damage_reason(e: BaseException) -> str:
   """'<file> is cut short' for tensorstore's long messages, else the first line."""
+  if isinstance(e, FileNotFoundError) and e.filename:
+    return f'{e.filename} is missing'
   text = str(e)
   paths = re.findall(r'"(/[^"]*)"', text)
   status = text.split(':', 1)[0]
@@ -272,6 +274,8 @@ class Checkpointer:
               max_to_keep=None, create=True, cleanup_tmp_directories=True,
               enable_async_checkpointing=async_save))
     except OSError as e:
+      if os.path.basename(str(e.filename)).startswith('.write-probe-'):
+        e.filename = self.directory
       problem = _storage_problem(e) or _first_line(e)
       raise UserError(f'cannot write checkpoints to {self.directory} ({problem}); fix the '
                       'permissions or free space there, or choose another MODEL_DIR.') from None

@@ -99,7 +99,8 @@ def deny_writes(monkeypatch, directory):
   where it does not, creating files or directories under it is refused with
   EACCES (injected into os.mkdir / os.open)."""
   if os.geteuid() != 0:
-    os.chmod(directory, 0o555)
+    for root, _, _ in os.walk(directory):
+      os.chmod(root, 0o555)
     return
   for name in ('mkdir', 'open'):
     def denied(path, *args, _original=getattr(os, name), **kwargs):
@@ -261,16 +262,18 @@ def test_failed_save_keeps_the_earlier_checkpoint(tmp_path, monkeypatch, code, a
   assert sorted(os.listdir(directory)) == ['2']  # keep=1, and the partial step 2 is gone
 
 
-def test_unwritable_model_dir_is_one_line(tmp_path, monkeypatch):
+@pytest.mark.parametrize('has_checkpoints', [False, True], ids=['new', 'resumed'])
+def test_unwritable_model_dir_is_one_line(tmp_path, monkeypatch, has_checkpoints):
   model_dir = tmp_path / 'run'
-  model_dir.mkdir()
+  (model_dir / 'checkpoints' if has_checkpoints else model_dir).mkdir(parents=True)
   deny_writes(monkeypatch, model_dir)
   with pytest.raises(UserError, match=(
       f'^cannot write checkpoints to {model_dir}/checkpoints \\(Permission denied: '
       f'{model_dir}/checkpoints\\); fix the permissions or free space there, or choose '
       'another MODEL_DIR.$')):
     checkpoints.Checkpointer(str(model_dir), save_period=1)
-  os.chmod(model_dir, 0o755)
+  for root, _, _ in os.walk(model_dir):
+    os.chmod(root, 0o755)
 
 
 def test_restore_params_only(tmp_path):
