@@ -33,26 +33,29 @@ def test_corpus_size_dedup_and_min_length():
       topics.topics[first].strip()) < corpus.MIN_CHARS
 
 
-def test_corpus_is_deterministic_in_and_across_processes():
+@pytest.fixture(scope='module')
+def fresh_process():
+  """(digest of the corpus, whether a GUI / side-effect stdlib module got
+  imported) from a new process that builds the corpus."""
+  code = ('import hashlib, sys; from t5x_lite.data import corpus; '
+          "print(hashlib.sha256('\\x00'.join(corpus.embedded_documents())"
+          '.encode()).hexdigest()); '
+          "print(any(m in sys.modules for m in ('tkinter', 'turtle', 'antigravity')))")
+  out = subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True,
+                       capture_output=True, text=True).stdout.split()
+  return out[0], out[1]
+
+
+def test_corpus_is_deterministic_in_and_across_processes(fresh_process):
   docs = corpus.embedded_documents()
   corpus._documents.cache_clear()  # pylint: disable=protected-access
   corpus._split.cache_clear()  # pylint: disable=protected-access
   assert corpus.embedded_documents() == docs
-  code = ('import hashlib; from t5x_lite.data import corpus; '
-          "print(hashlib.sha256('\\x00'.join(corpus.embedded_documents())"
-          '.encode()).hexdigest())')
-  out = subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True,
-                       capture_output=True, text=True).stdout.strip()
-  assert out == _digest(docs)
+  assert fresh_process[0] == _digest(docs)
 
 
-def test_corpus_never_imports_the_stdlib_modules():
-  code = ('import sys; from t5x_lite.data import corpus; '
-          'corpus.embedded_documents(); '
-          "print(any(m in sys.modules for m in ('tkinter', 'turtle', 'antigravity')))")
-  out = subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True,
-                       capture_output=True, text=True).stdout.strip()
-  assert out == 'False'
+def test_corpus_never_imports_the_stdlib_modules(fresh_process):
+  assert fresh_process[1] == 'False'
 
 
 def test_train_validation_split():
