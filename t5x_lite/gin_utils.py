@@ -24,6 +24,21 @@ USAGE = ('usage: python -m t5x_lite.{name} --gin_file=FILE.gin [--gin_file=MORE.
          "[--gin.NAME=VALUE ...]   e.g. --gin.MODEL_DIR=\"'/tmp/run'\" --gin.TRAIN_STEPS=100")
 
 
+# A value the shell left unquoted that can only be a path (`runs/t5_base_glue`,
+# `/tmp/run`, `~/runs/x`): gin would fail to parse it, so it is read as a string.
+_BARE_PATH = re.compile(r'[\w.~-]*/[\w./~+<>@:-]*')
+
+
+def _value(name: str, value: str) -> str:
+  """The gin text of `--gin.NAME=value`: `value` itself, or a bare path quoted
+  (said on stderr, so the user learns the gin spelling)."""
+  if _BARE_PATH.fullmatch(value):
+    print(f"note: --gin.{name}={value} is read as the string '{value}' "
+          f'(gin spelling: --gin.{name}="\'{value}\'")', file=sys.stderr)
+    return repr(value)
+  return value
+
+
 def parse_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   """Splits argv into gin files and gin bindings."""
   files, bindings = [], []
@@ -40,7 +55,8 @@ def parse_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     elif name == '--gin_bindings':
       bindings.append(value)
     elif name.startswith('--gin.') and has_value:
-      bindings.append(f'{name[len("--gin."):]} = {value}')
+      name = name[len('--gin.'):]
+      bindings.append(f'{name} = {_value(name, value)}')
     else:
       raise UserError(f"unknown argument '{arg}'; expected --gin_file=... or --gin.NAME=VALUE.")
   if not files:
