@@ -425,6 +425,10 @@ def self_instruct(*,
   if seed_tasks is None:
     from t5x_lite.tasks import instructions  # pylint: disable=g-import-not-at-top
     seed_tasks = os.path.join(instructions.data_dir(), 'self_instruct', 'seed_tasks.jsonl')
+    if not os.path.isfile(seed_tasks):
+      raise UserError(f'{seed_tasks} is missing; set {instructions.DATA_DIR_ENV} to a directory '
+                      'holding self_instruct/seed_tasks.jsonl, or point --gin.SEED_TASKS at '
+                      'a seed_tasks.jsonl.')
   tasks = load_seed_tasks(seed_tasks)
   classify = None
   if generate is None:

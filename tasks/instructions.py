@@ -21,8 +21,9 @@ Your own files:
         'my_mixture_gpt', ['my_chat_gpt', 'alpaca_demo_gpt'], cap=3000)
 
 Built in, over the samples in `data_dir()` ($T5X_LITE_INSTRUCTIONS_DIR, else
-../shared/data/instructions next to the repository; registered only when it
-exists, and `register_shared_samples(path)` registers another copy), each
+../shared/data/instructions next to the repository; always registered, a
+missing file being one error naming it and the setting when the task is used;
+`register_shared_samples(path)` registers them over another directory), each
 also with a '_gpt' twin:
 
   alpaca_demo                Alpaca JSON (the first 50 records: validation)
@@ -170,7 +171,7 @@ class InstructionSource(sources.FunctionSource):
   FORMATS = instructions.FORMATS
 
   def __init__(self, paths, format, validation_paths=None, num_validation=0,  # pylint: disable=redefined-builtin
-               system_prompt=None, **options):
+               system_prompt=None, missing_hint=None, **options):
     if format not in self.FORMATS:
       raise UserError(f'Unknown {self.KIND} format {format!r}; use one of '
                       f'{", ".join(self.FORMATS)}.')
@@ -178,12 +179,30 @@ class InstructionSource(sources.FunctionSource):
     self._paths = paths
     self._validation_paths = validation_paths
     self._num_validation = num_validation
+    self._missing_hint = missing_hint
     self._cache = {}
     splits = ('train', 'validation') if validation_paths or num_validation else ('train',)
     super().__init__(dataset_fn=self._dataset_fn, splits=splits)
 
+  def _files(self, paths) -> list:
+    try:
+      return instructions.resolve_paths(paths)
+    except UserError as e:
+      if self._missing_hint:  # a built-in task: say where its files come from
+        missing = paths if isinstance(paths, str) else ', '.join(paths)
+        raise UserError(f'{missing} is missing; {self._missing_hint}') from None
+      raise UserError(str(e)) from None
+
+  def check_available(self, split=None) -> None:
+    """Raises UserError unless the files (of `split`, if given) exist
+    (`t5x_lite.data.registry.CheckedSource`)."""
+    if self._validation_paths and split == 'validation':
+      self._files(self._validation_paths)
+    else:
+      self._files(self._paths)
+
   def _read(self, paths):
-    files = instructions.resolve_paths(paths)
+    files = self._files(paths)
     key = tuple((f, os.path.getmtime(f)) for f in files)
     if key not in self._cache:
       self._cache[key] = self.read(files, **self._options)
@@ -235,7 +254,8 @@ def register_instruction_task(name: str, paths, format: str = 'alpaca',  # pylin
                               system_prompt: Optional[str] = None,
                               num_positive_examples: int = 2,
                               metric_fns: Sequence[Callable] = GENERATION_METRICS,
-                              gpt: Optional[bool] = None) -> seqio.Task:
+                              gpt: Optional[bool] = None,
+                              missing_hint: Optional[str] = None) -> seqio.Task:
   """Registers (or replaces) an instruction task over local files.
 
   Args:
@@ -251,13 +271,15 @@ def register_instruction_task(name: str, paths, format: str = 'alpaca',  # pylin
     num_positive_examples: demonstrations in SNI prompts.
     metric_fns: seqio metric fns over (references, generated text).
     gpt: overrides the family chosen by the name.
+    missing_hint: what a missing file's error adds (where the files come from).
 
   Returns:
     The seqio.Task.
   """
   gpt = is_gpt(name) if gpt is None else gpt
   source = InstructionSource(paths, format, validation_paths, num_validation,
-                             system_prompt, num_positive_examples=num_positive_examples)
+                             system_prompt, missing_hint=missing_hint,
+                             num_positive_examples=num_positive_examples)
   seqio.TaskRegistry.remove(name)
   return seqio.TaskRegistry.add(
       name, source=source,
@@ -422,43 +444,58 @@ def _sni_name(path: str) -> str:
   return 'sni_' + os.path.basename(path).split('_')[0]
 
 
+# The Super-NaturalInstructions task files of the built-in samples.
+SNI_FILES = (
+    'task131_scan_long_text_generation_action_command_long.json',
+    'task137_detoxifying-lms_classification_toxicity.json',
+    'task138_detoxifying-lms_classification_fluency.json',
+    'task140_detoxifying-lms_classification_style.json',
+    'task142_odd-man-out_classification_no_category.json',
+    'task143_odd-man-out_classification_generate_category.json',
+    'task318_stereoset_classification_gender.json',
+)
+
+
+def missing_samples_hint(directory: str, env: str, contents: str) -> str:
+  """The fix a built-in task's missing file names."""
+  return (f'the built-in tasks read the samples in {directory}; set {env} to a '
+          f'directory holding {contents} (see the README), or register your own files.')
+
+
 def register_shared_samples(directory: Optional[str] = None) -> list:
   """Registers the built-in tasks and mixtures over `directory` (default
-  `data_dir()`); returns the task names (none when it does not exist)."""
+  `data_dir()`) and returns the task names. They are registered whether or not
+  the files are there; a missing file is one error, when a task is used,
+  naming it and DATA_DIR_ENV. SNI task files in the directory beyond SNI_FILES
+  are registered too."""
   directory = directory or data_dir()
-  if not os.path.isdir(directory):
-    return []
+  hint = missing_samples_hint(directory, DATA_DIR_ENV,
+                              'alpaca/, self_instruct/ and super_natural_instructions/tasks/')
+  sni_dir = os.path.join(directory, 'super_natural_instructions', 'tasks')
+  sni_files = set(SNI_FILES)
+  if os.path.isdir(sni_dir):
+    sni_files |= {f for f in os.listdir(sni_dir) if f.endswith('.json')}
   names = []
   for gpt in (False, True):
     sfx = GPT_SUFFIX if gpt else ''
-    alpaca = os.path.join(directory, 'alpaca', 'alpaca_en_demo.json')
-    if os.path.exists(alpaca):
-      names.append(register_instruction_task(
-          'alpaca_demo' + sfx, alpaca, 'alpaca', num_validation=50, gpt=gpt).name)
-    seeds = os.path.join(directory, 'self_instruct', 'seed_tasks.jsonl')
-    if os.path.exists(seeds):
-      names.append(register_instruction_task(
-          'self_instruct_seed' + sfx, seeds, 'self_instruct', num_validation=25,
-          gpt=gpt).name)
-    sni_dir = os.path.join(directory, 'super_natural_instructions', 'tasks')
+    add = functools.partial(register_instruction_task, gpt=gpt, missing_hint=hint)
+    names.append(add('alpaca_demo' + sfx, os.path.join(directory, 'alpaca', 'alpaca_en_demo.json'),
+                     'alpaca', num_validation=50).name)
+    names.append(add('self_instruct_seed' + sfx,
+                     os.path.join(directory, 'self_instruct', 'seed_tasks.jsonl'),
+                     'self_instruct', num_validation=25).name)
     sni = {}
-    if os.path.isdir(sni_dir):
-      for f in sorted(os.listdir(sni_dir)):
-        if f.endswith('.json'):
-          task = register_instruction_task(
-              _sni_name(f) + sfx, os.path.join(sni_dir, f), 'sni',
-              num_validation=SNI_NUM_VALIDATION, gpt=gpt)
-          sni[_sni_name(f)[len('sni_'):]] = task.name
-          names.append(task.name)
-    train = [sni[t] for t in SNI_TRAIN_TASKS if t in sni]
-    heldout = [sni[t] for t in SNI_HELDOUT_TASKS if t in sni]
-    if train and heldout:
-      register_instruction_mixture('sni_train_mixture' + sfx, train)
-      register_instruction_mixture('sni_heldout_mixture' + sfx, heldout)
-    if train and os.path.exists(alpaca):
-      glue_tasks = [t + sfx for t in GLUE_INSTRUCTION_TASKS]
-      register_instruction_mixture('instruction_mixture' + sfx,
-                                   ['alpaca_demo' + sfx] + train + glue_tasks)
+    for f in sorted(sni_files):
+      task = add(_sni_name(f) + sfx, os.path.join(sni_dir, f), 'sni',
+                 num_validation=SNI_NUM_VALIDATION)
+      sni[_sni_name(f)[len('sni_'):]] = task.name
+      names.append(task.name)
+    train = [sni[t] for t in SNI_TRAIN_TASKS]
+    register_instruction_mixture('sni_train_mixture' + sfx, train)
+    register_instruction_mixture('sni_heldout_mixture' + sfx, [sni[t] for t in SNI_HELDOUT_TASKS])
+    register_instruction_mixture('instruction_mixture' + sfx,
+                                 ['alpaca_demo' + sfx] + train
+                                 + [t + sfx for t in GLUE_INSTRUCTION_TASKS])
   return names
 
 

@@ -16,8 +16,9 @@ Your own files:
         'my_prefs_gpt', '/data/prefs/*.jsonl', format='pairs', num_validation=500)
 
 Built in, over the samples in ../shared/data/preferences next to the
-repository ($T5X_LITE_PREFERENCES_DIR overrides; registered when it
-exists), each also with a '_gpt' twin:
+repository ($T5X_LITE_PREFERENCES_DIR overrides; always registered, a
+missing file being one error naming it and the setting when the task is
+used), each also with a '_gpt' twin:
 
   hh_rlhf_harmless_sample   HH-RLHF harmless-base (format 'hh'); the first
                             20 pairs are 'validation'
@@ -96,7 +97,8 @@ def register_preference_task(name: str, paths, format: str = 'pairs',  # pylint:
                              vocabulary: Optional[seqio.Vocabulary] = None,
                              validation_paths=None, num_validation: int = 0,
                              system_prompt: Optional[str] = None,
-                             gpt: Optional[bool] = None) -> seqio.Task:
+                             gpt: Optional[bool] = None,
+                             missing_hint: Optional[str] = None) -> seqio.Task:
   """Registers (or replaces) a preference task over local files.
 
   Args:
@@ -110,12 +112,14 @@ def register_preference_task(name: str, paths, format: str = 'pairs',  # pylint:
       are left out of 'train').
     system_prompt: an instruction put before every prompt (Orca-style).
     gpt: overrides the family chosen by the name.
+    missing_hint: what a missing file's error adds (where the files come from).
 
   Returns:
     The seqio.Task.
   """
   gpt = instruction_tasks.is_gpt(name) if gpt is None else gpt
-  source = PreferenceSource(paths, format, validation_paths, num_validation, system_prompt)
+  source = PreferenceSource(paths, format, validation_paths, num_validation, system_prompt,
+                            missing_hint=missing_hint)
   seqio.TaskRegistry.remove(name)
   return seqio.TaskRegistry.add(
       name, source=source,
@@ -124,21 +128,25 @@ def register_preference_task(name: str, paths, format: str = 'pairs',  # pylint:
 
 
 def register_shared_samples(directory: Optional[str] = None) -> list:
-  """Registers the built-in tasks over `directory` (default `data_dir()`)."""
+  """Registers the built-in tasks over `directory` (default `data_dir()`),
+  whether or not the files are there (a missing file is one error, when a
+  task is used, naming it and DATA_DIR_ENV)."""
   directory = directory or data_dir()
+  hint = instruction_tasks.missing_samples_hint(
+      directory, DATA_DIR_ENV, 'hh-rlhf/harmless-base/test_first200.jsonl and '
+      'llama_factory/dpo_en_demo.json')
   names = []
   for sfx in ('', instruction_tasks.GPT_SUFFIX):
-    hh = os.path.join(directory, 'hh-rlhf', 'harmless-base', 'test_first200.jsonl')
-    demo = os.path.join(directory, 'llama_factory', 'dpo_en_demo.json')
-    found = []
-    if os.path.exists(hh):
-      found.append(register_preference_task('hh_rlhf_harmless_sample' + sfx, hh, 'hh',
-                                            num_validation=20).name)
-    if os.path.exists(demo):
-      found.append(register_preference_task('dpo_en_demo' + sfx, demo, 'sharegpt',
-                                            num_validation=30).name)
-    if found:
-      instruction_tasks.register_instruction_mixture('preference_mixture' + sfx, found)
+    found = [
+        register_preference_task(
+            'hh_rlhf_harmless_sample' + sfx,
+            os.path.join(directory, 'hh-rlhf', 'harmless-base', 'test_first200.jsonl'), 'hh',
+            num_validation=20, missing_hint=hint).name,
+        register_preference_task(
+            'dpo_en_demo' + sfx, os.path.join(directory, 'llama_factory', 'dpo_en_demo.json'),
+            'sharegpt', num_validation=30, missing_hint=hint).name,
+    ]
+    instruction_tasks.register_instruction_mixture('preference_mixture' + sfx, found)
     names += found
   return names
 

@@ -364,3 +364,31 @@ def test_tiny_gpt_trains_and_scores_rouge_on_heldout_tasks(tmp_path):
   with open(tmp_path / 'eval' / '3' / 'sni_task140_gpt.jsonl') as f:
     row = json.loads(f.readline())
   assert row['inputs'].endswith('### Response:\n')  # the prompt only, no response
+
+
+def test_built_in_tasks_without_their_files_say_which_setting(tmp_path):
+  """A directory without the samples still registers every built-in task; using
+  one is one error naming the missing file and the setting that supplies it."""
+  from t5x_lite.tasks import preferences as tp  # pylint: disable=g-import-not-at-top
+  try:
+    names = ti.register_shared_samples(str(tmp_path))
+    pairs = tp.register_shared_samples(str(tmp_path))
+    assert {'alpaca_demo', 'self_instruct_seed_gpt', 'sni_task137', 'sni_task318_gpt'} <= set(names)
+    assert set(pairs) == {'hh_rlhf_harmless_sample', 'dpo_en_demo',
+                          'hh_rlhf_harmless_sample_gpt', 'dpo_en_demo_gpt'}
+    sni = tmp_path / 'super_natural_instructions' / 'tasks'
+    cases = [('sni_train_mixture_gpt', str(sni / ti.SNI_FILES[0]), ti.DATA_DIR_ENV),
+             ('alpaca_demo', str(tmp_path / 'alpaca' / 'alpaca_en_demo.json'), ti.DATA_DIR_ENV),
+             ('hh_rlhf_harmless_sample_gpt', str(tmp_path / 'hh-rlhf' / 'harmless-base' /
+                                                 'test_first200.jsonl'), tp.DATA_DIR_ENV)]
+    for name, path, env in cases:
+      with pytest.raises(UserError) as missing:
+        registry.check_data_available(name, 'train')
+      message = str(missing.value)
+      assert message.startswith(f'{path} is missing; ') and f'set {env} to' in message
+      assert '\n' not in message
+      with pytest.raises(UserError, match='is missing'):  # and when read without the check
+        registry.tasks_of(name)[0].source.num_input_examples('train')
+  finally:  # the built-in registrations again, over the default directories
+    ti.register_shared_samples()
+    tp.register_shared_samples()
