@@ -1,5 +1,7 @@
-"""SIGTERM on one of two hosts: both save the same step, exit 143, and the
-re-run resumes exactly (the losses of an uninterrupted run)."""
+"""Two processes of one run: SIGTERM on one of them makes both save the same
+step and exit 143; the re-run resumes exactly, each process reading its own
+shard (the losses of an uninterrupted run over both shards), and process 0
+alone reports."""
 
 import json
 import os
@@ -41,7 +43,11 @@ def test_sigterm_on_one_host_saves_one_step_everywhere_and_resumes(tmp_path):
   outs = [p.communicate(timeout=600) for p in procs]
   assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
   assert f'resumed from {tmp_path}/checkpoints/{step}' in outs[0][0]
+  assert "mesh {'data': 2" in outs[0][0]
+  assert 'MODEL_DIR' not in outs[1][0] and 'done:' not in outs[1][0]  # process 0 reports
   rows = read_metrics(tmp_path)
   assert [r['step'] for r in rows] == list(range(1, step + 3))
   np.testing.assert_allclose([r['loss'] for r in rows],
                              _expected_losses(resumed, step + 2, num_hosts=2), rtol=1e-5)
+  meta = json.loads((tmp_path / 'checkpoints' / str(step + 2) / 'meta' / 'metadata').read_text())
+  assert meta['step'] == step + 2
