@@ -35,6 +35,8 @@ setuptools.setup(
         'scipy>=1.13',
         # ROUGE-L for instruction evaluation and the Self-Instruct duplicate filter.
         'rouge-score>=0.1.2,<0.2',
+        # BLEU for translation (T5's settings: intl tokenizer, exp smoothing).
+        'sacrebleu>=2.4,<3',
     ],
     extras_require={
         # Reference implementations for the parity tests (CPU wheel of torch).

@@ -1,4 +1,4 @@
-"""GLUE and SuperGLUE metrics, and the two leaderboard averages.
+"""GLUE, SuperGLUE and text-generation metrics, and the leaderboard averages.
 
 Every metric is a seqio metric function `fn(targets, predictions) -> dict`
 over the postprocessed lists seqio hands it; values are scaled x100, as T5
@@ -14,6 +14,9 @@ and the leaderboards report them. Names and conventions follow T5's
   MultiRC            multirc_f1_over_all_answers, exact_match_over_groups
   ReCoRD             squad (deduplicate_metric(squad) when examples repeat)
   AX-g               gender_parity (on_values(accuracy) for its accuracy)
+  SQuAD              squad
+  WMT                bleu (sacrebleu)
+  CNN/DailyMail      rouge (rouge_score: ROUGE-1, ROUGE-2, ROUGE-Lsum)
 
 Unknown predictions: a label postprocessor emits -1 (or None) for text it
 could not map. Every metric counts such a prediction as wrong and never fails
@@ -398,3 +401,105 @@ def rouge_l(targets, predictions) -> Dict[str, float]:
     prediction = '' if prediction is None else str(prediction)
     scores.append(max(scorer.score(r, prediction)['rougeL'].fmeasure for r in refs))
   return {'rougeL': 100 * float(np.mean(scores))}
+
+
+# --------------------------------------------------------- text generation
+
+
+def _texts(predictions: Sequence[Any]) -> List[str]:
+  """Predictions as strings, None (nothing decoded) as ''."""
+  return ['' if p is None else str(p) for p in predictions]
+
+
+def _references(targets: Sequence[Any]) -> List[List[str]]:
+  """Each example's references as a non-empty list of strings."""
+  refs = []
+  for i, target in enumerate(targets):
+    target = [target] if isinstance(target, str) else [str(t) for t in target]
+    if not target:
+      raise ValueError(f'Example {i} has no reference; drop unlabelled examples '
+                       '(e.g. a test split) before scoring.')
+    refs.append(target)
+  return refs
+
+
+def bleu(targets, predictions) -> Dict[str, float]:
+  """{'bleu'}: corpus BLEU (0-100) by sacrebleu with T5's settings.
+
+  T5's `t5.evaluation.metrics.bleu`: `sacrebleu.corpus_bleu` with the
+  international tokenizer ('intl'), exponential smoothing, case kept,
+  force=False and no effective order. Targets are one reference string per
+  example, or a list of references per example (sacrebleu takes the closest
+  reference length and clips n-gram counts by their maximum over the
+  references). T5 passes a list-of-lists straight through as sacrebleu's
+  reference streams (stream k holding every example's k-th reference); seqio
+  hands a metric one target per example, so here the per-example lists are
+  transposed into streams, an example with fewer references padded with None,
+  which sacrebleu skips. With one reference each the call is T5's exactly.
+  """
+  import sacrebleu  # pylint: disable=g-import-not-at-top
+  _check(targets, predictions)
+  refs = _references(targets)
+  num_refs = max(len(r) for r in refs)
+  streams = [[r[k] if k < len(r) else None for r in refs]
+             for k in range(num_refs)]
+  score = sacrebleu.corpus_bleu(
+      _texts(predictions), streams, smooth_method='exp', smooth_value=0.0,
+      force=False, lowercase=False, tokenize='intl',
+      use_effective_order=False)
+  return {'bleu': float(score.score)}
+
+
+ROUGE_TYPES = ('rouge1', 'rouge2', 'rougeLsum')
+ROUGE_SEED = 0  # seeds the bootstrap aggregator's resampling
+
+
+def prepare_summary_for_rouge(summary: str) -> str:
+  """T5's sentence split for ROUGE-Lsum: a newline after each ' . '.
+
+  rouge_score's rougeLsum takes a summary's sentences to be its lines; T5's
+  targets and decodes are single lines whose sentences end in ' . ' (CNN/DM
+  highlights are joined that way), so without this rougeLsum scores the whole
+  summary as one sentence, which is ROUGE-L.
+  """
+  return summary.replace(' . ', ' .\n')
+
+
+def rouge(targets, predictions) -> Dict[str, float]:
+  """{'rouge1', 'rouge2', 'rougeLsum'}: ROUGE F-measures x100, as T5 reports.
+
+  T5's `t5.evaluation.metrics.rouge`: rouge_score's RougeScorer with its
+  default tokenizer and no stemmer, both sides prepared by
+  `prepare_summary_for_rouge`, per-example scores aggregated by
+  `scoring.BootstrapAggregator()` (1000 resamples), and the 'mid' F-measure:
+  the median of the resampled means, within resampling noise of the mean.
+  Targets are strings, or lists of references scored by rouge_score's
+  `score_multi` (the reference with the best F-measure, per ROUGE type); T5
+  takes strings only.
+
+  The aggregator draws from numpy's global random state, which T5 leaves
+  unseeded, so its values vary in the second decimal from run to run. Here the
+  draws use the fixed seed ROUGE_SEED, so the same inputs always give the same
+  values, and the caller's global numpy random state is saved beforehand and
+  restored afterwards (not thread-safe against other users of that state).
+  """
+  from rouge_score import rouge_scorer, scoring  # pylint: disable=g-import-not-at-top
+  _check(targets, predictions)
+  refs = _references(targets)
+  scorer = rouge_scorer.RougeScorer(rouge_types=ROUGE_TYPES)
+  aggregator = scoring.BootstrapAggregator()
+  for target, prediction in zip(refs, _texts(predictions)):
+    target = [prepare_summary_for_rouge(t) for t in target]
+    prediction = prepare_summary_for_rouge(prediction)
+    if len(target) == 1:
+      aggregator.add_scores(scorer.score(target=target[0],
+                                         prediction=prediction))
+    else:
+      aggregator.add_scores(scorer.score_multi(target, prediction))
+  state = np.random.get_state()
+  try:
+    np.random.seed(ROUGE_SEED)
+    result = aggregator.aggregate()
+  finally:
+    np.random.set_state(state)
+  return {key: 100 * float(result[key].mid.fmeasure) for key in ROUGE_TYPES}
