@@ -1,10 +1,19 @@
-"""GLUE / SuperGLUE metrics against sklearn, scipy and hand-computed cases."""
+"""GLUE / SuperGLUE metrics against sklearn and scipy, BLEU and ROUGE against
+direct sacrebleu and rouge_score calls with T5's settings, and hand-computed
+cases."""
+
+import csv
+import os
 
 import numpy as np
 import pytest
+import sacrebleu
 import scipy.stats
+from rouge_score import rouge_scorer
+from rouge_score import scoring
 from sklearn import metrics as sk
 
+import conftest
 from t5x_lite import metrics
 
 
@@ -243,3 +252,180 @@ def test_super_glue_average():
     metrics.super_glue_average({'super_glue_record_v102': {'f1': 1.0}})
   with pytest.raises(ValueError, match='No benchmark task'):
     metrics.super_glue_average({'glue_cola_v002': {'matthews_corrcoef': 1.0}})
+
+
+# ------------------------------------------------------------ text generation
+
+
+def _stsb_pairs(n=200):
+  """(sentence1, sentence2) of the first `n` shared STS-B dev pairs."""
+  path = os.path.join(conftest.require_shared_data('glue', 'STS-B'), 'dev.tsv')
+  with open(path, encoding='utf-8') as f:
+    rows = list(csv.DictReader(f, delimiter='\t', quoting=csv.QUOTE_NONE))
+  return [(r['sentence1'], r['sentence2']) for r in rows[:n]]
+
+
+def _sacrebleu_t5(predictions, streams):
+  """sacrebleu as T5 calls it, on reference streams."""
+  return sacrebleu.corpus_bleu(
+      predictions, streams, smooth_method='exp', smooth_value=0.0, force=False,
+      lowercase=False, tokenize='intl', use_effective_order=False).score
+
+
+def test_squad_t5_corner_cases():
+  # As T5's qa_utils: an answer that normalises to nothing matches an empty
+  # prediction exactly, but with no tokens in common its F1 is 0.
+  got = metrics.squad([['The'], ['a']], ['', 'an'])
+  assert got == {'em': 100.0, 'f1': 0.0}
+  # Punctuation is deleted, not replaced by a space: "don't" -> "dont".
+  got = metrics.squad([["don't stop"]], ['dont stop!'])
+  assert got == {'em': 100.0, 'f1': 100.0}
+
+
+def test_bleu_against_sacrebleu_on_stsb_pairs():
+  pairs = _stsb_pairs()
+  refs, preds = [p[0] for p in pairs], [p[1] for p in pairs]
+  got = metrics.bleu(refs, preds)['bleu']
+  assert got == _sacrebleu_t5(preds, [refs])
+  assert 20 < got < 80  # paraphrases: far from 0 and from 100
+  # An empty prediction among them is scored, not dropped.
+  preds[3] = ''
+  assert metrics.bleu(refs, preds)['bleu'] == _sacrebleu_t5(preds, [refs])
+  assert metrics.bleu(refs, preds)['bleu'] < got
+
+
+def test_bleu_several_references_per_example():
+  pairs = _stsb_pairs(60)
+  preds = [p[1] for p in pairs]
+  # Example i's references: its own sentence1 and pair i+1's sentence2;
+  # every third example has only the first.
+  targets = [[pairs[i][0], pairs[(i + 1) % 60][1]] if i % 3 else [pairs[i][0]]
+             for i in range(60)]
+  second = [t[1] if len(t) > 1 else None for t in targets]
+  expected = _sacrebleu_t5(preds, [[t[0] for t in targets], second])
+  assert metrics.bleu(targets, preds)['bleu'] == expected
+  assert expected > _sacrebleu_t5(preds, [[t[0] for t in targets]])
+  # A missing reference is absent, not an empty one (whose length 0 would be
+  # the closest to a short prediction's length and drop the brevity penalty).
+  long = 'p q r s t u v w x y z'
+  targets, preds = [['x y z w', 'a b c d'], [long]], ['a b c d', 'p q r s']
+  expected = _sacrebleu_t5(preds, [['x y z w', long], ['a b c d', None]])
+  assert 0 < expected < _sacrebleu_t5(preds, [['x y z w', long],
+                                              ['a b c d', '']])
+  assert metrics.bleu(targets, preds)['bleu'] == expected
+  # A prediction equal to any one of its references is a perfect match.
+  assert metrics.bleu([['a b c d', 'e f g h']], ['e f g h'])['bleu'] == (
+      pytest.approx(100))
+
+
+def test_bleu_hand_cases():
+  # Brevity penalty only: all n-gram precisions 1, 4 words against 6.
+  assert metrics.bleu(['a b c d e f'], ['a b c d'])['bleu'] == pytest.approx(
+      100 * np.exp(1 - 6 / 4))
+  # 'exp' smoothing: no 4-gram matches (0/1) counts as 1/(2*1); the other
+  # precisions are 3/4, 2/3, 1/2.
+  assert metrics.bleu(['a b c d'], ['a b c x'])['bleu'] == pytest.approx(
+      100 * (3 / 4 * 2 / 3 * 1 / 2 * 1 / 2) ** 0.25)
+  # The 'intl' tokenizer splits Unicode symbols and punctuation off words
+  # (the default '13a' does not, and scores this pair 13.1); case is kept.
+  assert metrics.bleu(['Preis: 5 €, sagte er — nicht mehr.'],
+                      ['Preis: 5€, sagte er—nicht mehr.'])['bleu'] == (
+                          pytest.approx(100))
+  assert metrics.bleu(['The cat sat on the mat'],
+                      ['the cat sat on the mat'])['bleu'] < 100
+  assert metrics.bleu(['a b c d'], [''])['bleu'] == 0
+  with pytest.raises(ValueError, match='no reference'):
+    metrics.bleu([[]], ['a'])
+
+
+def _rouge_t5(targets, predictions, seed=metrics.ROUGE_SEED):
+  """rouge_score as T5 calls it, the bootstrap drawn after np.random.seed."""
+  scorer = rouge_scorer.RougeScorer(['rouge1', 'rouge2', 'rougeLsum'])
+  aggregator = scoring.BootstrapAggregator()
+  per_example = []
+  for target, prediction in zip(targets, predictions):
+    scores = scorer.score(target.replace(' . ', ' .\n'),
+                          prediction.replace(' . ', ' .\n'))
+    aggregator.add_scores(scores)
+    per_example.append({k: s.fmeasure for k, s in scores.items()})
+  np.random.seed(seed)
+  result = aggregator.aggregate()
+  mid = {k: 100 * result[k].mid.fmeasure for k in result}
+  mean = {k: 100 * np.mean([s[k] for s in per_example]) for k in mid}
+  return mid, mean
+
+
+def test_rouge_against_rouge_score_on_stsb_pairs():
+  pairs = _stsb_pairs()
+  # Two-sentence summaries joined by ' . ', as CNN/DM highlights are.
+  refs = [f'{a[0][:-1]} . {b[0]}' for a, b in zip(pairs[::2], pairs[1::2])]
+  preds = [f'{a[1][:-1]} . {b[1]}' for a, b in zip(pairs[::2], pairs[1::2])]
+  preds[5] = ''
+  got = metrics.rouge(refs, preds)
+  mid, mean = _rouge_t5(refs, preds)
+  assert got == mid
+  for key in ('rouge1', 'rouge2', 'rougeLsum'):
+    assert got[key] == pytest.approx(mean[key], abs=1.0)  # median of means
+  assert 30 < got['rouge2'] < got['rouge1'] < 90
+
+
+def test_rouge_is_reproducible_and_leaves_numpy_random_state():
+  pairs = _stsb_pairs(40)
+  refs, preds = [p[0] for p in pairs], [p[1] for p in pairs]
+  np.random.seed(7)
+  expected_draw = np.random.rand(3)
+  np.random.seed(7)
+  first = metrics.rouge(refs, preds)
+  np.testing.assert_array_equal(np.random.rand(3), expected_draw)
+  assert metrics.rouge(refs, preds) == first
+  # An unseeded bootstrap (T5's) moves 'mid' by resampling noise only.
+  assert _rouge_t5(refs, preds, seed=1)[0] != first
+  for key, value in _rouge_t5(refs, preds, seed=1)[0].items():
+    assert value == pytest.approx(first[key], abs=1.0)
+
+
+def test_rouge_hand_cases():
+  # ROUGE-1: 5 of 5 predicted words in the 6-word target (the x2, cat, on,
+  # mat): P 1, R 5/6, F 10/11. ROUGE-2: 3 of 4 predicted bigrams (the cat,
+  # on the, the mat) among 5: F 2/3. One example: the bootstrap is exact.
+  got = metrics.rouge(['the cat sat on the mat'], ['The cat on the mat.'])
+  assert got['rouge1'] == pytest.approx(100 * 10 / 11)
+  assert got['rouge2'] == pytest.approx(100 * 2 / 3)
+  # No stemmer (T5's default): 'cats' and 'cat' differ.
+  assert metrics.rouge(['cats sat'], ['cat sat'])['rouge1'] == pytest.approx(50)
+
+
+def test_rouge_lsum_sees_sentences():
+  # Two sentences, swapped. ROUGE-L's one LCS over the whole text covers one
+  # sentence (F 1/2); ROUGE-Lsum matches each reference sentence against
+  # every predicted sentence (F 1), once ' . ' has become ' .\n'.
+  target, prediction = 'a b c . d e f .', 'd e f . a b c .'
+  assert metrics.rouge([target], [prediction])['rougeLsum'] == pytest.approx(100)
+  plain = rouge_scorer.RougeScorer(['rougeL', 'rougeLsum'])
+  unprepared = plain.score(target, prediction)
+  assert unprepared['rougeL'].fmeasure == pytest.approx(0.5)
+  assert unprepared['rougeLsum'].fmeasure == pytest.approx(0.5)
+
+
+def test_rouge_several_references_per_example():
+  targets = [['the cat sat', 'a dog ran'], ['one two three']]
+  predictions = ['a dog ran', 'one two']
+  got = metrics.rouge(targets, predictions)
+  # Per example the best reference: F1 1 and 4/5 (mean 0.9; the bootstrap
+  # median of two examples' means is that mean).
+  assert got['rouge1'] == pytest.approx(100 * (1 + 4 / 5) / 2)
+  scorer = rouge_scorer.RougeScorer(['rouge1', 'rouge2', 'rougeLsum'])
+  aggregator = scoring.BootstrapAggregator()
+  for t, p in zip(targets, predictions):
+    aggregator.add_scores(scorer.score_multi(t, p))
+  np.random.seed(metrics.ROUGE_SEED)
+  result = aggregator.aggregate()
+  assert got == {k: 100 * result[k].mid.fmeasure for k in got}
+
+
+def test_generation_metrics_check_inputs():
+  for fn in (metrics.bleu, metrics.rouge):
+    with pytest.raises(ValueError, match='No examples'):
+      fn([], [])
+    with pytest.raises(ValueError, match='2 targets but 1'):
+      fn(['a', 'b'], ['a'])
