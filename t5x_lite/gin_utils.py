@@ -284,11 +284,14 @@ def _bound(fn: Callable) -> dict:
     return {}
 
 
-def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
+def parse_gin(files: Sequence[str], bindings: Sequence[str], *,
+              check_required: bool = True) -> None:
   """Parses gin files (each may `include` configs/...) and then the overrides,
   and applies the run's kernel setting (see `kernels`) and data settings (the
   bound `glue_sources.data_settings` and `bart_noise.bart_denoise` arguments,
-  passed to `t5x_lite.data.settings.use`)."""
+  passed to `t5x_lite.data.settings.use`). `check_required=False` leaves a
+  `%gin.REQUIRED` value unset (for a reader of the data settings only, such as
+  `show_task`, which needs no checkpoint path)."""
   for search_path in (os.getcwd(), REPO_ROOT):
     gin.add_config_file_search_path(search_path)
   paths = [find_gin_file(f) for f in files]
@@ -311,7 +314,7 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
     raise UserError(f'gin: {message}') from None
   _check_macros(_Sources(paths, bindings))
   unset = re.findall(r'^(\w+) = %gin\.REQUIRED$', gin.config_str(), flags=re.MULTILINE)
-  if unset:
+  if unset and check_required:
     raise UserError(f"gin: {', '.join(unset)} must be set (%gin.REQUIRED in the config); "
                     f'bind each in a gin file or with --gin.{unset[0]}=VALUE.')
   try:
