@@ -39,8 +39,10 @@ def _value(name: str, value: str) -> str:
   return value
 
 
-def parse_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-  """Splits argv into gin files and gin bindings."""
+def parse_flags(argv: Sequence[str], *, require_file: bool = True
+                ) -> tuple[list[str], list[str]]:
+  """Splits argv into gin files and gin bindings (at least one file, unless
+  `require_file=False`)."""
   files, bindings = [], []
   args = list(argv)
   while args:
@@ -59,7 +61,7 @@ def parse_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
       bindings.append(f'{name} = {_value(name, value)}')
     else:
       raise UserError(f"unknown argument '{arg}'; expected --gin_file=... or --gin.NAME=VALUE.")
-  if not files:
+  if not files and require_file:
     raise UserError('no --gin_file given; e.g. --gin_file=gin/t5_tiny_span.gin.')
   return files, bindings
 
