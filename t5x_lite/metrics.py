@@ -478,10 +478,11 @@ def rouge(targets, predictions) -> Dict[str, float]:
   takes strings only.
 
   The aggregator draws from numpy's global random state, which T5 leaves
-  unseeded, so its values vary in the second decimal from run to run. Here the
-  draws use the fixed seed ROUGE_SEED, so the same inputs always give the same
-  values, and the caller's global numpy random state is saved beforehand and
-  restored afterwards (not thread-safe against other users of that state).
+  unseeded, so its values vary by tenths from run to run on a hundred
+  examples (less on more). Here the draws use the fixed seed ROUGE_SEED, so
+  the same inputs always give the same values, and the caller's global numpy
+  random state is saved beforehand and restored afterwards (not thread-safe
+  against other users of that state).
   """
   from rouge_score import rouge_scorer, scoring  # pylint: disable=g-import-not-at-top
   _check(targets, predictions)
