@@ -277,6 +277,10 @@ def main(argv: Sequence[str]) -> None:
   """Prints the examples the flags ask for, one JSON line each."""
   import t5x_lite.tasks  # pylint: disable=g-import-not-at-top,unused-import  (the built-in tasks)
   flags, gin_args = _flags().parse_known_args(list(argv))
+  for before, arg in zip([None] + gin_args, gin_args):
+    if not arg.startswith(('--gin_file', '--gin_bindings', '--gin.')) and before not in (
+        '--gin_file', '--gin_bindings'):
+      raise UserError(f"unknown argument '{arg}'; {USAGE[len('usage: '):]}")
   files, bindings = gin_utils.parse_flags(gin_args, require_file=False)
   gin_utils.parse_gin(files, list(_GIN_IMPORTS) + bindings, check_required=False)
   if flags.list:
