@@ -211,6 +211,23 @@ class Evaluator:
     texts = [vocab.decode(_until_eos(t, vocab.eos_id)) for t in tokens.tolist()]
     return list(zip(texts, scores.tolist()))
 
+  def continue_prompts(self, params, prompts: Sequence[np.ndarray],
+                       vocab: seqio.Vocabulary) -> list[tuple[str, float]]:
+    """(continuation, score) of a decoder-only language model per prompt (ids,
+    no EOS): causal attention over the prompt, as the model was trained; a
+    prompt longer than the 'targets' length keeps its end."""
+    length = self.lengths['targets']
+    tokens = np.zeros([len(prompts), length], np.int32)  # BOS 0, the prompt, then 0s
+    lengths = np.zeros([len(prompts)], np.int32)
+    for i, ids in enumerate(prompts):
+      ids = list(ids)[-(length - 1):]
+      tokens[i, 1:1 + len(ids)] = ids
+      lengths[i] = len(ids)
+    features = {'decoder_input_tokens': tokens, 'decoder_prompt_lengths': lengths}
+    out, scores = self._run(self._generate, params, features)
+    texts = [vocab.decode(_until_eos(t, vocab.eos_id)) for t in out.tolist()]
+    return list(zip(texts, scores.tolist()))
+
   def _rank(self, params, task, examples):
     """Rank classification: the best-scoring label word per example."""
     words = registry.label_words(task)

@@ -1,12 +1,18 @@
 """Inference entry point: generations (or predicted labels) as JSONL.
 
-    python -m t5x_lite.infer --gin_file=gin/t5_tiny_infer.gin --gin.CHECKPOINT_PATH=... \
-        [--gin.INPUT_FILE=prompts.txt]
+    python -m t5x_lite.infer --gin_file=configs/runs/infer.gin \
+        --gin_file=MODEL_DIR/config.gin --gin.CHECKPOINT_PATH="'MODEL_DIR'" \
+        [--gin.INPUT_FILE="'prompts.txt'"] [--raw_inputs]
 
-With INPUT_FILE (one input text per line) the inputs come from that file,
-tokenised with the task's input vocabulary; otherwise from the task's split.
-Each output line is {"inputs", "outputs", "score"} (plus "targets" for a task
-split), in input order, written to MODEL_DIR/infer/<name>.jsonl.
+With INPUT_FILE the inputs come from that file alone (the task's dataset is
+never read): each line is formatted as the task formats its rows (T5's
+'sst2 sentence:' prefix, a classifier's text pair, an instruction template
+with its system prompt), or fed as is with `--raw_inputs` (gin RAW_INPUTS);
+see `t5x_lite.infer_inputs` for the file format. Otherwise the inputs are the
+task's split. Each output line is {"inputs" (the text the model reads),
+"outputs" (generated text: a continuation for a language model; a
+classifier's label word), "score"}, plus "line" (the file's line number) or
+"targets" (a split's), in input order, written to MODEL_DIR/infer/<name>.jsonl.
 """
 
 if __name__ == '__main__':  # a run starts here: tune the host before jax and TensorFlow load
@@ -18,25 +24,55 @@ import os
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
-import numpy as np
 import seqio
 
 from t5x_lite import evaluation
 from t5x_lite import gin_utils
+from t5x_lite import infer_inputs
 from t5x_lite import runs
+from t5x_lite.data import pipeline
+from t5x_lite.data import registry
 from t5x_lite.errors import UserError
 from t5x_lite.partitioning import Partitioner
 
 
-def _read_inputs(path: str) -> list[str]:
-  if not os.path.isfile(path):
-    raise UserError(f'INPUT_FILE {path} does not exist; give a text file with one input per line.')
-  with open(path, encoding='utf-8') as f:
-    lines = [line.rstrip('\n') for line in f]
-  lines = [line for line in lines if line.strip()]
-  if not lines:
-    raise UserError(f'INPUT_FILE {path} has no non-empty line.')
-  return lines
+def _file_task(mixture_or_task_name: str,
+               vocabulary: Optional[seqio.Vocabulary]) -> seqio.Task:
+  """The task whose format INPUT_FILE's lines take (a mixture's first task)."""
+  tasks = registry.tasks_of(mixture_or_task_name)
+  if len(tasks) > 1:
+    print(f"{mixture_or_task_name} is a mixture: INPUT_FILE is read as its first task, "
+          f"{tasks[0].name} (set MIXTURE_OR_TASK_NAME to pick another)")
+  return pipeline.with_vocabulary(tasks[0], vocabulary)
+
+
+def predict_file(model: Any, evaluator: evaluation.Evaluator, params: Any, task: seqio.Task,
+                 input_file: str, raw_inputs: bool = False) -> list[dict]:
+  """One output row per line of `input_file` (see the module doc)."""
+  how = infer_inputs.kind(task)
+  if (how == 'classification') == bool(model.GENERATES):
+    want = 'a classifier (a _cls task)' if how == 'classification' else 'a generating model'
+    raise UserError(f"task '{task.name}' needs {want}, and the model is "
+                    f'{type(model).__name__}; set MIXTURE_OR_TASK_NAME to the task the '
+                    'checkpoint was trained on (its config.gin).')
+  lines = infer_inputs.read(input_file, raw_inputs)
+  groups = infer_inputs.examples(task, lines, evaluator.lengths, input_file, raw_inputs)
+  flat = [ex for group in groups for ex in group]
+  if how == 'lm':
+    outputs = evaluator.continue_prompts(params, [ex['inputs'] for ex in flat],
+                                         task.output_features['targets'].vocabulary)
+  else:
+    outputs = evaluator.predict_examples(params, task, flat)
+  rows, start = [], 0
+  for line, group in zip(lines, groups):
+    mine = outputs[start:start + len(group)]
+    start += len(group)
+    output, score = (infer_inputs.label_word(task, group, mine) if how == 'classification'
+                     else mine[0])
+    inputs = [infer_inputs.text(ex['inputs_pretokenized']) for ex in group]
+    rows.append({'line': line.lineno, 'inputs': inputs[0] if len(inputs) == 1 else inputs,
+                 'outputs': output, 'score': score})
+  return rows
 
 
 def infer(*,
@@ -47,13 +83,19 @@ def infer(*,
           checkpoint_path: str,
           model_dir: str,
           input_file: Optional[str] = None,
+          raw_inputs: bool = False,
           split: str = 'validation',
           decode: Optional[Mapping[str, Any]] = None,
           num_examples: Optional[int] = None,
           seed: int = 0,
           partitioner: Optional[Partitioner] = None,
           vocabulary: Optional[seqio.Vocabulary] = None) -> str:
-  """Writes predictions for a task split or INPUT_FILE; returns the JSONL path."""
+  """Writes predictions for a task split or INPUT_FILE; returns the JSONL path.
+
+  With `input_file` nothing of the task's dataset is read: the model's shapes
+  come from the feature lengths, the inputs from the file (`raw_inputs`: the
+  lines as they are).
+  """
   run = runs.Run(model, runs.Data(mixture_or_task_name, task_feature_lengths, batch_size,
                                    split=split, seed=seed, vocabulary=vocabulary),
                  partitioner, check_data=not input_file)
@@ -61,21 +103,19 @@ def infer(*,
   evaluator = evaluation.Evaluator(
       model, partitioner, task_feature_lengths, batch_size, split=split, decode=decode,
       num_examples=num_examples, seed=seed, vocabulary=vocabulary)
-  task = run.task
-  if not isinstance(task, seqio.Task):
-    task = evaluation.eval_tasks(mixture_or_task_name, split)[0]
-  params = evaluation.load_params(model, partitioner, checkpoint_path,
-                                  evaluator.batch_shapes(task))
   if input_file:
-    vocab = task.output_features['inputs'].vocabulary
-    texts = _read_inputs(input_file)
-    limit = task_feature_lengths['inputs'] - 1
-    examples = [{'inputs': np.asarray(vocab.encode(t)[:limit] + [vocab.eos_id], np.int32),
-                 'inputs_pretokenized': t} for t in texts]
-    outputs = evaluator.predict_examples(params, task, examples)
-    rows = [{'inputs': t, 'outputs': o, 'score': s} for t, (o, s) in zip(texts, outputs)]
+    task = _file_task(mixture_or_task_name, vocabulary)
+    runs.check_vocab(model, pipeline.output_vocab_size(task))
+    shapes = runs.converter_batch_shapes(model, task_feature_lengths, batch_size, pack=False)
+    params = evaluation.load_params(model, partitioner, checkpoint_path, shapes)
+    rows = predict_file(model, evaluator, params, task, input_file, raw_inputs)
     name = os.path.splitext(os.path.basename(input_file))[0]
   else:
+    task = run.task
+    if not isinstance(task, seqio.Task):
+      task = evaluation.eval_tasks(mixture_or_task_name, split)[0]
+    params = evaluation.load_params(model, partitioner, checkpoint_path,
+                                    evaluator.batch_shapes(task))
     rows = [{'inputs': r['inputs'], 'targets': r['target'], 'outputs': r['prediction'],
              'score': r['score']} for r in evaluator.evaluate(params, task).rows]
     name = f'{task.name}-{split}'
@@ -89,7 +129,11 @@ def infer(*,
 
 
 def main(argv: Sequence[str]) -> None:
+  """`--raw_inputs` is gin's RAW_INPUTS = True; the other arguments are gin's."""
   import t5x_lite.tasks  # pylint: disable=g-import-not-at-top,unused-import  (the built-in tasks)
+  argv = list(argv)
+  if '--raw_inputs' in argv:
+    argv = [a for a in argv if a != '--raw_inputs'] + ['--gin.RAW_INPUTS=True']
   gin_utils.call_configured(infer, argv)
 
 
