@@ -17,6 +17,10 @@
   super_glue_v102_proportional, read from TFDS or the original files (see
   `t5x_lite.data.glue_sources.data_settings`); classification tasks carry
   their label words as task metadata (`t5x_lite.data.registry.label_words`).
+- SQuAD, CNN/DailyMail and WMT (`t5x_lite.tasks.downstream`): T5's
+  squad_v010_allanswers, squad_v010_context_free, cnn_dailymail_v002 and
+  wmt{14_ende,14_enfr,15_enfr,16_enro,19_ende,_t2t_ende}_v003, read from TFDS
+  or the user's files (`t5x_lite.data.downstream_sources`).
 - `embedded_span_corruption`: T5 span corruption over the embedded corpus
   (the stdlib documentation; always available; splits train / validation).
 - `c4_v220_span_corruption`: T5 span corruption over TFDS `c4/en:3.1.0` (the
@@ -67,5 +71,6 @@ from t5x_lite.tasks import bart
 from t5x_lite.tasks import bert
 from t5x_lite.tasks import glue
 from t5x_lite.tasks import glue_cls
+from t5x_lite.tasks import downstream
 from t5x_lite.tasks import instructions
 from t5x_lite.tasks import preferences

@@ -4,9 +4,10 @@ The data layer never reads gin. An entry point binds the settings in its gin
 files and hands them to `use` (`gin_utils.parse_gin` does this after parsing);
 sources and preprocessors read them here when a dataset is built:
 
-- `glue()`: where GLUE / SuperGLUE rows come from, a `DataSettings` (in gin,
-  `glue_sources.data_settings.source = 'files'` and the other arguments of
-  `data_settings`);
+- `glue()`: where GLUE / SuperGLUE rows come from, and those of SQuAD,
+  CNN/DailyMail and WMT (`t5x_lite.data.downstream_sources`), a `DataSettings`
+  (in gin, `glue_sources.data_settings.source = 'files'` and the other
+  arguments of `data_settings`);
 - `bart_denoise()`: the keyword arguments of `bart_noise.bart_denoise` in the
   BART denoising task (in gin, `bart_noise.bart_denoise.schemes = [...]`).
 
@@ -16,7 +17,11 @@ A program that builds datasets without gin calls `use` itself, e.g.
 
 import dataclasses
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
+
+# split -> file (SQuAD JSON, CNN/DailyMail JSONL), or for translation also
+# split -> {language: plain-text file}.
+SplitFiles = Mapping[str, Union[str, Mapping[str, str]]]
 
 from t5x_lite.errors import UserError
 
@@ -28,10 +33,14 @@ class DataSettings:
   super_glue_dir: Optional[str] = None
   tfds_data_dir: Optional[str] = None
   on_bad_row: str = 'raise'
+  squad_files: Optional[SplitFiles] = None
+  cnn_dailymail_files: Optional[SplitFiles] = None
+  translation_files: Optional[Mapping[str, SplitFiles]] = None
 
 
 def data_settings(source='tfds', glue_dir=None, super_glue_dir=None,
-                  tfds_data_dir=None, on_bad_row='raise'):
+                  tfds_data_dir=None, on_bad_row='raise', squad_files=None,
+                  cnn_dailymail_files=None, translation_files=None):
   """Where GLUE / SuperGLUE rows come from; bind its arguments in gin.
 
   Args:
@@ -43,6 +52,13 @@ def data_settings(source='tfds', glue_dir=None, super_glue_dir=None,
       ~/tensorflow_datasets).
     on_bad_row: 'raise' (UserError naming file and line) or 'skip' (drop the
       row; one warning counts the dropped rows).
+    squad_files: with 'files', {split: SQuAD JSON file (v1.1 or v2.0)} for
+      the squad_v010_* tasks, e.g. {'validation': '/data/dev-v1.1.json'}.
+    cnn_dailymail_files: with 'files', {split: JSONL file of {"article",
+      "highlights"} rows} for cnn_dailymail_v002.
+    translation_files: with 'files', {task name: {split: JSONL file of
+      {"translation": {"en": ..., "de": ...}} rows, or {language: plain-text
+      file} of line-aligned files}} for the wmt*_v003 tasks.
 
   Returns:
     A DataSettings.
@@ -53,9 +69,16 @@ def data_settings(source='tfds', glue_dir=None, super_glue_dir=None,
   if on_bad_row not in ('raise', 'skip'):
     raise UserError(f'glue_sources.data_settings.on_bad_row={on_bad_row!r} is '
                     "unknown; use 'raise' or 'skip'.")
+  for name, files in (('squad_files', squad_files),
+                      ('cnn_dailymail_files', cnn_dailymail_files),
+                      ('translation_files', translation_files)):
+    if files is not None and not isinstance(files, Mapping):
+      raise UserError(f'glue_sources.data_settings.{name} must be a dict '
+                      f'(split -> file), not {type(files).__name__}.')
   return DataSettings(source, glue_dir and os.fspath(glue_dir),
                       super_glue_dir and os.fspath(super_glue_dir),
-                      tfds_data_dir and os.fspath(tfds_data_dir), on_bad_row)
+                      tfds_data_dir and os.fspath(tfds_data_dir), on_bad_row,
+                      squad_files, cnn_dailymail_files, translation_files)
 
 
 _GLUE = DataSettings()
