@@ -188,7 +188,7 @@ def test_finetune_then_eval_and_infer_on_sst2_files(tmp_path, uninterrupted):
 
   prompts = tmp_path / 'prompts.txt'
   prompts.write_text('sst2 sentence: a gorgeous film .\nsst2 sentence: dull and slow .\n')
-  _main_in_process(infer_lib, ['--gin_file=configs/runs/infer.gin', *common,
+  _main_in_process(infer_lib, ['--gin_file=configs/runs/infer.gin', *common, '--raw_inputs',
                                f"--gin.MODEL_DIR='{out}'", f"--gin.INPUT_FILE='{prompts}'",
                                "--gin.DECODE={'method': 'beam', 'num_beams': 2}",
                                "--gin.glue_sources.data_settings.source='files'"])
