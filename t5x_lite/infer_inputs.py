@@ -4,11 +4,12 @@ alone, formatted as the task formats its own rows, without its dataset.
 The file:
 
   *.jsonl      one JSON object per line with the fields of the task's rows
-               (GLUE / SuperGLUE: TFDS's names, e.g. {"sentence1": ...,
-               "sentence2": ...} for RTE, {"premise": ..., "hypothesis": ...}
-               for MNLI; instruction tasks: {"instruction", "input"}, dolly's
-               {"instruction", "context"} or chat's {"messages": [...]} ending
-               with the user's turn). A line that is not such an object is
+               (TFDS's names, e.g. {"sentence1": ..., "sentence2": ...} for
+               RTE, {"premise": ..., "hypothesis": ...} for MNLI,
+               {"question": ..., "context": ...} for SQuAD; instruction
+               tasks: {"instruction", "input"}, dolly's {"instruction",
+               "context"} or chat's {"messages": [...]} ending with the
+               user's turn). A line that is not such an object is
                one error naming the file and line.
   other names  one input text per line: the one text field of a
                single-sentence task (SST-2, CoLA), the instruction of an
@@ -16,15 +17,19 @@ The file:
 
 Empty lines are skipped. What each line becomes, by the task's source:
 
-  GLUE / SuperGLUE rows  the row runs through the task's own preprocessors
-                         (T5's 'sst2 sentence: ...', the `_cls` twins' text_a /
-                         text_b, the Flan-style templates); 'label' is -1 and
-                         'idx' 0 unless the line gives them ('idx' picks an
-                         instruction template).
+  TFDS-shaped rows       (GLUE / SuperGLUE, SQuAD, CNN/DailyMail, WMT) the row
+                         runs through the task's own preprocessors (T5's
+                         'sst2 sentence: ...', 'summarize: ...', 'translate
+                         English to German: ...', the `_cls` twins' text_a /
+                         text_b, the Flan-style templates). A plain line fills
+                         the task's one input field (`input_fields`); fields
+                         left out of a JSON object are empty, 'label' -1 and
+                         'idx' 0 ('idx' picks an instruction template).
   instruction files      the shared prompt template with the task's system
                          prompt (`t5x_lite.data.instructions.render_prompt`;
-                         SNI tasks put their task file's definition first),
-                         tokenized and cut as the task does (the end kept).
+                         an SNI task puts its task file's definition first,
+                         the line being the instance), tokenized and cut as
+                         the task does (the end kept).
   anything else          (corpora: span corruption, LM, denoising) the line is
                          the model input as is.
 
@@ -53,10 +58,6 @@ class Line:
   lineno: int
   text: str
   record: Optional[dict] = None
-
-  def show(self) -> Any:
-    """The line as the output's 'inputs' shows it."""
-    return self.record if self.record is not None else self.text
 
 
 def read(path: str, raw: bool = False) -> list[Line]:
@@ -88,10 +89,11 @@ def read(path: str, raw: bool = False) -> list[Line]:
 
 
 def kind(task: seqio.Task) -> str:
-  """'encoder_decoder' (inputs -> targets), 'lm' (targets only) or 'classification'."""
+  """'text_to_text' (inputs -> targets: T5, BART, a GPT prompt -> response),
+  'lm' (targets only: a decoder-only language model) or 'classification'."""
   features = task.output_features
   if 'inputs' in features and 'targets' in features:
-    return 'encoder_decoder'
+    return 'text_to_text'
   if 'targets' in features:
     return 'lm'
   if 'text_a' in features:
@@ -108,57 +110,100 @@ def _where(path: str, line: Line) -> str:
   return f'{path}:{line.lineno}'
 
 
-def _glue_row(source, line: Line, path: str, task_name: str) -> dict:
-  """The TFDS-shaped row of a GLUE / SuperGLUE source for one line."""
-  signature = glue_sources.output_signature(source.benchmark, source.config)
-  texts = [k for k, s in signature.items()
-           if not isinstance(s, dict) and s.dtype == tf.string and s.shape.rank == 0]
+def signature(source) -> Optional[Mapping[str, Any]]:
+  """The TFDS-shaped row spec of a source that has one (GLUE / SuperGLUE,
+  SQuAD, CNN/DailyMail, WMT), else None."""
+  if isinstance(source, glue_sources.GlueSource):
+    return glue_sources.output_signature(source.benchmark, source.config)
+  spec = getattr(source, 'output_signature', None)
+  return spec if isinstance(spec, Mapping) else None
+
+
+def _is_text(spec) -> bool:
+  return not isinstance(spec, Mapping) and spec.dtype == tf.string and spec.shape.rank == 0
+
+
+def input_fields(task: seqio.Task) -> tuple[str, ...]:
+  """The row fields a task's inputs are made of (a plain line fills the one
+  field of a single-field task); the others may be left out."""
+  spec = signature(task.source)
+  options = getattr(task.preprocessors[0], 'keywords', {}) if task.preprocessors else {}
+  kind = getattr(task.source, 'kind', None)
+  if kind == 'squad':
+    return ('question', 'context') if options.get('include_context', True) else ('question',)
+  if kind == 'cnn_dailymail':
+    return (options.get('article_key', 'article'),)
+  if kind == 'translation':
+    return (options.get('source_language', task.source.languages[0]),)
+  return tuple(k for k, v in spec.items() if _is_text(v))
+
+
+def _default(spec) -> Any:
+  """A left-out field: '' / 0, one such element for a list inside a record."""
+  if isinstance(spec, Mapping):
+    return {k: _default(v) for k, v in spec.items()}
+  value = '' if spec.dtype == tf.string else 0
+  return [value] if spec.shape.rank else value
+
+
+def _row(task: seqio.Task, line: Line, path: str) -> dict:
+  """The TFDS-shaped row of the task's source for one line."""
+  spec = signature(task.source)
+  fields = input_fields(task)
   record = line.record
   if record is None:
-    if len(texts) != 1:
-      raise UserError(f'{_where(path, line)}: task {task_name} reads the fields '
-                      f"{', '.join(texts)}; give INPUT_FILE as a .jsonl file with one object "
+    if len(fields) != 1:
+      raise UserError(f'{_where(path, line)}: task {task.name} reads the fields '
+                      f"{', '.join(fields)}; give INPUT_FILE as a .jsonl file with one object "
                       'of those fields per line, or --raw_inputs.')
-    record = {texts[0]: line.text}
-  unknown = sorted(set(record) - set(signature))
+    record = {fields[0]: line.text}
+  unknown = sorted(set(record) - set(spec))
   if unknown:
-    raise UserError(f"{_where(path, line)}: unknown field '{unknown[0]}' for task {task_name}; "
-                    f"it reads {', '.join(sorted(signature))}.")
+    raise UserError(f"{_where(path, line)}: unknown field '{unknown[0]}' for task {task.name}; "
+                    f"it reads {', '.join(sorted(spec))}.")
   row = {}
-  for key, spec in signature.items():
+  for key, field_spec in spec.items():
     value = record.get(key)
-    if isinstance(spec, dict):  # a row id of several parts: zeros unless given
-      value = value if isinstance(value, dict) else {}
-      row[key] = {k: np.int32(value.get(k, 0)) for k in spec}
+    if isinstance(field_spec, Mapping):  # a row id or SQuAD's answers: defaults unless given
+      value = value if isinstance(value, Mapping) else {}
+      row[key] = {k: _array(value.get(k, _default(v)), v, path, line, f'{key}.{k}')
+                  for k, v in field_spec.items()}
     elif key == 'label':
-      row[key] = np.asarray(-1 if value is None else value, spec.dtype.as_numpy_dtype)
-    elif key == 'idx':
-      row[key] = np.int32(value or 0)
-    elif spec.dtype == tf.string:
-      if spec.shape.rank:  # ReCoRD's entities / answers
-        if value is None and key == 'answers':
-          value = []
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-          raise UserError(f"{_where(path, line)}: field '{key}' must be a list of strings "
-                          f'for task {task_name}.')
-        row[key] = np.asarray(value, dtype=object).astype(bytes).reshape([-1])
-      else:
-        if not isinstance(value, str):
-          raise UserError(f"{_where(path, line)}: task {task_name} needs a string field "
-                          f"'{key}' (it reads {', '.join(texts)}).")
-        row[key] = value
+      row[key] = np.asarray(-1 if value is None else value, field_spec.dtype.as_numpy_dtype)
+    elif value is None and (key in fields or key == 'entities' or (
+        field_spec.dtype != tf.string and key != 'idx')):  # e.g. WSC's span indices
+      raise UserError(f"{_where(path, line)}: task {task.name} needs the field '{key}' "
+                      f"(it reads {', '.join(sorted(spec))}).")
+    elif value is None:  # a target or an id: empty
+      row[key] = _array([] if field_spec.shape.rank else _default(field_spec), field_spec,
+                        path, line, key)
     else:
-      if not isinstance(value, int):
-        raise UserError(f"{_where(path, line)}: task {task_name} needs an integer field '{key}'.")
-      row[key] = np.asarray(value, spec.dtype.as_numpy_dtype)
+      row[key] = _array(value, field_spec, path, line, key)
   return row
 
 
-def _glue_examples(task: seqio.Task, rows: Sequence[dict],
-                   lengths: Mapping[str, int]) -> list[dict]:
+def _array(value: Any, spec, path: str, line: Line, key: str) -> Any:
+  """`value` as `spec` says (a string, an integer, or a list of them)."""
+  is_string = spec.dtype == tf.string
+  kind, noun = (str, 'string') if is_string else (int, 'integer')
+  ok = lambda v: isinstance(v, kind) and not isinstance(v, bool)
+  if spec.shape.rank:
+    if not isinstance(value, list) or not all(ok(v) for v in value):
+      raise UserError(f"{_where(path, line)}: field '{key}' must be a list of {noun}s.")
+    if is_string:
+      return np.asarray([v.encode('utf-8') for v in value], dtype=object).reshape([-1])
+    return np.asarray(value, spec.dtype.as_numpy_dtype).reshape([-1])
+  if not ok(value):
+    raise UserError(f"{_where(path, line)}: field '{key}' must be "
+                    f"{'a string' if is_string else 'an integer'}.")
+  return value.encode('utf-8') if is_string else np.asarray(value, spec.dtype.as_numpy_dtype)
+
+
+def _row_examples(task: seqio.Task, rows: Sequence[dict],
+                  lengths: Mapping[str, int]) -> list[dict]:
   """The task's examples of `rows` (its preprocessors, as its `get_dataset`)."""
-  signature = glue_sources.output_signature(task.source.benchmark, task.source.config)
-  ds = tf.data.Dataset.from_generator(lambda: iter(rows), output_signature=signature)
+  ds = tf.data.Dataset.from_generator(lambda: iter(rows),
+                                      output_signature=dict(signature(task.source)))
   ds = task.preprocess_precache(ds, seed=0)
   ds = task.preprocess_postcache(ds, sequence_length=dict(lengths), seed=0)
   return list(ds.as_numpy_iterator())
@@ -224,7 +269,7 @@ def _is_instruction_source(source) -> bool:
 
 def formats_inputs(task: seqio.Task) -> bool:
   """Whether the task has an input format of its own (else lines are fed as is)."""
-  return isinstance(task.source, glue_sources.GlueSource) or _is_instruction_source(task.source)
+  return signature(task.source) is not None or _is_instruction_source(task.source)
 
 
 # ----------------------------------------------------------------------------
@@ -245,7 +290,7 @@ def examples(task: seqio.Task, lines: Sequence[Line], lengths: Mapping[str, int]
                                 l.text, None),
               'inputs_pretokenized': l.text}] for l in lines]
   if raw or not formats_inputs(task):
-    if how == 'encoder_decoder':
+    if how == 'text_to_text':
       return [[{'inputs': _encode(features['inputs'], l.text, lengths.get('inputs')),
                 'inputs_pretokenized': l.text}] for l in lines]
     out = []
@@ -265,12 +310,12 @@ def examples(task: seqio.Task, lines: Sequence[Line], lengths: Mapping[str, int]
                                      keep_end=True),
                    'inputs_pretokenized': prompt}])
     return out
-  rows = [_glue_row(task.source, l, path, task.name) for l in lines]
-  found = _glue_examples(task, rows, lengths)
+  rows = [_row(task, l, path) for l in lines]
+  found = _row_examples(task, rows, lengths)
   if len(found) == len(rows):
     grouped = [[ex] for ex in found]
   else:  # several examples per row (COPA, ReCoRD candidates): row by row
-    grouped = [_glue_examples(task, [row], lengths) for row in rows]
+    grouped = [_row_examples(task, [row], lengths) for row in rows]
   for group in grouped:
     for ex in group:
       if 'inputs_pretokenized' not in ex:
