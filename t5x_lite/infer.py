@@ -46,17 +46,21 @@ def _file_task(mixture_or_task_name: str,
   return pipeline.with_vocabulary(tasks[0], vocabulary)
 
 
-def predict_file(model: Any, evaluator: evaluation.Evaluator, params: Any, task: seqio.Task,
-                 input_file: str, raw_inputs: bool = False) -> list[dict]:
-  """One output row per line of `input_file` (see the module doc)."""
+def _check_head(model: Any, task: seqio.Task) -> str:
+  """The task's kind (`infer_inputs.kind`), once it is known to suit the model."""
   how = infer_inputs.kind(task)
   if (how == 'classification') == bool(model.GENERATES):
     want = 'a classifier (a _cls task)' if how == 'classification' else 'a generating model'
     raise UserError(f"task '{task.name}' needs {want}, and the model is "
                     f'{type(model).__name__}; set MIXTURE_OR_TASK_NAME to the task the '
                     'checkpoint was trained on (its config.gin).')
-  lines = infer_inputs.read(input_file, raw_inputs)
-  groups = infer_inputs.examples(task, lines, evaluator.lengths, input_file, raw_inputs)
+  return how
+
+
+def _predict_lines(evaluator: evaluation.Evaluator, params: Any, task: seqio.Task, how: str,
+                   lines: Sequence[infer_inputs.Line],
+                   groups: Sequence[Sequence[dict]]) -> list[dict]:
+  """One output row per line, from its examples `groups` (see the module doc)."""
   flat = [ex for group in groups for ex in group]
   if how == 'lm':
     outputs = evaluator.continue_prompts(params, [ex['inputs'] for ex in flat],
@@ -106,9 +110,12 @@ def infer(*,
   if input_file:
     task = _file_task(mixture_or_task_name, vocabulary)
     runs.check_vocab(model, pipeline.output_vocab_size(task))
+    how = _check_head(model, task)
+    lines = infer_inputs.read(input_file, raw_inputs)  # the file's mistakes before the load
+    groups = infer_inputs.examples(task, lines, evaluator.lengths, input_file, raw_inputs)
     shapes = runs.converter_batch_shapes(model, task_feature_lengths, batch_size, pack=False)
     params = evaluation.load_params(model, partitioner, checkpoint_path, shapes)
-    rows = predict_file(model, evaluator, params, task, input_file, raw_inputs)
+    rows = _predict_lines(evaluator, params, task, how, lines, groups)
     name = os.path.splitext(os.path.basename(input_file))[0]
   else:
     task = run.task
