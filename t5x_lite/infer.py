@@ -38,12 +38,18 @@ from t5x_lite.partitioning import Partitioner
 
 def _file_task(mixture_or_task_name: str,
                vocabulary: Optional[seqio.Vocabulary]) -> seqio.Task:
-  """The task whose format INPUT_FILE's lines take (a mixture's first task)."""
+  """The task whose format INPUT_FILE's lines take (a mixture's first task; a
+  preference task as prompt -> chosen response, what its DPO run tuned)."""
   tasks = registry.tasks_of(mixture_or_task_name)
   if len(tasks) > 1:
     print(f"{mixture_or_task_name} is a mixture: INPUT_FILE is read as its first task, "
           f"{tasks[0].name} (set MIXTURE_OR_TASK_NAME to pick another)")
-  return pipeline.with_vocabulary(tasks[0], vocabulary)
+  task = pipeline.with_vocabulary(tasks[0], vocabulary)
+  features = task.output_features
+  if 'chosen' in features and 'targets' not in features:
+    task = task.replace(output_features={'inputs': features['inputs'],
+                                         'targets': features['chosen']})
+  return task
 
 
 def _check_head(model: Any, task: seqio.Task) -> str:

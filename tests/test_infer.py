@@ -212,6 +212,14 @@ def test_instruction_task_applies_template_and_system_prompt():
   seqio.TaskRegistry.remove('infer_test_chat_gpt')
 
 
+def test_preference_task_reads_lines_as_prompts():
+  """A DPO run's config.gin names a preference task: its prompt template applies."""
+  task = infer_lib._file_task('dpo_en_demo', None)  # pylint: disable=protected-access
+  got, = infer_inputs.examples(task, [infer_inputs.Line(1, 'Say hi.')],
+                               {'inputs': 64, 'targets': 8}, 'p.txt')
+  assert got[0]['inputs_pretokenized'] == '### Instruction:\nSay hi.\n\n### Response:\n'
+
+
 def test_malformed_jsonl_line_is_one_line_naming_file_and_line(tmp_path):
   path = tmp_path / 'rows.jsonl'
   path.write_text('{"sentence": "fine"}\n{"sentence": broken\n')
