@@ -263,8 +263,9 @@ def _encode(feature: seqio.Feature, text: str, length: Optional[int],
 
 
 def _is_instruction_source(source) -> bool:
-  from t5x_lite.tasks import instructions as instruction_tasks  # pylint: disable=g-import-not-at-top
-  return isinstance(source, instruction_tasks.InstructionSource)
+  """An instruction (or preference) file source of `t5x_lite.tasks.instructions`
+  (known by its KIND: this layer does not import the task registry)."""
+  return getattr(source, 'KIND', None) in ('instruction', 'preference')
 
 
 def formats_inputs(task: seqio.Task) -> bool:
