@@ -18,6 +18,10 @@ Tasks: squad_v010_allanswers and squad_v010_context_free (TFDS
 wmt14_enfr_v003, wmt15_enfr_v003, wmt16_enro_v003, wmt19_ende_v003 and
 wmt_t2t_ende_v003 (`wmtYY_translate/<xx>-en:1.0.0`, sacreBLEU). Rows come from
 TFDS or the user's files (`t5x_lite.data.downstream_sources`).
+
+Mixture `all_supervised_proportional`: every task T5 fine-tuned on at once
+(GLUE, SuperGLUE, CNN/DailyMail, SQuAD, WMT En-De / En-Fr / En-Ro), mixed by
+training rows capped at 2**19, as T5's `all_proportional` without its C4 task.
 """
 
 import functools
@@ -138,3 +142,26 @@ for _name, (_tfds_name, _target, _num_splits) in WMT_TASKS.items():
        functools.partial(translate, source_language='en',
                          target_language=_target),
        [metrics.bleu])
+
+
+# ----------------------------------------------------------------------------
+# The mixture of T5's supervised tasks.
+
+# T5's `_supervised_tasks` (t5.data.mixtures): GLUE, SuperGLUE, CNN/DailyMail,
+# SQuAD and three WMT pairs.
+SUPERVISED_MIXTURE_TASKS = (glue.GLUE_MIXTURE_TASKS + glue.SUPER_GLUE_MIXTURE_TASKS
+                            + ('cnn_dailymail_v002', 'squad_v010_allanswers',
+                               'wmt_t2t_ende_v003', 'wmt15_enfr_v003',
+                               'wmt16_enro_v003'))
+
+
+def supervised_rate(task, maximum=glue.MAX_RATE):
+  """Training rows capped at `maximum`; GLUE's RTE halved (SuperGLUE has it too),
+  as T5's `_dedupe`."""
+  rate = glue.rate_num_examples(task, maximum)
+  return rate * 0.5 if task.name == 'glue_rte_v002' else rate
+
+
+seqio.MixtureRegistry.remove('all_supervised_proportional')
+seqio.MixtureRegistry.add('all_supervised_proportional',
+                          [(t, supervised_rate) for t in SUPERVISED_MIXTURE_TASKS])

@@ -13,19 +13,24 @@ import string
 from unittest import mock
 
 import gin
+import jax.numpy as jnp
 import pytest
 import seqio
 import tensorflow as tf
 
 from conftest import SHARED_DATA, require, require_shared_data
+from t5x_lite import evaluation
 from t5x_lite import gin_utils
 from t5x_lite import metrics
+from t5x_lite import train as train_lib
 from t5x_lite.data import downstream_sources
 from t5x_lite.data import glue_sources
 from t5x_lite.data import registry
 from t5x_lite.data import settings
 from t5x_lite.errors import UserError
+from t5x_lite.partitioning import Partitioner
 from t5x_lite.tasks import downstream  # registers the tasks
+from t5x_lite.tasks import glue
 
 SQUAD = os.path.join(SHARED_DATA, 'squad', 'dev-v2.0_two_articles.json')
 WMT16 = os.path.join(SHARED_DATA, 'translation', 'wmt16_en_ro_sample.jsonl')
@@ -335,3 +340,110 @@ def test_tfds_source_reads_what_the_squad_builder_prepares(shared_squad,
   rows_b = list(ds_b.as_numpy_iterator())
   assert from_tfds.num_input_examples('validation') == len(rows_a) == 276
   assert canon(rows_a) == canon(rows_b)
+
+
+class _ConstantModel:
+  """An encoder-decoder stand-in that generates one fixed text for every row."""
+  FEATURE_CONVERTER_CLS = seqio.EncDecFeatureConverter
+  DECODER_ONLY = False
+  GENERATES = True
+
+  def __init__(self, text):
+    self.ids = glue.output_features()['targets'].vocabulary.encode(text) + [1]
+
+  def predict_batch(self, params, batch, rng=None, *, max_decode_length, **kwargs):
+    del params, rng, kwargs
+    rows = batch['encoder_input_tokens'].shape[0]
+    out = jnp.zeros((rows, max_decode_length), jnp.int32)
+    return out.at[:, :len(self.ids)].set(jnp.asarray(self.ids)), jnp.zeros(rows)
+
+  def score(self, params, batch):
+    del params
+    return jnp.zeros(batch['decoder_target_tokens'].shape[0])
+
+
+def test_evaluation_scores_squad_against_every_answer(shared_squad):
+  """The metric sees every answer (T5's qa postprocessor), not the first: the
+  second question's second answer, generated for the first 8 answerable
+  questions, is an exact match once (the file read with json)."""
+  del shared_squad
+  answers = [[a['text'] for a in qa['answers']]
+             for p in _squad_json()['data'][0]['paragraphs'] for qa in p['qas']
+             if not qa['is_impossible']][:8]
+  guess = 'in the 10th and 11th centuries'
+  assert [guess in a for a in answers] == [False, True] + [False] * 6
+  assert answers[1][0] == '10th and 11th centuries'  # not EM with the first
+  settings.use(glue=glue_sources.data_settings(
+      source='files', squad_files={'validation': SQUAD}))
+  try:
+    result = evaluation.Evaluator(
+        _ConstantModel(guess), Partitioner(), {'inputs': 512, 'targets': 16},
+        batch_size=4, num_examples=8).evaluate(
+            None, seqio.get_mixture_or_task('squad_v010_allanswers'))
+  finally:
+    settings.use()
+  assert result.metrics['em'] == pytest.approx(100 / 8)
+  assert result.metrics == pytest.approx(metrics.squad(
+      [[_pad(t) for t in a] for a in answers], [guess] * 8))
+  assert [r['prediction'] for r in result.rows] == [guess] * 8
+
+
+def test_supervised_mixture_rates(tmp_path):
+  require_shared_data('glue', 'RTE', 'train.tsv')
+  require_shared_data('translation/wmt16_en_ro_sample.jsonl')
+  mixture = seqio.get_mixture_or_task('all_supervised_proportional')
+  assert {t.name for t in mixture.tasks} == set(
+      downstream.SUPERVISED_MIXTURE_TASKS)
+  assert {'cnn_dailymail_v002', 'squad_v010_allanswers', 'wmt_t2t_ende_v003',
+          'wmt15_enfr_v003', 'wmt16_enro_v003', 'glue_sst2_v002',
+          'super_glue_rte_v102'} <= set(downstream.SUPERVISED_MIXTURE_TASKS)
+  tasks = {t.name: t for t in mixture.tasks}
+  settings.use(glue=glue_sources.data_settings(
+      source='files', glue_dir=os.path.join(SHARED_DATA, 'glue'),
+      squad_files={'train': SQUAD},
+      translation_files={'wmt16_enro_v003': {'train': WMT16}}))
+  try:
+    assert mixture.get_rate(tasks['wmt16_enro_v003']) == 10
+    assert mixture.get_rate(tasks['squad_v010_allanswers']) == 276
+    assert mixture.get_rate(tasks['glue_rte_v002']) == 2490 / 2  # as T5's _dedupe
+    assert downstream.supervised_rate(tasks['squad_v010_allanswers'],
+                                      maximum=100) == 100
+  finally:
+    settings.use()
+
+
+TINY_T5 = [f'--gin.encoder_decoder.T5Config.{k}={v}' for k, v in (
+    ('emb_dim', 32), ('num_heads', 2), ('head_dim', 16), ('mlp_dim', 64),
+    ('num_encoder_layers', 1), ('num_decoder_layers', 1))]
+
+
+@pytest.mark.parametrize('gin_file, task, metric', [
+    ('gin/t5_tiny_squad_finetune.gin', 'squad_v010_allanswers', 'f1'),
+    ('gin/t5_tiny_wmt_finetune.gin', 'wmt16_enro_v003', 'bleu')])
+def test_tiny_gins_fine_tune_and_evaluate(tmp_path, gin_file, task, metric):
+  """The tiny gins' runs on the shared samples (a smaller model, 2 steps):
+  the task's metrics in metrics.jsonl and MODEL_DIR/eval/<step>/."""
+  require_shared_data('squad/dev-v2.0_two_articles.json')
+  require_shared_data('translation/wmt16_en_ro_sample.jsonl')
+  model_dir = str(tmp_path / 'run')
+  gin.clear_config(clear_constants=True)
+  try:
+    train_lib.main([f'--gin_file={gin_file}', *TINY_T5,
+                    f"--gin.MODEL_DIR='{model_dir}'", '--gin.TRAIN_STEPS=2',
+                    '--gin.EVAL_PERIOD=2', '--gin.CHECKPOINT_PERIOD=2',
+                    '--gin.EVAL_NUM_EXAMPLES=4', '--gin.BATCH_SIZE=2',
+                    "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}",
+                    '--gin.train_script.train.progress_bar=False'])
+  finally:
+    gin.clear_config(clear_constants=True)
+    settings.use()
+  with open(os.path.join(model_dir, 'metrics.jsonl'), encoding='utf-8') as f:
+    evals = [json.loads(line) for line in f if 'eval/' in line]
+  assert [sorted(e) for e in evals] == [sorted(['step', f'eval/{task}/{metric}'] + (
+      [f'eval/{task}/em'] if metric == 'f1' else []))]
+  with open(os.path.join(model_dir, 'eval', '2', 'metrics.json'),
+            encoding='utf-8') as f:
+    assert json.load(f)['tasks'][task][metric] == evals[0][f'eval/{task}/{metric}']
+  with open(os.path.join(model_dir, 'eval', '2', f'{task}.jsonl'),
+            encoding='utf-8') as f:
+    assert len(f.readlines()) == 4
