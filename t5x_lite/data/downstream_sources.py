@@ -437,12 +437,6 @@ class DownstreamSource(seqio.DataSource):
                         f'in {_SETTING}.{self._setting_name()}); fix the path.')
     return paths
 
-  def _squad(self, path, on_bad_row):
-    stat = tf.io.gfile.stat(path)
-    rows = _squad_rows(path, stat.length, stat.mtime_nsec)
-    _check_bad(path, rows.bad, on_bad_row, where='place')
-    return rows
-
   def _aligned(self, paths, on_bad_row):
     """Scans of line-aligned files; their line counts must be equal."""
     scans = {}
@@ -475,7 +469,10 @@ class DownstreamSource(seqio.DataSource):
     """(number of rows, fn(order) -> examples iterator)."""
     paths = self.local_files(split, settings)
     if self.kind == 'squad':
-      examples = self._squad(paths, settings.on_bad_row).examples
+      stat = tf.io.gfile.stat(paths)
+      rows = _squad_rows(paths, stat.length, stat.mtime_nsec)
+      _check_bad(paths, rows.bad, settings.on_bad_row, where='place')
+      examples = rows.examples
       return len(examples), lambda order: (examples[i] for i in order)
     if isinstance(paths, Mapping):
       scans, good = self._aligned(paths, settings.on_bad_row)
@@ -589,29 +586,22 @@ class DownstreamSource(seqio.DataSource):
     return f'DownstreamSource({self.tfds_name}, splits={list(self.splits)})'
 
 
-def make_source(kind, tfds_name, splits, name=None, languages=(),
-                settings=None):
-  """A DownstreamSource (see its arguments)."""
-  return DownstreamSource(kind, tfds_name, splits, name=name,
-                          languages=languages, settings=settings)
-
-
 def squad_source(name=None, settings=None):
   """SQuAD v1.1 (TFDS `squad/v1.1:3.0.0`), splits 'train' / 'validation'."""
-  return make_source('squad', 'squad/v1.1:3.0.0', ('train', 'validation'),
-                     name=name, settings=settings)
+  return DownstreamSource('squad', 'squad/v1.1:3.0.0', ('train', 'validation'),
+                          name=name, settings=settings)
 
 
 def cnn_dailymail_source(name=None, settings=None):
   """CNN/DailyMail (TFDS `cnn_dailymail:3.4.0`): train / validation / test."""
-  return make_source('cnn_dailymail', 'cnn_dailymail:3.4.0',
-                     ('train', 'validation', 'test'), name=name,
-                     settings=settings)
+  return DownstreamSource('cnn_dailymail', 'cnn_dailymail:3.4.0',
+                          ('train', 'validation', 'test'), name=name,
+                          settings=settings)
 
 
-def translation_source(tfds_name, languages, splits=('train', 'validation', 'test'),
-                       name=None, settings=None):
-  """A WMT pair, e.g. ('wmt16_translate/ro-en:1.0.0', ('ro', 'en'))."""
-  return make_source('translation', tfds_name, splits, name=name,
-                     languages=languages, settings=settings)
-
+def translation_source(tfds_name, languages,
+                       splits=('train', 'validation', 'test'), name=None,
+                       settings=None):
+  """A WMT pair, e.g. ('wmt16_translate/ro-en:1.0.0', ('en', 'ro'))."""
+  return DownstreamSource('translation', tfds_name, splits, name=name,
+                          languages=languages, settings=settings)
