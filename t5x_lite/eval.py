@@ -56,15 +56,19 @@ def evaluate(*,
             "evaluate them with EVAL_MODE = 'predict')")
   params = evaluation.load_params(model, partitioner, checkpoint_path,
                                   evaluator.batch_shapes(todo[0]))
+  # The table, a row as each task finishes, then the averages.
+  is_main = jax.process_index() == 0
+  width = evaluation.table_width([t.name for t in todo])
   results = []
   for task in todo:
     results.append(evaluator.evaluate(params, task))
-    print(f'{task.name}: ' + ', '.join(f'{k} {v:.2f}' for k, v in results[-1].metrics.items()),
-          flush=True)
-  if jax.process_index() == 0:
+    if is_main:
+      print(evaluation.format_row(task.name, results[-1].metrics, width), flush=True)
+  if is_main:
     path = evaluation.write_results(os.path.join(os.path.abspath(model_dir), 'eval'), results,
                                     step=None)
-    print(evaluation.format_table(results))
+    for line in evaluation.format_averages(results, width):
+      print(line)
     print(f'wrote {path}')
   return results
 

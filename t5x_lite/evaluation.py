@@ -375,14 +375,37 @@ def averages(results: Sequence[TaskResult]) -> dict[str, Any]:
   return out
 
 
-def format_table(results: Sequence[TaskResult]) -> str:
-  """A readable table: one row per task, then the averages."""
+def format_row(name: str, metrics: Any, width: int = 0) -> str:
+  """One task's metrics (or an average, a number) as one line of the table that
+  evaluation prints: the name padded to `width`, then `metric value` pairs."""
+  if isinstance(metrics, Mapping):
+    cells = ', '.join(f'{k} {v:.2f}' for k, v in metrics.items())
+  else:
+    cells = f'{metrics:.2f}'
+  return f'{name:<{width}}  {cells}'
+
+
+def format_averages(results: Sequence[TaskResult], width: int = 0) -> list[str]:
+  """The benchmark averages' rows (see `averages`), naming any task missing."""
   lines = []
-  width = max(len(r.task) for r in results)
-  for r in results:
-    cells = ', '.join(f'{k} {v:.2f}' for k, v in r.metrics.items())
-    lines.append(f'{r.task:<{width}}  {cells}')
   for name, avg in averages(results).items():
     note = f" (missing {', '.join(avg['missing'])})" if avg['missing'] else ''
-    lines.append(f"{name:<{width}}  {avg['value']:.2f}{note}")
-  return '\n'.join(lines)
+    lines.append(format_row(name, avg['value'], width) + note)
+  return lines
+
+
+def format_table(results: Sequence[TaskResult]) -> str:
+  """A readable table: one row per task, then the averages."""
+  width = table_width([r.task for r in results])
+  return '\n'.join([format_row(r.task, r.metrics, width) for r in results]
+                   + format_averages(results, width))
+
+
+def table_width(tasks: Sequence[str]) -> int:
+  """The name column's width for these tasks and the benchmark averages that
+  `averages` gives for them (two tasks of a benchmark or more)."""
+  names = list(tasks)
+  for average, prefix in (('glue_average', 'glue_'), ('super_glue_average', 'super_glue_')):
+    if sum(t.startswith(prefix) for t in tasks) >= 2:
+      names.append(average)
+  return max(len(name) for name in names)

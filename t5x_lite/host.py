@@ -18,6 +18,11 @@ that calls it first):
     device memory from JAX;
   * malloc: freed host memory is kept for reuse on a Linux host without an
     accelerator; `T5X_LITE_MALLOC=system` leaves malloc as it is.
+
+What the heap so keeps is handed back by `release_free_memory()`, which
+training calls after each checkpoint and evaluation; `available_memory()` is
+what the train entry point compares XLA's estimate of a step with before the
+first step.
 """
 
 import contextlib
@@ -127,6 +132,66 @@ def _reuse_freed_host_memory() -> bool:
   m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
   return bool(mallopt(m_arena_max, 1) and mallopt(m_mmap_max, 0)
               and mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def available_memory(meminfo: str = '/proc/meminfo',
+                     cgroup: str = '/sys/fs/cgroup') -> Optional[int]:
+  """Bytes of host memory this process can still take before the kernel
+  swaps or its OOM killer ends it: the kernel's MemAvailable, or less where
+  the process's memory cgroup (a container's limit, v2 or v1) leaves less.
+  None where unknown (not Linux). Memory that malloc holds free for reuse
+  counts as used: call `release_free_memory()` first."""
+  try:
+    with open(meminfo) as f:
+      fields = dict(line.split(':', 1) for line in f if ':' in line)
+    available = int(fields['MemAvailable'].split()[0]) * 1024
+  except (OSError, KeyError, ValueError, IndexError):
+    return None
+  left = _cgroup_memory_left(cgroup)
+  return available if left is None else min(available, left)
+
+
+def _cgroup_memory_left(root: str) -> Optional[int]:
+  """A memory cgroup's limit less its usage, the inactive file cache (which
+  the kernel reclaims first) not counted as used; None without a limit."""
+  for limit_file, usage_file, inactive in (
+      ('memory.max', 'memory.current', 'inactive_file'),  # v2
+      ('memory/memory.limit_in_bytes', 'memory/memory.usage_in_bytes', 'total_inactive_file')):
+    try:
+      with open(os.path.join(root, limit_file)) as f:
+        limit = f.read().strip()
+      with open(os.path.join(root, usage_file)) as f:
+        usage = int(f.read())
+    except (OSError, ValueError):
+      continue
+    if not limit.isdigit() or int(limit) >= 2**60:  # 'max' (v2) or v1's unlimited
+      return None
+    stat_file = os.path.join(os.path.dirname(os.path.join(root, usage_file)), 'memory.stat')
+    try:
+      with open(stat_file) as f:
+        stats = dict(line.split() for line in f if len(line.split()) == 2)
+      usage -= int(stats.get(inactive, 0))
+    except (OSError, ValueError):
+      pass
+    return max(int(limit) - usage, 0)
+  return None
+
+
+def release_free_memory() -> bool:
+  """Hands the memory that glibc's malloc holds free back to the kernel
+  (`malloc_trim`). Under the 'reuse' policy the heap never shrinks by
+  itself; a run calls this where the step's memory was idle anyway (after a
+  checkpoint or an evaluation, before measuring what is available), so what
+  the heap holds unused is bounded by what the steps since then left, at the
+  cost of the next step touching its temporaries' pages afresh once. Returns
+  whether anything was released."""
+  if sys.platform != 'linux':
+    return False
+  try:
+    malloc_trim = ctypes.CDLL('libc.so.6').malloc_trim
+  except (OSError, AttributeError):  # not glibc
+    return False
+  return bool(malloc_trim(0))
 
 
 @contextlib.contextmanager

@@ -4,7 +4,8 @@
 
 On a host without 8 devices it fakes 8 CPU devices (XLA_FLAGS is set before jax
 is imported). Prints compile seconds, the median step time over N steps after
-one warm-up step, and each layout's step time relative to data parallelism.
+one warm-up step, and each layout's step time relative to data parallelism;
+stderr says which layout is compiling meanwhile.
 Fake CPU devices share the host's cores, so the ratios show the cost of each
 layout's communication and partitioning on CPU, not TPU speed.
 """
@@ -25,7 +26,7 @@ if __name__ == '__main__':  # a run starts here: tune the host before jax and Te
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from t5x_lite import optimizers, trainer  # pylint: disable=g-import-not-at-top
+from t5x_lite import optimizers, progress, trainer  # pylint: disable=g-import-not-at-top
 from t5x_lite.models import bart, decoder, encoder, encoder_decoder  # pylint: disable=g-import-not-at-top
 from t5x_lite.partitioning import Partitioner  # pylint: disable=g-import-not-at-top
 
@@ -66,12 +67,16 @@ def random_batch(model, lengths, seed: int = 0) -> dict[str, np.ndarray]:
   return batch
 
 
-def time_layout(model, batch, mesh_shape, rules, steps: int) -> tuple[float, float]:
-  """(compile seconds, median seconds per step)."""
+def time_layout(model, batch, mesh_shape, rules, steps: int,
+                name: str = '') -> tuple[float, float]:
+  """(compile seconds, median seconds per step). Says on stderr what it
+  compiles (the layout `name`) while it does."""
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
   t = trainer.Trainer(model, optimizers.adamw(1e-3), Partitioner(mesh_shape, rules=rules),
                       shapes)
-  compile_s = t.compile()
+  with progress.compiling(f'the train step for {name or mesh_shape}', stream=sys.stderr,
+                          keep=False):
+    compile_s = t.compile()
   state = t.init_state(0)
   sharded = t.partitioner.shard_batch(batch)
   times = []
@@ -98,10 +103,10 @@ def main(argv=None) -> None:
   print(f'{args.family}: {n_params / 1e6:.1f}M params, batch {BATCH} x {lengths}, '
         f'{jax.device_count()} {jax.devices()[0].platform} devices, '
         f'median of {args.steps} steps')
-  print(f"{'layout':28s} {'compile s':>10s} {'step ms':>10s} {'vs data':>8s}")
+  print(f"{'layout':28s} {'compile s':>10s} {'step ms':>10s} {'vs data':>8s}", flush=True)
   baseline = None
   for name, (mesh_shape, rules) in LAYOUTS.items():
-    compile_s, step_s = time_layout(model, batch, mesh_shape, rules, args.steps)
+    compile_s, step_s = time_layout(model, batch, mesh_shape, rules, args.steps, name)
     baseline = baseline or step_s
     print(f'{name:28s} {compile_s:10.1f} {step_s * 1e3:10.1f} {step_s / baseline:8.2f}',
           flush=True)

@@ -27,6 +27,7 @@ import importlib.util
 import math
 import os
 import re
+import sys
 from typing import Any, Sequence
 
 import gin
@@ -35,7 +36,9 @@ import jax
 from t5x_lite import gin_utils
 from t5x_lite import host
 from t5x_lite import ops
+from t5x_lite import progress
 from t5x_lite import runs
+from t5x_lite import trainer as trainer_lib
 from t5x_lite.errors import UserError
 
 GiB = 2**30
@@ -206,25 +209,24 @@ def precompile(topology: str, *, config: runs.TrainConfig, train_steps: int) -> 
     kernels = ops.active()
     trainer = run.trainer(config.optimizer, config.num_microbatches, batch_shapes=shapes)
     try:
-      seconds = trainer.compile()
+      what = f'the train step for {topology} (mesh {dict(partitioner.mesh.shape)})'
+      with progress.compiling(what, stream=sys.stderr, keep=False):
+        seconds = trainer.compile()
     except jax.errors.JaxRuntimeError as e:
       if 'RESOURCE_EXHAUSTED' in str(e):
         raise _out_of_memory(e, tpu.hbm_bytes_per_device) from None
       raise
     compiled = trainer.train_step
     loop_factor = _loop_factor(trainer, compiled)
-  memory = compiled.memory_analysis()
-  total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-           - memory.alias_size_in_bytes + memory.temp_size_in_bytes
-           + memory.generated_code_size_in_bytes)
+  memory = trainer_lib.StepMemory.of(compiled)
   cost = compiled.cost_analysis()
   flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops']) * loop_factor
   return Report(mesh=dict(partitioner.mesh.shape),
                 compile_seconds=seconds,
-                argument_bytes=memory.argument_size_in_bytes,
-                output_bytes=memory.output_size_in_bytes,
-                temp_bytes=memory.temp_size_in_bytes,
-                total_bytes=total,
+                argument_bytes=memory.argument_bytes,
+                output_bytes=memory.output_bytes,
+                temp_bytes=memory.temp_bytes,
+                total_bytes=memory.total_bytes,
                 hbm_bytes=tpu.hbm_bytes_per_device,
                 flops=flops,
                 step_seconds=flops / tpu.peak_flops_per_device,

@@ -25,10 +25,13 @@ import jax
 from jax.experimental import multihost_utils
 import seqio
 import tqdm
+from tqdm.contrib import logging as tqdm_logging
 
 from t5x_lite import checkpoints
 from t5x_lite import distributed
 from t5x_lite import gin_utils
+from t5x_lite import host
+from t5x_lite import progress
 from t5x_lite import runs
 from t5x_lite import trainer as trainer_lib
 from t5x_lite.data import pipeline
@@ -213,8 +216,13 @@ def train(*,
     ckpt.close()
     return {}
   evaluate = _evaluation(run, trainer, evaluation, model_dir)
-  compile_seconds = trainer.compile()
-  say(f'compiled the train step in {compile_seconds:.1f}s')
+  with progress.compiling('the train step', enabled=is_main):
+    trainer.compile()
+  try:
+    check_host_memory(trainer)  # stops here when the step cannot fit
+  except UserError:
+    ckpt.close()
+    raise
   step_fn = trainer.train_step
   # Tokens the model reads per step: every *input_tokens stream (encoder and decoder).
   tokens_per_batch = sum(math.prod(v.shape) for k, v in run.batch_shapes.items()
@@ -225,56 +233,111 @@ def train(*,
   nonfinite = _NonFinite(max_nonfinite_steps)
   bar = tqdm.tqdm(total=train_steps, initial=start_step, disable=not (progress_bar and is_main),
                   dynamic_ncols=True, desc='train')
+  # Lines meanwhile go above the bar, each on its own line.
+  note = tqdm.tqdm.write if is_main else say
   interval_start, interval_steps = time.perf_counter(), 0
   step = start_step
-  try:
-    while step < train_steps:
-      batch = run.partitioner.shard_batch(pipeline.next_numpy(data_iterator))
-      state, metrics = step_fn(state, batch)
-      step += 1
-      data_position += 1
-      history.append(metrics)
-      nonfinite.add(metrics['nonfinite_steps'])
-      interval_steps += 1
-      bar.update(1)
-      logs = step == start_step + 1 or step % log_every == 0 or step == train_steps
-      evaluates = evaluate and (step % evaluation.period == 0 or step == train_steps)
-      # An evaluated step is saved first, so that a failed evaluation loses nothing.
-      saves = preemption.check(step) or ckpt.should_save(step) or step == train_steps or evaluates
-      if logs or saves or nonfinite.due():
-        nonfinite.check(step, ckpt)  # stops the run after too many skipped steps
-      if logs:
-        metrics = trainer_lib.mean_metrics(history)  # the only host sync in the loop
-        elapsed = time.perf_counter() - interval_start
-        metrics['seconds_per_step'] = elapsed / interval_steps
-        metrics['tokens_per_second'] = tokens_per_batch * interval_steps / elapsed
-        writer.write(step, metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics.get('accuracy', float('nan')):.3f}",
-                        tok_s=f"{metrics['tokens_per_second']:,.0f}")
-        last_metrics, history = metrics, []
-        interval_start, interval_steps = time.perf_counter(), 0
-      if saves:
-        ckpt.save(step, state.to_dict(), data_position, data_iterator)
-      if evaluates:
-        eval_metrics = _run_evaluation(evaluate, state, step, evaluation.on_error, say)
-        writer.write(step, eval_metrics)
-        last_eval = eval_metrics or last_eval
-        say(f'step {step}: ' + ', '.join(f'{k} {v:.2f}' for k, v in eval_metrics.items()))
-      # A SIGTERM that lands after `saves` was decided stops the run at the next step.
-      if saves and preemption.requested:
-        ckpt.wait()
-        bar.close()
-        say(f'SIGTERM: saved checkpoint {ckpt.directory}/{step}; re-run the same command to resume.')
-        raise SystemExit(143)
-  finally:
-    preemption.restore()
-    bar.close()
-    ckpt.close()
+  with tqdm_logging.logging_redirect_tqdm():  # warnings too
+    try:
+      while step < train_steps:
+        batch = run.partitioner.shard_batch(pipeline.next_numpy(data_iterator))
+        state, metrics = step_fn(state, batch)
+        step += 1
+        data_position += 1
+        history.append(metrics)
+        nonfinite.add(metrics['nonfinite_steps'])
+        interval_steps += 1
+        bar.update(1)
+        logs = step == start_step + 1 or step % log_every == 0 or step == train_steps
+        evaluates = evaluate and (step % evaluation.period == 0 or step == train_steps)
+        # An evaluated step is saved first, so that a failed evaluation loses nothing.
+        saves = (preemption.check(step) or ckpt.should_save(step) or step == train_steps
+                 or evaluates)
+        if logs or saves or nonfinite.due():
+          nonfinite.check(step, ckpt)  # stops the run after too many skipped steps
+        if logs:
+          metrics = trainer_lib.mean_metrics(history)  # the only host sync in the loop
+          elapsed = time.perf_counter() - interval_start
+          metrics['seconds_per_step'] = elapsed / interval_steps
+          metrics['tokens_per_second'] = tokens_per_batch * interval_steps / elapsed
+          writer.write(step, metrics)
+          bar.set_postfix(loss=f"{metrics['loss']:.3f}",
+                          acc=f"{metrics.get('accuracy', float('nan')):.3f}",
+                          tok_s=f"{metrics['tokens_per_second']:,.0f}")
+          last_metrics, history = metrics, []
+          interval_start, interval_steps = time.perf_counter(), 0
+        if saves:
+          ckpt.save(step, state.to_dict(), data_position, data_iterator)
+        if evaluates:
+          eval_metrics = _run_evaluation(evaluate, state, step, evaluation.on_error, note)
+          writer.write(step, eval_metrics)
+          last_eval = eval_metrics or last_eval
+          if eval_metrics:
+            note(eval_lines(step, eval_metrics))
+        if saves or evaluates:  # the heap's unused memory back to the kernel (see host)
+          host.release_free_memory()
+        # A SIGTERM that lands after `saves` was decided stops the run at the next step.
+        if saves and preemption.requested:
+          ckpt.wait()
+          bar.close()
+          say(f'SIGTERM: saved checkpoint {ckpt.directory}/{step}; re-run the same command '
+              'to resume.')
+          raise SystemExit(143)
+    finally:
+      preemption.restore()
+      bar.close()
+      ckpt.close()
   peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   say(f"done: step {step}, loss {last_metrics.get('loss', float('nan')):.4f}, "
       f"{last_metrics.get('tokens_per_second', 0):,.0f} tokens/s, "
       f"{last_metrics.get('seconds_per_step', 0):.3f} s/step, peak RSS {peak_rss / 2**30:.2f} GiB")
   return dict(last_metrics, **last_eval)
+
+
+def check_host_memory(trainer: trainer_lib.Trainer) -> None:
+  """Stops before the first step, in one line, when XLA's estimate of what the
+  compiled step allocates on this host's CPU devices beyond the train state
+  exceeds the host memory left (the OOM killer would end the run silently).
+  The estimate is a lower bound (it leaves out the input pipeline and the
+  runtime's own memory), so a run it passes may still not fit."""
+  local = [d for d in trainer.partitioner.mesh.devices.flat
+           if d.process_index == jax.process_index()]
+  if not local or local[0].platform != 'cpu':
+    return
+  host.release_free_memory()  # what malloc holds free counts as available
+  available = host.available_memory()
+  if available is None:
+    return
+  needed = trainer.memory().running_bytes * len(local)
+  if needed > available:
+    raise UserError(
+        f'the train step needs about {_size(needed)} of host memory beyond the train state '
+        f"(XLA's estimate for {len(local)} CPU device(s)) and {_size(available)} is "
+        'available; lower BATCH_SIZE, raise NUM_MICROBATCHES, or set the model config\'s '
+        "remat_policy = 'full'.")
+
+
+def _size(num_bytes: float) -> str:
+  return (f'{num_bytes / 2**30:.1f} GiB' if num_bytes >= 2**30
+          else f'{num_bytes / 2**20:.1f} MiB')
+
+
+def eval_lines(step: int, flat: Mapping[str, float]) -> str:
+  """An evaluation's `eval/<task>/<metric>` (and `eval/<average>`) metrics as
+  the table evaluation prints, a row per task, under `eval at step N:`."""
+  from t5x_lite import evaluation  # pylint: disable=g-import-not-at-top
+  rows: dict[str, Any] = {}
+  for key, value in flat.items():
+    name, _, metric = key[len('eval/'):].rpartition('/')
+    if name:
+      rows.setdefault(name, {})[metric] = value
+    else:
+      rows[metric] = value
+  width = max(len(name) for name in rows)
+  lines = [evaluation.format_row(name, value, width) for name, value in rows.items()]
+  if len(lines) == 1:
+    return f'eval at step {step}: {lines[0]}'
+  return '\n'.join([f'eval at step {step}:'] + ['  ' + line for line in lines])
 
 
 class _NonFinite:

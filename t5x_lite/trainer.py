@@ -6,6 +6,7 @@ mesh and a donated state. Models plug in through the `BaseModel` interface
 which family it trains.
 """
 
+import dataclasses
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -217,11 +218,46 @@ class Trainer:
     with self.partitioner.activate():
       return self._compiled_eval(state, batch)
 
+  def memory(self) -> 'StepMemory':
+    """XLA's memory estimate of the compiled train step, per device."""
+    return StepMemory.of(self.train_step)
+
   @property
   def train_step(self) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict]]:
     if self._compiled_step is None:
       self.compile()
     return self._compiled_step
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+  """What a compiled program's buffer assignment allocates per device (XLA's
+  `memory_analysis`): its arguments (for the train step the state and the
+  batch), outputs (less those that reuse a donated argument's buffer, `alias`),
+  temporaries and generated code."""
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  code_bytes: int
+
+  @classmethod
+  def of(cls, compiled: Any) -> 'StepMemory':
+    m = compiled.memory_analysis()
+    return cls(m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
+               m.temp_size_in_bytes, m.generated_code_size_in_bytes)
+
+  @property
+  def total_bytes(self) -> int:
+    """All of it: what a device holds while the program runs."""
+    return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+            + self.code_bytes)
+
+  @property
+  def running_bytes(self) -> int:
+    """What running it allocates beyond its arguments and loaded code: the
+    temporaries and the outputs that do not reuse an argument's buffer."""
+    return self.output_bytes - self.alias_bytes + self.temp_bytes
 
 
 def check_microbatches(batch_size: int, num_microbatches: int, data_parallel_size: int) -> None:

@@ -4,11 +4,14 @@ Each check runs in a fresh interpreter, since the test process itself has been
 prepared (conftest.py).
 """
 
+import ast
 import ctypes
 import json
+import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from conftest import REPO, SMALL_T5, run_env
@@ -165,3 +168,132 @@ def test_entry_point_starts_quietly_on_a_cpu_host():
   assert 'error: ' in proc.stderr
   noise = [line for line in proc.stderr.splitlines() if any(n in line for n in _START_UP_NOISE)]
   assert not noise, proc.stderr[-3000:]
+
+
+# Entry points: modules run with `python -m`, whose `__main__` section must call
+# host.prepare() before anything but the standard library is imported.
+_ENTRY_POINTS = ('train', 'eval', 'infer', 'precompile', 'benchmark', 'show_task',
+                 'self_instruct', 'layout_bench', 'decode_bench', 'import_hf',
+                 'precompute_reference')
+
+
+@pytest.mark.parametrize('name', _ENTRY_POINTS)
+def test_entry_point_prepares_the_host_before_its_imports(name):
+  """Read from the source: prepare() is what drops TensorFlow's start-up lines
+  (see test_entry_point_starts_quietly_on_a_cpu_host), so it must run before
+  jax, TensorFlow or any module that loads them."""
+  path = os.path.join(REPO, 't5x_lite', f'{name}.py')
+  tree = ast.parse(open(path).read())
+  before = []
+  for stmt in tree.body:
+    if (isinstance(stmt, ast.If) and isinstance(stmt.test, ast.Compare)
+        and getattr(stmt.test.left, 'id', None) == '__name__'):
+      calls = [n for n in ast.walk(stmt) if isinstance(n, ast.Call)
+               and getattr(n.func, 'attr', None) == 'prepare'
+               and getattr(n.func.value, 'id', None) == 'host']
+      if calls:
+        break
+    for node in ast.walk(stmt):
+      if isinstance(node, ast.Import):
+        before += [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom):
+        before.append(node.module)
+  else:
+    pytest.fail(f't5x_lite/{name}.py never calls host.prepare() under __main__')
+  third_party = [m for m in before if m.split('.')[0] not in sys.stdlib_module_names]
+  assert not third_party, f'{name} imports {third_party} before host.prepare()'
+
+
+def test_available_memory_reads_meminfo_and_the_cgroup(tmp_path):
+  meminfo = tmp_path / 'meminfo'
+  meminfo.write_text('MemTotal:       16000000 kB\nMemFree:          100000 kB\n'
+                     'MemAvailable:    8000000 kB\nBuffers:           20000 kB\n')
+  cgroup = tmp_path / 'cgroup'
+  cgroup.mkdir()
+  assert host.available_memory(str(meminfo), str(cgroup)) == 8000000 * 1024  # no cgroup files
+  # cgroup v2 with a 4 GiB limit, 3 GiB used of which 0.5 GiB inactive file cache.
+  (cgroup / 'memory.max').write_text('4294967296\n')
+  (cgroup / 'memory.current').write_text('3221225472\n')
+  (cgroup / 'memory.stat').write_text('anon 2147483648\ninactive_file 536870912\n')
+  assert host.available_memory(str(meminfo), str(cgroup)) == 1610612736
+  (cgroup / 'memory.max').write_text('max\n')
+  assert host.available_memory(str(meminfo), str(cgroup)) == 8000000 * 1024
+  # cgroup v1 without a limit (the kernel's largest page-aligned value).
+  for name in ('memory.max', 'memory.current', 'memory.stat'):
+    (cgroup / name).unlink()
+  (cgroup / 'memory').mkdir()
+  (cgroup / 'memory' / 'memory.limit_in_bytes').write_text('9223372036854771712\n')
+  (cgroup / 'memory' / 'memory.usage_in_bytes').write_text('12110565376\n')
+  assert host.available_memory(str(meminfo), str(cgroup)) == 8000000 * 1024
+  (cgroup / 'memory' / 'memory.limit_in_bytes').write_text('2147483648\n')
+  (cgroup / 'memory' / 'memory.stat').write_text('cache 10\ntotal_inactive_file 1073741824\n')
+  (cgroup / 'memory' / 'memory.usage_in_bytes').write_text('2147483648\n')
+  assert host.available_memory(str(meminfo), str(cgroup)) == 1073741824
+  assert host.available_memory(str(tmp_path / 'absent'), str(cgroup)) is None
+
+
+_RELEASE = _MAPS_A_LARGE_BLOCK + '''
+import ctypes, json, os
+from t5x_lite import host
+host.prepare(tensorflow=False)
+def rss():
+  with open('/proc/self/statm') as f:
+    return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+size = 256 << 20
+start = rss()
+big = libc.malloc(size)
+ctypes.memset(big, 1, size)
+kept = libc.malloc(4096)  # above the big block: the freed block is inside the heap
+libc.free(big)
+freed = rss()
+released = host.release_free_memory()
+print(json.dumps({'kept': freed - start, 'released': freed - rss(), 'returned': released,
+                  'maps_a_large_block': maps_a_large_block()}))
+'''
+
+
+@pytest.mark.skipif(not _POLICY_APPLIES,
+                    reason='the policy applies on Linux (glibc) hosts without accelerators')
+def test_release_free_memory_returns_what_the_heap_keeps():
+  """A touched 256 MiB block freed below a live one stays resident under the
+  policy; release_free_memory() hands its pages back, and the policy stays."""
+  out = _run_python(_RELEASE, _env())
+  assert out['kept'] > 250 << 20, out
+  assert out['released'] > 250 << 20, out
+  assert out['returned'] is True and out['maps_a_large_block'] is False, out
+
+
+def test_a_step_that_cannot_fit_stops_in_one_line(monkeypatch):
+  """XLA's estimate of what a compiled step allocates beyond its arguments
+  against the available host memory: exactly at it the run goes on; one byte
+  less and it stops with one line naming both and the fix."""
+  import families  # pylint: disable=g-import-not-at-top
+  from t5x_lite import optimizers  # pylint: disable=g-import-not-at-top
+  from t5x_lite import train  # pylint: disable=g-import-not-at-top
+  from t5x_lite import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  from t5x_lite.errors import UserError  # pylint: disable=g-import-not-at-top
+  from t5x_lite.partitioning import Partitioner  # pylint: disable=g-import-not-at-top
+  model = families.tiny('gpt')
+  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+            for k, v in families.random_batch(model, 4).items()}
+  trainer = trainer_lib.Trainer(model, optimizers.adamw(1e-3), Partitioner(), shapes)
+  analysis = trainer.train_step.memory_analysis()
+  memory = trainer.memory()
+  assert memory.temp_bytes == analysis.temp_size_in_bytes > 0
+  needed = (analysis.temp_size_in_bytes + analysis.output_size_in_bytes
+            - analysis.alias_size_in_bytes)
+  assert memory.running_bytes == needed
+  assert memory.total_bytes == needed + analysis.argument_size_in_bytes + (
+      analysis.generated_code_size_in_bytes)
+  monkeypatch.setattr(host, 'available_memory', lambda: needed)
+  train.check_host_memory(trainer)
+  monkeypatch.setattr(host, 'available_memory', lambda: needed - 1)
+  with pytest.raises(UserError) as error:
+    train.check_host_memory(trainer)
+  message = str(error.value)
+  assert '\n' not in message
+  assert message == (
+      f'the train step needs about {needed / 2**20:.1f} MiB of host memory beyond the train '
+      f"state (XLA's estimate for 1 CPU device(s)) and {(needed - 1) / 2**20:.1f} MiB is "
+      "available; lower BATCH_SIZE, raise NUM_MICROBATCHES, or set the model config's "
+      "remat_policy = 'full'.")

@@ -60,12 +60,31 @@ for name, (gin_file, topology, bindings) in json.loads(sys.argv[1]).items():
 
 
 @pytest.fixture(scope='module')
-def reports():
+def compiled():
   proc = subprocess.run([sys.executable, '-c', _SCRIPT, json.dumps(CASES)], cwd=REPO,
                         env=run_env(), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
+  return proc
+
+
+@pytest.fixture(scope='module')
+def reports(compiled):
+  rows = [json.loads(line) for line in compiled.stdout.splitlines() if line.startswith('{')]
   return {row['name']: row for row in rows}
+
+
+def test_says_what_it_compiles_and_how_long_it_took(compiled, reports):
+  """Off a terminal, a line on stderr before each compile and one after it."""
+  lines = [l for l in compiled.stderr.splitlines() if l.startswith('compil')]
+  expected = []
+  for name, (_, topology, _) in CASES.items():
+    what = f"the train step for {topology} (mesh {reports[name]['mesh']})"
+    expected += [f'compiling {what} ...', f'compiled {what} in ']
+  assert len(lines) == len(expected), compiled.stderr[-3000:]
+  for line, start in zip(lines, expected):
+    assert line.startswith(start), (line, start)
+  seconds = [float(l.rsplit(' in ', 1)[1].rstrip('s')) for l in lines[1::2]]
+  assert all(s > 0 for s in seconds), seconds
 
 
 @pytest.mark.parametrize('name, devices, kind, hbm_gib, peak', [

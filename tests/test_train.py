@@ -6,6 +6,7 @@ MODEL_DIR."""
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -152,9 +153,10 @@ def _main_in_process(module, argv):
     gin.clear_config(clear_constants=True)
 
 
-def test_finetune_then_eval_and_infer_on_sst2_files(tmp_path, uninterrupted):
+def test_finetune_then_eval_and_infer_on_sst2_files(tmp_path, uninterrupted, capsys):
   """Fine-tune the pretrained small T5 on SST-2 (original TSV files) with evaluation
-  every 3 steps, then `t5x_lite.eval` and `t5x_lite.infer` on the result."""
+  every 3 steps, then `t5x_lite.eval` and `t5x_lite.infer` on the result. Each
+  prints every metric once, as a row of the evaluation table."""
   from t5x_lite import eval as eval_lib  # pylint: disable=g-import-not-at-top
   from t5x_lite import infer as infer_lib  # pylint: disable=g-import-not-at-top
   model_dir = str(tmp_path / 'sst2')
@@ -171,6 +173,11 @@ def test_finetune_then_eval_and_infer_on_sst2_files(tmp_path, uninterrupted):
   evals = [r for r in read_metrics(model_dir) if 'eval/glue_sst2_v002/accuracy' in r]
   assert [r['step'] for r in evals] == [3, 6]
   assert all(0 <= r['eval/glue_sst2_v002/accuracy'] <= 100 for r in evals)
+  assert [l for l in proc.stdout.splitlines() if 'accuracy' in l] == [
+      f"eval at step {r['step']}: glue_sst2_v002  accuracy "
+      f"{r['eval/glue_sst2_v002/accuracy']:.2f}" for r in evals]
+  assert 'compiling the train step ...\n' in proc.stdout
+  assert re.search(r'^compiled the train step in \d+\.\ds$', proc.stdout, re.M), proc.stdout
   rows = [json.loads(l) for l in open(os.path.join(model_dir, 'eval', '6', 'glue_sst2_v002.jsonl'))]
   assert len(rows) == 20 and rows[0]['inputs'].startswith('sst2 sentence: ')
 
@@ -185,6 +192,11 @@ def test_finetune_then_eval_and_infer_on_sst2_files(tmp_path, uninterrupted):
   written = json.load(open(os.path.join(out, 'eval', 'metrics.json')))
   assert set(written['tasks']) == {'glue_sst2_v002'}
   assert 0 <= written['tasks']['glue_sst2_v002']['accuracy'] <= 100
+  accuracy = written['tasks']['glue_sst2_v002']['accuracy']
+  printed = capsys.readouterr().out
+  assert printed.count('accuracy') == 1, printed
+  assert printed.splitlines()[-2:] == [
+      f'glue_sst2_v002  accuracy {accuracy:.2f}', f'wrote {out}/eval/metrics.json']
 
   prompts = tmp_path / 'prompts.txt'
   prompts.write_text('sst2 sentence: a gorgeous film .\nsst2 sentence: dull and slow .\n')
