@@ -77,8 +77,6 @@ def _positive(result, key):
 
 def test_train_and_decode_on_a_small_t5():
   env = run_env()
-  # The test checks the report, not the speed: skip LLVM's slow optimisations.
-  env['XLA_FLAGS'] += ' --xla_backend_optimization_level=0'
   proc = subprocess.run(
       [sys.executable, '-m', 't5x_lite.benchmark', *SMALL_T5, '--mode=train,decode', '--steps', '2',
        '--decode_runs=1', '--input_seconds=0.3', '--profile=40', '--peak_flops=1e12'],

@@ -382,11 +382,14 @@ def test_precomputed_reference_trains_like_the_kept_reference_on_8_devices(tmp_p
   a, b = read_metrics(kept), read_metrics(cached)
   assert [r['step'] for r in a] == [1, 2, 3, 3]
   assert a[0]['loss'] == pytest.approx(math.log(2), abs=1e-5)  # policy = reference at step 1
+  # At step 1 the policy is the reference: every margin is rounding noise, so
+  # the share of positive ones (the accuracies) is arbitrary there.
+  noise = {(1, 'accuracy'), (1, 'reward_accuracy')}
   for ra, rb in zip(a, b):
     assert set(ra) == set(rb)
     for k in ra:
-      if k not in ('seconds_per_step', 'tokens_per_second'):
-        assert ra[k] == pytest.approx(rb[k], rel=1e-3, abs=1e-4), k
+      if k not in ('seconds_per_step', 'tokens_per_second') and (ra['step'], k) not in noise:
+        assert ra[k] == pytest.approx(rb[k], rel=1e-3, abs=1e-4), (ra['step'], k)
   assert a[-1]['eval/hh_rlhf_harmless_sample_gpt/num_examples'] == 8
   def saved(model_dir):
     path = os.path.join(model_dir, 'checkpoints', '3', 'state')

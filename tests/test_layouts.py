@@ -15,8 +15,6 @@ MULTIDEVICE = os.path.join(REPO, 'tests', 'multidevice')
 def run_multidevice(junit_path, *args):
   """python -m pytest on tests/multidevice with 8 devices; (process, {case: outcome})."""
   env = run_env(8)
-  # Many small compilations: skip LLVM's slow passes (numerics are unchanged).
-  env['XLA_FLAGS'] += ' --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
   proc = subprocess.run(
       [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-p', 'no:xdist',
        f'--confcutdir={MULTIDEVICE}', f'--junitxml={junit_path}', *args, MULTIDEVICE],

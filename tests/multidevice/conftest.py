@@ -16,7 +16,7 @@ import pytest
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO = os.path.dirname(TESTS)
 DEVICES = 8
-# Many small compilations: skip LLVM's slow passes (numerics are unchanged).
+# Many small compilations: skip LLVM's slow passes (results differ only in rounding).
 XLA_FLAGS = (f'--xla_force_host_platform_device_count={DEVICES}'
              ' --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true')
 
