@@ -80,6 +80,19 @@ def _check(argv: list[str], module: str) -> None:
     gin.clear_config()
 
 
+def _run_config(word: str) -> str:
+  """`--gin_file=runs/NAME/config.gin` (what a documented run writes) as the
+  gin file whose MODEL_DIR is runs/NAME."""
+  found = re.fullmatch(r'--gin_file=(runs/[\w.-]+)/config\.gin', word)
+  if not found:
+    return word
+  for name in sorted(os.listdir(os.path.join(REPO, 'gin'))):
+    text = open(os.path.join(REPO, 'gin', name), encoding='utf-8').read()
+    if re.search(rf"^MODEL_DIR = '{re.escape(found[1])}'$", text, flags=re.MULTILINE):
+      return f'--gin_file=gin/{name}'
+  raise AssertionError(f'no gin file writes {found[1]}, which {word} reads')
+
+
 def _argv(command: str) -> tuple[str, list[str]]:
   words = shlex.split(re.sub(r'\[(--[^\]]+)\]', r'\1', command))  # [--optional=X]
   while '=' in words[0]:  # VAR=value before the command
@@ -87,7 +100,7 @@ def _argv(command: str) -> tuple[str, list[str]]:
   words.pop(0)  # python
   module = words.pop(1) if words[0] == '-m' else words[0]
   words = words[1:]
-  words = [_PLACEHOLDER.sub(lambda m: PLACEHOLDERS[m[1]], w) for w in words
+  words = [_run_config(_PLACEHOLDER.sub(lambda m: PLACEHOLDERS[m[1]], w)) for w in words
            if w not in ('...', '--gin.NAME=VALUE')]  # a usage line's generic parts
   if module.startswith('t5x_lite.data.') or module == 't5x_lite.import_hf':
     return module, []  # argparse tools whose positional examples the docs abbreviate
