@@ -417,18 +417,34 @@ TINY_T5 = [f'--gin.encoder_decoder.T5Config.{k}={v}' for k, v in (
     ('num_encoder_layers', 1), ('num_decoder_layers', 1))]
 
 
+def _c4_summaries(tmp_path) -> list[str]:
+  """Summarisation from C4 articles, each highlighted by its first line, as
+  the gin flags of a run over them (no CNN/DailyMail sample is shared)."""
+  with open(require_shared_data('text', 'c4', 'c4_en_train_first1000.jsonl'),
+            encoding='utf-8') as f:
+    articles = [json.loads(next(f))['text'] for _ in range(8)]
+  path = _write(tmp_path / 'c4_summaries.jsonl', _jsonl(*[
+      {'article': a, 'highlights': a.split('\n')[0]} for a in articles]))
+  return ["--gin.MIXTURE_OR_TASK_NAME='cnn_dailymail_v002'",
+          f"--gin.glue_sources.data_settings.cnn_dailymail_files="
+          f"{{'train': '{path}', 'validation': '{path}'}}"]
+
+
 @pytest.mark.parametrize('gin_file, task, metric', [
     ('gin/t5_tiny_squad_finetune.gin', 'squad_v010_allanswers', 'f1'),
-    ('gin/t5_tiny_wmt_finetune.gin', 'wmt16_enro_v003', 'bleu')])
+    ('gin/t5_tiny_wmt_finetune.gin', 'wmt16_enro_v003', 'bleu'),
+    ('gin/t5_tiny_wmt_finetune.gin', 'cnn_dailymail_v002', 'rougeLsum')])
 def test_tiny_gins_fine_tune_and_evaluate(tmp_path, gin_file, task, metric):
   """The tiny gins' runs on the shared samples (a smaller model, 2 steps):
-  the task's metrics in metrics.jsonl and MODEL_DIR/eval/<step>/."""
+  the task's metrics in metrics.jsonl and MODEL_DIR/eval/<step>/. The beam
+  search run doubles as summarisation on C4 articles."""
   require_shared_data('squad/dev-v2.0_two_articles.json')
   require_shared_data('translation/wmt16_en_ro_sample.jsonl')
+  extra = _c4_summaries(tmp_path) if task == 'cnn_dailymail_v002' else []
   model_dir = str(tmp_path / 'run')
   gin.clear_config(clear_constants=True)
   try:
-    train_lib.main([f'--gin_file={gin_file}', *TINY_T5,
+    train_lib.main([f'--gin_file={gin_file}', *TINY_T5, *extra,
                     f"--gin.MODEL_DIR='{model_dir}'", '--gin.TRAIN_STEPS=2',
                     '--gin.EVAL_PERIOD=2', '--gin.CHECKPOINT_PERIOD=2',
                     '--gin.EVAL_NUM_EXAMPLES=4', '--gin.BATCH_SIZE=2',
@@ -439,8 +455,9 @@ def test_tiny_gins_fine_tune_and_evaluate(tmp_path, gin_file, task, metric):
     settings.use()
   with open(os.path.join(model_dir, 'metrics.jsonl'), encoding='utf-8') as f:
     evals = [json.loads(line) for line in f if 'eval/' in line]
-  assert [sorted(e) for e in evals] == [sorted(['step', f'eval/{task}/{metric}'] + (
-      [f'eval/{task}/em'] if metric == 'f1' else []))]
+  others = {'f1': ['em'], 'rougeLsum': ['rouge1', 'rouge2']}.get(metric, [])
+  assert [sorted(e) for e in evals] == [sorted(
+      ['step', f'eval/{task}/{metric}'] + [f'eval/{task}/{m}' for m in others])]
   with open(os.path.join(model_dir, 'eval', '2', 'metrics.json'),
             encoding='utf-8') as f:
     assert json.load(f)['tasks'][task][metric] == evals[0][f'eval/{task}/{metric}']
