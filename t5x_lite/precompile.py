@@ -9,7 +9,8 @@ by libtpu without a TPU, from shapes alone (no data, no arrays). Prints the
 per-device memory against the chip's HBM, the FLOPs of one step, the step time
 at the chip's peak and at half of it, and the days for TRAIN_STEPS. Exits with
 one line "does not fit: ..." (status 2) when the step needs more HBM than a
-device has. Needs libtpu: `pip install -e .[tpu]`.
+device has. Needs libtpu: `pip install -e .[tpu]`. Meanwhile stderr says what
+it compiles and, when done, in how many seconds.
 
 The model kernels are those of the slice, not of this host: the run's
 `ops.kernels.name` ('auto' unless bound) resolves for TPU, so 'auto' compiles
