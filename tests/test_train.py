@@ -373,3 +373,16 @@ def test_an_unwritable_model_dir_is_one_line(tmp_path, monkeypatch, capsys):
       f'error: cannot write checkpoints to {model_dir}/checkpoints (Permission denied: '
       f'{model_dir}/checkpoints); fix the permissions or free space there, or choose another '
       'MODEL_DIR.')
+
+
+def test_eval_lines_are_the_evaluation_table_under_the_step():
+  from t5x_lite import train  # pylint: disable=g-import-not-at-top
+  assert train.eval_lines(3, {'eval/hh_rlhf/loss': 0.6931, 'eval/hh_rlhf/reward_accuracy': 0.5}) \
+      == 'eval at step 3: hh_rlhf  loss 0.69, reward_accuracy 0.50'
+  flat = {'eval/glue_cola_v002/matthews_corrcoef': 12.3, 'eval/glue_sst2_v002/accuracy': 90.0,
+          'eval/glue_average': 51.17}
+  assert train.eval_lines(500, flat) == '\n'.join([
+      'eval at step 500:',
+      '  glue_cola_v002  matthews_corrcoef 12.30',
+      '  glue_sst2_v002  accuracy 90.00',
+      '  glue_average    51.17'])
