@@ -21,7 +21,6 @@ if __name__ == '__main__':  # a run starts here: tune the host before jax and Te
 
 import collections
 import json
-import logging
 import os
 import random
 import re
@@ -378,9 +377,8 @@ def generate_data(seed_tasks: Sequence[dict], generate: GenerateFn, *, num_round
 def _params(model: Any, checkpoint_path: Optional[str], batch_size: int, length: int,
             seed: int) -> Any:
   if checkpoint_path is None:
-    logging.warning('CHECKPOINT_PATH is None: generating with randomly initialised params '
-                    '(a smoke run; give a checkpoint for real data).')
-    print('warning: CHECKPOINT_PATH is None; using a random-init model (smoke run).')
+    print('warning: CHECKPOINT_PATH is None; using a random-init model (smoke run; give a '
+          'checkpoint for real data).')
     from flax import linen as nn  # pylint: disable=g-import-not-at-top
     batch = model.dummy_batch(batch_size, length)
     return nn.unbox(model.init(jax.random.PRNGKey(seed), batch))['params']
