@@ -45,21 +45,15 @@ import logging
 import os
 from typing import Mapping
 
-import numpy as np
-import seqio
 import tensorflow as tf
 
-from t5x_lite.data import settings as settings_lib
-from t5x_lite.data import sources
+from t5x_lite.data import tfds_or_files
 from t5x_lite.errors import UserError
 
 log = logging.getLogger(__name__)
 
-_SETTING = 'glue_sources.data_settings'
-
-
-class _BadRow(ValueError):
-  pass
+_SETTING = tfds_or_files.SETTING
+_BadRow = tfds_or_files.BadRow
 
 
 def output_signature(kind, languages=None):
@@ -171,19 +165,6 @@ class _Scan:
   num_lines: int        # every line, blank ones included
 
 
-def _open(path):
-  return tf.io.gfile.GFile(path, 'rb') if '://' in path else open(path, 'rb')
-
-
-def _decode(raw, first):
-  if first and raw.startswith(b'\xef\xbb\xbf'):
-    raw = raw[3:]
-  try:
-    return raw.decode('utf-8').rstrip('\r\n')
-  except UnicodeDecodeError as e:
-    raise _BadRow(f'not UTF-8 ({e})') from None
-
-
 def _string(obj, key, where=''):
   value = obj.get(key) if isinstance(obj, dict) else None
   if not isinstance(value, str):
@@ -191,18 +172,8 @@ def _string(obj, key, where=''):
   return value
 
 
-def _json_object(line):
-  try:
-    obj = json.loads(line)
-  except ValueError as e:
-    raise _BadRow(f'malformed JSON ({e})') from None
-  if not isinstance(obj, dict):
-    raise _BadRow('not a JSON object')
-  return obj
-
-
 def _parse_cnn_dailymail(line):
-  obj = _json_object(line)
+  obj = tfds_or_files.json_object(line)
   row_id = obj.get('id', '')
   return {'article': _string(obj, 'article'),
           'highlights': _string(obj, 'highlights'),
@@ -211,7 +182,7 @@ def _parse_cnn_dailymail(line):
 
 
 def _parse_translation(line, languages):
-  obj = _json_object(line)
+  obj = tfds_or_files.json_object(line)
   pair = obj.get('translation')
   if not isinstance(pair, dict):
     raise _BadRow("no object 'translation'")
@@ -238,22 +209,20 @@ def _scan(path, kind, languages, size, mtime):
   are skipped, not counted); 'text': the offsets of every line."""
   del size, mtime  # cache key only
   parse = _parser(kind, languages)
-  offsets, bad, offset, lineno = array.array('q'), [], 0, 0
-  with _open(path) as f:
-    for lineno, raw in enumerate(f, start=1):
-      start, offset = offset, offset + len(raw)
-      if kind == 'text':
-        offsets.append(start)
-      try:
-        line = _decode(raw, lineno == 1)
-        if kind != 'text' and not line.strip():
-          continue
-        parse(line)
-      except _BadRow as e:
-        bad.append((lineno, str(e)))
+  offsets, bad, lineno = array.array('q'), [], 0
+  for start, lineno, raw in tfds_or_files.iter_lines(path):
+    if kind == 'text':
+      offsets.append(start)
+    try:
+      line = tfds_or_files.decode(raw, first=lineno == 1)
+      if kind != 'text' and not line.strip():
         continue
-      if kind != 'text':
-        offsets.append(start)
+      parse(line)
+    except _BadRow as e:
+      bad.append((lineno, str(e)))
+      continue
+    if kind != 'text':
+      offsets.append(start)
   return _Scan(offsets, tuple(bad), lineno)
 
 
@@ -262,11 +231,9 @@ def _check_bad(path, bad, on_bad_row, where='line'):
     return
   place, message = bad[0]
   at = f'{path}:{place}' if where == 'line' else f'{path} at {place}'
-  if on_bad_row == 'raise':
-    raise UserError(f'Malformed row at {at}: {message}; fix or delete it, or '
-                    f"set {_SETTING}.on_bad_row = 'skip'.")
-  log.warning('Skipped %d malformed row(s) of %s (first at %s: %s).', len(bad),
-              path, place, message)
+  tfds_or_files.report_bad(log, len(bad), on_bad_row, f'{at}: {message}',
+                           'fix or delete it', path,
+                           f'first at {place}: {message}')
 
 
 def _checked_scan(path, kind, on_bad_row, languages=()):
@@ -276,72 +243,11 @@ def _checked_scan(path, kind, on_bad_row, languages=()):
   return scan
 
 
-def _read_line(f, offset):
-  f.seek(offset)
-  return _decode(f.readline(), offset == 0)
-
-
-# ----------------------------------------------------------------------------
-# Batching examples into columns (from_generator is slow one by one).
-
-
-def _batched(signature):
-  if isinstance(signature, dict):
-    return {k: _batched(v) for k, v in signature.items()}
-  if signature.shape.rank:
-    return tf.RaggedTensorSpec([None, None], signature.dtype, ragged_rank=1,
-                               row_splits_dtype=tf.int64)
-  return tf.TensorSpec([None], signature.dtype)
-
-
-def _columns(examples, signature):
-  columns = {}
-  for key, spec in signature.items():
-    values = [ex[key] for ex in examples]
-    if isinstance(spec, dict):
-      columns[key] = _columns(values, spec)
-    elif spec.shape.rank:
-      flat = tf.constant([v for vs in values for v in vs], spec.dtype,
-                         shape=[sum(len(vs) for vs in values)])
-      columns[key] = tf.RaggedTensor.from_row_lengths(
-          flat, np.array([len(vs) for vs in values], np.int64))
-    else:
-      columns[key] = np.array(values, object)
-  return columns
-
-
-def _dataset(examples_fn, signature, batch_size=256):
-  """A dataset of the examples `examples_fn()` yields, batched to columns."""
-
-  def generate():
-    batch = []
-    for example in examples_fn():
-      batch.append(example)
-      if len(batch) >= batch_size:
-        yield _columns(batch, signature)
-        batch = []
-    if batch:
-      yield _columns(batch, signature)
-
-  ds = tf.data.Dataset.from_generator(
-      generate, output_signature=_batched(signature)).unbatch()
-  if any(isinstance(v, dict) for v in signature.values()):
-    ds = ds.map(lambda x: x)  # unbatch() leaves the lists ragged: make them plain
-  return ds
-
-
 # ----------------------------------------------------------------------------
 # The source.
 
 
-def _version_key(path):
-  try:
-    return tuple(int(p) for p in path.rstrip('/').split('/')[-2].split('.'))
-  except ValueError:
-    return ()
-
-
-class DownstreamSource(seqio.DataSource):
+class DownstreamSource(tfds_or_files.TfdsOrFilesSource):
   """Rows of SQuAD, CNN/DailyMail or a WMT pair, from TFDS or files.
 
   Args:
@@ -359,32 +265,14 @@ class DownstreamSource(seqio.DataSource):
     if kind not in ('squad', 'cnn_dailymail', 'translation'):
       raise ValueError(f'unknown kind {kind!r}')
     self.kind, self.name = kind, name
-    self.tfds_name, _, self.version = tfds_name.partition(':')
+    tfds_name, _, self.version = tfds_name.partition(':')
     self.languages = tuple(languages)
-    self._what = f'{name} ({self.tfds_name})' if name else self.tfds_name
-    self._settings = settings
-    self._loaders = {}
-    super().__init__(splits=tuple(splits))
-
-  @property
-  def supports_arbitrary_sharding(self):
-    return True
+    super().__init__(tfds_name, {s: s for s in splits}, name=name,
+                     settings=settings)
 
   @property
   def output_signature(self):
     return output_signature(self.kind, self.languages)
-
-  def settings(self):
-    return self._settings or settings_lib.glue()
-
-  def list_shards(self, split):
-    return [f'{self.tfds_name}:{self._check_split(split)}']
-
-  def _check_split(self, split):
-    if split not in self.splits:
-      raise UserError(f'{self._what} has no split {split!r}; use one of '
-                      f"{', '.join(self.splits)}.")
-    return split
 
   # Files.
 
@@ -411,7 +299,7 @@ class DownstreamSource(seqio.DataSource):
     A path (JSON / JSONL), or {language: path} of line-aligned text files.
     """
     settings = settings or self.settings()
-    self._check_split(split)
+    self._real_split(split)
     files = self._split_files(settings)
     if split not in files:
       raise UserError(
@@ -455,13 +343,11 @@ class DownstreamSource(seqio.DataSource):
       for lineno, message in scan.bad:
         bad.setdefault(lineno, f'{paths[lang]}:{lineno}: {message}')
     if bad:
-      first = min(bad)
-      if on_bad_row == 'raise':
-        raise UserError(f'Malformed row at {bad[first]}; fix or delete the '
-                        f"line in both files, or set {_SETTING}.on_bad_row = "
-                        "'skip'.")
-      log.warning('Skipped %d malformed row(s) of %s (first: %s).', len(bad),
-                  ' / '.join(paths.values()), bad[first])
+      first = bad[min(bad)]
+      tfds_or_files.report_bad(
+          log, len(bad), on_bad_row, first,
+          'fix or delete the line in both files', ' / '.join(paths.values()),
+          f'first: {first}')
     good = [i for i in range(next(iter(counts.values()))) if i + 1 not in bad]
     return scans, good
 
@@ -480,10 +366,12 @@ class DownstreamSource(seqio.DataSource):
       offsets = {lang: s.offsets for lang, s in scans.items()}
 
       def read_pairs(order):
-        files = {lang: _open(p) for lang, p in paths.items()}
+        files = {lang: tfds_or_files.open_binary(p)
+                 for lang, p in paths.items()}
         try:
           for i in order:
-            yield {lang: _read_line(files[lang], offsets[lang][good[i]])
+            yield {lang: tfds_or_files.read_line(files[lang],
+                                                 offsets[lang][good[i]])
                    for lang in paths}
         finally:
           for f in files.values():
@@ -494,96 +382,35 @@ class DownstreamSource(seqio.DataSource):
     parse = _parser(self.kind, self.languages)
 
     def read_rows(order):
-      with _open(paths) as f:
+      with tfds_or_files.open_binary(paths) as f:
         for i in order:
-          yield parse(_read_line(f, scan.offsets[i]))
+          yield parse(tfds_or_files.read_line(f, scan.offsets[i]))
 
     return len(scan.offsets), read_rows
 
-  def _file_dataset(self, split, shuffle, seed, shard_info, settings):
-    num_rows, read = self._file_rows(split, settings)
-    order = np.arange(num_rows)
-    if shard_info:
-      order = order[shard_info.index::shard_info.num_shards]
-    if shuffle:
-      seed = None if seed is None else int(seed) % 2**31
-      order = np.random.default_rng(seed).permutation(order)
-    order = order.tolist()
-    return _dataset(lambda: read(order), self.output_signature)
+  def _check_files(self, split, settings):
+    if split is None:
+      files = self._split_files(settings)
+      todo = [s for s in self.splits if s in files]
+    else:
+      todo = [split]
+    for s in todo:
+      self.local_files(s, settings)
 
   # TFDS.
 
-  def _loader(self, settings):
-    data_dir = sources.tfds_data_dir(settings.tfds_data_dir)
-    if data_dir not in self._loaders:
-      prepared = sources.tfds_prepared_dirs(self.tfds_name, data_dir)
-      if not prepared:
-        raise UserError(
-            f'TFDS dataset {self._what} not found in data dir {data_dir} (set '
-            f'by {_SETTING}.tfds_data_dir or TFDS_DATA_DIR, default '
-            '~/tensorflow_datasets); prepare it with `tfds build '
-            f'{self.tfds_name} --data_dir={data_dir}`, or read your own files: '
-            f"{_SETTING}.source = 'files' and {self._setting_name()}.")
-      versions = [p.rstrip('/').split('/')[-2]
-                  for p in sorted(prepared, key=_version_key)]
-      version = self.version if self.version in versions else versions[-1]
-      if self.version and version != self.version:
-        log.warning('%s: T5 read version %s; using the prepared version %s '
-                    'in %s.', self._what, self.version, version, data_dir)
-      self._loaders[data_dir] = seqio.utils.LazyTfdsLoader(
-          f'{self.tfds_name}:{version}', data_dir=data_dir, read_only=True)
-    return self._loaders[data_dir]
+  def _files_hint(self):
+    return (f"your own files: {_SETTING}.source = 'files' and "
+            f'{self._setting_name()}')
 
-  def _tfds_split(self, loader, split):
-    self._check_split(split)
-    if split not in loader.info.splits:
-      raise UserError(
-          f'The prepared TFDS dataset {self.tfds_name} has no split {split!r} '
-          f"(it has {', '.join(loader.info.splits)}).")
-    return split
-
-  def check_available(self, split=None):
-    """Raises UserError unless the data (of `split`, if given) can be read."""
-    settings = self.settings()
-    if settings.source == 'tfds':
-      loader = self._loader(settings)
-      if split is not None:
-        self._tfds_split(loader, split)
-    else:
-      if split is None:
-        files = self._split_files(settings)
-        todo = [s for s in self.splits if s in files]
-      else:
-        todo = [split]
-      for s in todo:
-        self.local_files(s, settings)
-
-  # seqio.DataSource.
-
-  def get_dataset(self, split='train', shuffle=True, seed=None,
-                  shard_info=None, *, sequence_length=None, use_cached=False,
-                  num_epochs=1):
-    del sequence_length, use_cached, num_epochs  # unused, as in seqio
-    settings = self.settings()
-    if settings.source == 'files':
-      return self._file_dataset(split, shuffle, seed, shard_info, settings)
-    loader = self._loader(settings)
-    ds = loader.load(self._tfds_split(loader, split), shuffle_files=shuffle,
-                     seed=seed)
-    if shard_info and shard_info.num_shards > 1:
-      ds = ds.shard(shard_info.num_shards, shard_info.index)
-    return ds
-
-  def num_input_examples(self, split):
-    """Rows in `split`: TFDS metadata, or counted once from the files."""
-    settings = self.settings()
-    if settings.source == 'files':
-      return self._file_rows(split, settings)[0]
-    loader = self._loader(settings)
-    return loader.size(self._tfds_split(loader, split))
-
-  def __repr__(self):
-    return f'DownstreamSource({self.tfds_name}, splits={list(self.splits)})'
+  def _tfds_version(self, versions, data_dir):
+    """T5's version where prepared, else the newest one, with a warning."""
+    versions = sorted(versions, key=tfds_or_files.version_key)
+    version = self.version if self.version in versions else versions[-1]
+    if self.version and version != self.version:
+      log.warning('%s: T5 read version %s; using the prepared version %s '
+                  'in %s.', self._what, self.version, version, data_dir)
+    return version
 
 
 def squad_source(name=None, settings=None):

@@ -35,17 +35,14 @@ ReCoRD passage is one line, so its rows stay in one shard.
 import array
 import dataclasses
 import functools
-import json
 import logging
 import os
 from typing import Mapping, Optional, Sequence
 
-import numpy as np
-import seqio
 import tensorflow as tf
 
 from t5x_lite.data import settings as settings_lib
-from t5x_lite.data import sources
+from t5x_lite.data import tfds_or_files
 from t5x_lite.errors import UserError
 
 # The settings' type and gin-bound constructor, by their names in gin files.
@@ -230,8 +227,7 @@ def output_signature(benchmark, config):
 # Row parsing. A parser maps one line to a list of examples or raises _BadRow.
 
 
-class _BadRow(ValueError):
-  pass
+_BadRow = tfds_or_files.BadRow
 
 
 def _class_id(value, classes):
@@ -349,12 +345,7 @@ class _JsonlParser:
 
   def __call__(self, line, row):
     del row  # SuperGLUE rows carry their own idx
-    try:
-      obj = json.loads(line)
-    except ValueError as e:
-      raise _BadRow(f'malformed JSON ({e})') from None
-    if not isinstance(obj, dict):
-      raise _BadRow('not a JSON object')
+    obj = tfds_or_files.json_object(line)
     if self._config == 'multirc':
       return self._multirc(obj)
     if self._config == 'record':
@@ -423,24 +414,6 @@ class _Scan:
   header: Optional[list]
 
 
-def _iter_lines(path):
-  """(offset, lineno, text) of every line; the BOM of the first is dropped."""
-  offset = 0
-  with _open(path) as f:
-    for lineno, raw in enumerate(f, start=1):
-      start, offset = offset, offset + len(raw)
-      if lineno == 1 and raw.startswith(b'\xef\xbb\xbf'):
-        raw = raw[3:]
-      yield start, lineno, raw
-
-
-def _decode(raw):
-  try:
-    return raw.decode('utf-8').rstrip('\r\n')
-  except UnicodeDecodeError as e:
-    raise _BadRow(f'not UTF-8 ({e})') from None
-
-
 def _parser(benchmark, config, split, header):
   if benchmark == 'glue':
     return _TsvParser(config, split, header)
@@ -457,9 +430,9 @@ def _scan(path, benchmark, config, split, size, mtime):
   del size, mtime  # cache key only
   offsets, rows = array.array('q'), array.array('q')
   bad, header, parse, count, row = [], None, None, 0, 0
-  for offset, lineno, raw in _iter_lines(path):
+  for offset, lineno, raw in tfds_or_files.iter_lines(path):
     try:
-      line = _decode(raw)
+      line = tfds_or_files.decode(raw, first=lineno == 1)
       if not line.strip():
         continue
       if parse is None:
@@ -485,79 +458,17 @@ def _checked_scan(path, benchmark, config, split, on_bad_row):
   scan = _scan(path, benchmark, config, split, stat.length, stat.mtime_nsec)
   if scan.bad:
     lineno, message = scan.bad[0]
-    if on_bad_row == 'raise':
-      raise UserError(
-          f'Malformed row at {path}:{lineno}: {message}; fix or delete the '
-          "line, or set glue_sources.data_settings.on_bad_row = 'skip'.")
-    log.warning('Skipped %d malformed row(s) of %s (first at line %d: %s).',
-                len(scan.bad), path, lineno, message)
+    tfds_or_files.report_bad(
+        log, len(scan.bad), on_bad_row, f'{path}:{lineno}: {message}',
+        'fix or delete the line', path, f'first at line {lineno}: {message}')
   return scan
-
-
-def _open(path):
-  """Binary file: Python's own for local paths (fast seeks), else tf.io.gfile."""
-  return tf.io.gfile.GFile(path, 'rb') if '://' in path else open(path, 'rb')
-
-
-def _batched(signature):
-  """The signature of `_columns` batches: a leading batch axis, ragged lists."""
-  if isinstance(signature, dict):
-    return {k: _batched(v) for k, v in signature.items()}
-  if signature.shape.rank:
-    return tf.RaggedTensorSpec([None, None], signature.dtype, ragged_rank=1,
-                               row_splits_dtype=tf.int64)
-  return tf.TensorSpec([None], signature.dtype)
-
-
-def _columns(examples, signature):
-  """A list of examples as one batch of columns."""
-  columns = {}
-  for key, spec in signature.items():
-    values = [ex[key] for ex in examples]
-    if isinstance(spec, dict):
-      columns[key] = _columns(values, spec)
-    elif spec.shape.rank:
-      flat = tf.constant([v for vs in values for v in vs], spec.dtype)
-      columns[key] = tf.RaggedTensor.from_row_lengths(
-          flat, np.array([len(vs) for vs in values], np.int64))
-    else:
-      columns[key] = np.array(values, object if spec.dtype == tf.string
-                              else spec.dtype.as_numpy_dtype)
-  return columns
-
-
-def _read(path, benchmark, config, split, scan, order, batch_size=256):
-  """Yields the examples of the good lines at positions `order`, batched."""
-  parse = _parser(benchmark, config, split, scan.header)
-  signature = output_signature(benchmark, config)
-  examples = []
-  with _open(path) as f:
-    for i in order:
-      f.seek(scan.offsets[i])
-      raw = f.readline()
-      if scan.offsets[i] == 0 and raw.startswith(b'\xef\xbb\xbf'):
-        raw = raw[3:]
-      examples += parse(_decode(raw), scan.rows[i])
-      if len(examples) >= batch_size:
-        yield _columns(examples, signature)
-        examples = []
-  if examples:
-    yield _columns(examples, signature)
 
 
 # ----------------------------------------------------------------------------
 # The source.
 
 
-def _version_key(path):
-  version = path.rstrip('/').split('/')[-2]
-  try:
-    return tuple(int(p) for p in version.split('.'))
-  except ValueError:
-    return ()
-
-
-class GlueSource(seqio.DataSource):
+class GlueSource(tfds_or_files.TfdsOrFilesSource):
   """Rows of one GLUE / SuperGLUE config from TFDS or the original files.
 
   The place is read from `settings` or, when None, from the run's
@@ -568,7 +479,7 @@ class GlueSource(seqio.DataSource):
                name=None):
     _check_config(benchmark, config)
     self.benchmark, self.config = benchmark, config
-    self._what = f'{name} ({self.tfds_name})' if name else self.tfds_name
+    tfds_name = f'{benchmark}/{config}'
     known = splits_of(benchmark, config)
     if splits is None:
       splits = {s: s for s in known}
@@ -576,16 +487,9 @@ class GlueSource(seqio.DataSource):
       splits = {s: s for s in splits}
     for split, real in splits.items():
       if real not in known:
-        raise UserError(f'{self.tfds_name} has no split {real!r} (for '
+        raise UserError(f'{tfds_name} has no split {real!r} (for '
                         f"{split!r}); its splits are {', '.join(known)}.")
-    self._split_map = dict(splits)
-    self._settings = settings
-    self._loaders = {}
-    super().__init__(splits=tuple(splits))
-
-  @property
-  def tfds_name(self):
-    return f'{self.benchmark}/{self.config}'
+    super().__init__(tfds_name, splits, name=name, settings=settings)
 
   @property
   def split_map(self):
@@ -593,22 +497,8 @@ class GlueSource(seqio.DataSource):
     return dict(self._split_map)
 
   @property
-  def supports_arbitrary_sharding(self):
-    return True
-
-  def settings(self):
-    return self._settings or settings_lib.glue()
-
-  def list_shards(self, split):
-    return [f'{self.tfds_name}:{self._real_split(split)}']
-
-  def _real_split(self, split):
-    if split not in self._split_map:
-      raise UserError(f'{self._what} has no split {split!r}; use one '
-                      f"of {', '.join(self._split_map)}.")
-    return self._split_map[split]
-
-  # Local files.
+  def output_signature(self):
+    return output_signature(self.benchmark, self.config)
 
   def local_path(self, split, settings=None):
     """The file read for `split` with source='files'; UserError if absent."""
@@ -636,94 +526,36 @@ class GlueSource(seqio.DataSource):
         f"{' or '.join(candidates)}; {directory} has {present}. Add the file, "
         'or use a split (or task) whose file is present.')
 
-  def _file_dataset(self, split, shuffle, seed, shard_info, settings):
+  def _check_files(self, split, settings):
+    for s in ([split] if split else self.splits):
+      self.local_path(s, settings)
+
+  def _files_hint(self):
+    return ("the original files: glue_sources.data_settings.source = 'files' "
+            "and glue_dir / super_glue_dir = '/path/to/data'")
+
+  def _file_rows(self, split, settings):
+    """(good lines, fn(order) -> their examples); a line may hold several."""
     real = self._real_split(split)
     path = self.local_path(split, settings)
     scan = _checked_scan(path, self.benchmark, self.config, real,
                          settings.on_bad_row)
-    order = np.arange(len(scan.offsets))
-    if shard_info:
-      order = order[shard_info.index::shard_info.num_shards]
-    if shuffle:
-      seed = None if seed is None else int(seed) % 2**31
-      order = np.random.default_rng(seed).permutation(order)
-    order = order.tolist()
     benchmark, config = self.benchmark, self.config
-    ds = tf.data.Dataset.from_generator(
-        lambda: _read(path, benchmark, config, real, scan, order),
-        output_signature=_batched(output_signature(benchmark, config)))
-    ds = ds.unbatch()
-    if config == 'record':  # unbatch() left its lists ragged; make them plain
-      ds = ds.map(lambda x: x)
-    return ds
 
-  # TFDS.
+    def read(order):
+      parse = _parser(benchmark, config, real, scan.header)
+      with tfds_or_files.open_binary(path) as f:
+        for i in order:
+          line = tfds_or_files.read_line(f, scan.offsets[i])
+          yield from parse(line, scan.rows[i])
 
-  def _loader(self, settings):
-    data_dir = sources.tfds_data_dir(settings.tfds_data_dir)
-    if data_dir not in self._loaders:
-      prepared = sources.tfds_prepared_dirs(self.tfds_name, data_dir)
-      if not prepared:
-        raise UserError(
-            f'TFDS dataset {self._what} not found in data dir {data_dir} (set '
-            'by glue_sources.data_settings.tfds_data_dir or TFDS_DATA_DIR, '
-            'default ~/tensorflow_datasets); prepare it with '
-            f'`tfds build {self.tfds_name} --data_dir={data_dir}`, or read the '
-            "original files: glue_sources.data_settings.source = 'files' and "
-            "glue_dir / super_glue_dir = '/path/to/data'.")
-      version = max(prepared, key=_version_key).rstrip('/').split('/')[-2]
-      self._loaders[data_dir] = seqio.utils.LazyTfdsLoader(
-          f'{self.tfds_name}:{version}', data_dir=data_dir, read_only=True)
-    return self._loaders[data_dir]
+    return len(scan.offsets), read
 
-  def _tfds_split(self, loader, split):
-    real = self._real_split(split)
-    if real not in loader.info.splits:
-      raise UserError(
-          f'The prepared TFDS dataset {self.tfds_name} has no split {real!r} '
-          f"(it has {', '.join(loader.info.splits)}).")
-    return real
-
-  def check_available(self, split=None):
-    """Raises UserError unless the data (of `split`, if given) can be read."""
-    settings = self.settings()
-    if settings.source == 'tfds':
-      loader = self._loader(settings)
-      if split is not None:
-        self._tfds_split(loader, split)
-    else:
-      for s in ([split] if split else self.splits):
-        self.local_path(s, settings)
-
-  # seqio.DataSource.
-
-  def get_dataset(self, split='train', shuffle=True, seed=None,
-                  shard_info=None, *, sequence_length=None, use_cached=False,
-                  num_epochs=1):
-    del sequence_length, use_cached, num_epochs  # unused, as in seqio
-    settings = self.settings()
-    if settings.source == 'files':
-      return self._file_dataset(split, shuffle, seed, shard_info, settings)
-    loader = self._loader(settings)
-    ds = loader.load(self._tfds_split(loader, split), shuffle_files=shuffle,
-                     seed=seed)
-    if shard_info and shard_info.num_shards > 1:
-      ds = ds.shard(shard_info.num_shards, shard_info.index)
-    return ds
-
-  def num_input_examples(self, split):
-    """Rows in `split`: TFDS metadata, or counted once from the local file."""
-    settings = self.settings()
-    if settings.source == 'files':
-      path = self.local_path(split, settings)
-      return _checked_scan(path, self.benchmark, self.config,
-                           self._real_split(split),
-                           settings.on_bad_row).num_examples
-    loader = self._loader(settings)
-    return loader.size(self._tfds_split(loader, split))
-
-  def __repr__(self):
-    return f'GlueSource({self.tfds_name}, splits={list(self._split_map)})'
+  def _num_file_examples(self, split, settings):
+    path = self.local_path(split, settings)
+    return _checked_scan(path, self.benchmark, self.config,
+                         self._real_split(split),
+                         settings.on_bad_row).num_examples
 
 
 def make_source(benchmark, config, splits=None, settings=None, name=None):
