@@ -361,17 +361,26 @@ def write_results(directory: str, results: Sequence[TaskResult], step: Optional[
   return path
 
 
+# The leaderboard averages (each a function of `t5x_lite.metrics`) and the
+# prefix of their benchmark's task names.
+_AVERAGES = (('glue_average', 'glue_'), ('super_glue_average', 'super_glue_'))
+
+
+def _averaged(tasks: Sequence[str]) -> list[tuple[str, str]]:
+  """The averages that `tasks` give: a benchmark with at least two of them."""
+  return [a for a in _AVERAGES if sum(t.startswith(a[1]) for t in tasks) >= 2]
+
+
 def averages(results: Sequence[TaskResult]) -> dict[str, Any]:
   """The GLUE and SuperGLUE leaderboard averages, for a benchmark with at least
   two of its tasks evaluated (those missing are listed)."""
   from t5x_lite import metrics  # pylint: disable=g-import-not-at-top
   by_task = {r.task: r.metrics for r in results}
   out = {}
-  for name, fn, prefix in (('glue_average', metrics.glue_average, 'glue_'),
-                           ('super_glue_average', metrics.super_glue_average, 'super_glue_')):
-    if sum(t.startswith(prefix) for t in by_task) >= 2:
-      value, missing = fn({t: m for t, m in by_task.items() if t.startswith(prefix)})
-      out[name] = {'value': value, 'missing': list(missing)}
+  for name, prefix in _averaged(list(by_task)):
+    value, missing = getattr(metrics, name)(
+        {t: m for t, m in by_task.items() if t.startswith(prefix)})
+    out[name] = {'value': value, 'missing': list(missing)}
   return out
 
 
@@ -394,18 +403,6 @@ def format_averages(results: Sequence[TaskResult], width: int = 0) -> list[str]:
   return lines
 
 
-def format_table(results: Sequence[TaskResult]) -> str:
-  """A readable table: one row per task, then the averages."""
-  width = table_width([r.task for r in results])
-  return '\n'.join([format_row(r.task, r.metrics, width) for r in results]
-                   + format_averages(results, width))
-
-
 def table_width(tasks: Sequence[str]) -> int:
-  """The name column's width for these tasks and the benchmark averages that
-  `averages` gives for them (two tasks of a benchmark or more)."""
-  names = list(tasks)
-  for average, prefix in (('glue_average', 'glue_'), ('super_glue_average', 'super_glue_')):
-    if sum(t.startswith(prefix) for t in tasks) >= 2:
-      names.append(average)
-  return max(len(name) for name in names)
+  """The name column's width for these tasks and the averages they give."""
+  return max(len(name) for name in [*tasks, *(a[0] for a in _averaged(tasks))])

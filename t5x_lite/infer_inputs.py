@@ -211,7 +211,7 @@ def _row_examples(task: seqio.Task, rows: Sequence[dict],
 
 def _instruction_prompt(source, line: Line, path: str, task_name: str) -> str:
   """The rendered prompt of an instruction task for one line."""
-  options = getattr(source, '_options', {})
+  options = source.options
   system, fmt = options.get('system'), options.get('format')
   r = line.record
   if r is None:
@@ -240,9 +240,7 @@ def _instruction_prompt(source, line: Line, path: str, task_name: str) -> str:
     history = [(turns[i]['content'], turns[i + 1]['content']) for i in range(0, len(turns) - 1, 2)]
     return instructions.render_prompt(turns[-1]['content'], system=system, history=history)
   if fmt == 'sni':  # the task file's definition and demonstrations lead
-    paths = getattr(source, '_paths')
-    files = source._files(paths)  # pylint: disable=protected-access
-    with open(files[0], encoding='utf-8') as f:
+    with open(source.train_files()[0], encoding='utf-8') as f:
       definition = instructions.sni_instruction(
           json.load(f), options.get('num_positive_examples', 2))
     return instructions.render_prompt(definition, field('input', True), system)

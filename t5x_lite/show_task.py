@@ -32,7 +32,6 @@ if __name__ == '__main__':  # a run starts here: tune the host before TensorFlow
 
 import argparse
 import copy
-import difflib
 import json
 import sys
 from typing import Any, Mapping, Optional, Sequence
@@ -68,19 +67,7 @@ _GIN_IMPORTS = ('from __gin__ import dynamic_registration',
 
 
 def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
-  """The registered task or mixture `name`; an unknown name is a UserError
-  with the closest registered names."""
-  known = sorted(seqio.TaskRegistry.names()) + sorted(seqio.MixtureRegistry.names())
-  if name not in known:
-    by_key = {k.lower(): k for k in known}
-    close = [by_key[k] for k in difflib.get_close_matches(name.lower(), list(by_key), n=3,
-                                                          cutoff=0.6)]
-    hint = (f"did you mean {', '.join(close)}?" if close
-            else f'no registered name is close (there are {len(known)}).')
-    raise UserError(f"no task or mixture named '{name}'; {hint} `--list` shows them all; a "
-                    'task of your own is registered by an `import` of its module in a '
-                    '--gin_file.')
-  return registry.get_task_or_mixture(name)
+  return registry.get_task_or_mixture(name, hint=' `--list` shows them all.')
 
 
 def _splits(task: seqio.Task) -> tuple[str, ...]:

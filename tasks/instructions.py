@@ -193,6 +193,16 @@ class InstructionSource(sources.FunctionSource):
         raise UserError(f'{missing} is missing; {self._missing_hint}') from None
       raise UserError(str(e)) from None
 
+  @property
+  def options(self) -> dict:
+    """How rows are read and rendered: 'format', 'system' (the system prompt)
+    and the format's own options (such as SNI's num_positive_examples)."""
+    return dict(self._options)
+
+  def train_files(self) -> list:
+    """The files of the 'train' split (a UserError naming them if missing)."""
+    return self._files(self._paths)
+
   def check_available(self, split=None) -> None:
     """Raises UserError unless the files (of `split`, if given) exist
     (`t5x_lite.data.registry.CheckedSource`)."""

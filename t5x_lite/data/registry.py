@@ -8,6 +8,7 @@ own module by an `import` line in gin).
 """
 
 import dataclasses
+import difflib
 from typing import Optional, Protocol, runtime_checkable
 
 import seqio
@@ -16,15 +17,21 @@ from t5x_lite.data import sources
 from t5x_lite.errors import UserError
 
 
-def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
+def get_task_or_mixture(name: str, hint: str = '') -> seqio.Task | seqio.Mixture:
+  """The registered task or mixture `name`; an unknown name is a UserError
+  with the closest registered names (and `hint`, where to find them all)."""
   try:
     return seqio.get_mixture_or_task(name)
   except ValueError:
     known = sorted(seqio.TaskRegistry.names()) + sorted(seqio.MixtureRegistry.names())
+    by_key = {k.lower(): k for k in known}
+    close = [by_key[k] for k in difflib.get_close_matches(name.lower(), list(by_key), n=3)]
+    found = (f"did you mean {', '.join(close)}?" if close
+             else f'no registered name is close (there are {len(known)}).')
     raise UserError(
-        f"no seqio task or mixture named '{name}'; import the module that registers it "
-        '(`import t5x_lite.tasks` in gin for the built-in ones, or your own) or fix '
-        f"MIXTURE_OR_TASK_NAME; registered: {', '.join(known) or 'none'}.") from None
+        f"no task or mixture named '{name}'; {found}{hint} A task of your own is "
+        'registered by an `import` of its module in a --gin_file (`import t5x_lite.tasks` '
+        'for the built-in ones).') from None
 
 
 def tasks_of(name: str) -> list[seqio.Task]:
