@@ -33,7 +33,7 @@ import os
 import re
 import sys
 import tempfile
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 # Device files of TPU chips (/dev/accel*, or /dev/vfio/N on v5e and later) and
 # of NVIDIA (/dev/nvidia*, /dev/dxg under WSL) and AMD (/dev/kfd) GPUs.
@@ -122,16 +122,24 @@ def _reuse_freed_host_memory() -> bool:
   mmap keeps those blocks in the heap, at the price of a heap that does not
   shrink. Returns whether it applied.
   """
-  if (sys.platform != 'linux' or os.environ.get('T5X_LITE_MALLOC') == 'system'
-      or host_has_accelerator()):
+  if os.environ.get('T5X_LITE_MALLOC') == 'system' or host_has_accelerator():
     return False
-  try:
-    mallopt = ctypes.CDLL('libc.so.6').mallopt
-  except (OSError, AttributeError):  # not glibc (musl, ...)
+  mallopt = _glibc('mallopt')
+  if mallopt is None:
     return False
   m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
   return bool(mallopt(m_arena_max, 1) and mallopt(m_mmap_max, 0)
               and mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def _glibc(name: str) -> Optional[Any]:
+  """glibc's function `name` on Linux; None elsewhere (or with musl, ...)."""
+  if sys.platform != 'linux':
+    return None
+  try:
+    return getattr(ctypes.CDLL('libc.so.6'), name)
+  except (OSError, AttributeError):
+    return None
 
 
 def available_memory(meminfo: str = '/proc/meminfo',
@@ -179,19 +187,14 @@ def _cgroup_memory_left(root: str) -> Optional[int]:
 
 def release_free_memory() -> bool:
   """Hands the memory that glibc's malloc holds free back to the kernel
-  (`malloc_trim`). Under the 'reuse' policy the heap never shrinks by
-  itself; a run calls this where the step's memory was idle anyway (after a
-  checkpoint or an evaluation, before measuring what is available), so what
-  the heap holds unused is bounded by what the steps since then left, at the
-  cost of the next step touching its temporaries' pages afresh once. Returns
-  whether anything was released."""
-  if sys.platform != 'linux':
-    return False
-  try:
-    malloc_trim = ctypes.CDLL('libc.so.6').malloc_trim
-  except (OSError, AttributeError):  # not glibc
-    return False
-  return bool(malloc_trim(0))
+  (`malloc_trim`). Under the 'reuse' policy the heap never shrinks by itself;
+  a run calls this where the step's memory is idle anyway (after a checkpoint
+  or an evaluation, before measuring what is available). That slows the heap's
+  growth without bounding it; `T5X_LITE_MALLOC=system` bounds it. The next
+  step touches its temporaries' pages afresh once. Returns whether anything
+  was released."""
+  malloc_trim = _glibc('malloc_trim')
+  return bool(malloc_trim and malloc_trim(0))
 
 
 @contextlib.contextmanager

@@ -274,7 +274,7 @@ def train(*,
           last_eval = eval_metrics or last_eval
           if eval_metrics:
             note(eval_lines(step, eval_metrics))
-        if saves or evaluates:  # the heap's unused memory back to the kernel (see host)
+        if saves:  # (evaluated steps are saved) the heap's unused memory back (see host)
           host.release_free_memory()
         # A SIGTERM that lands after `saves` was decided stops the run at the next step.
         if saves and preemption.requested:
