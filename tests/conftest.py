@@ -114,6 +114,19 @@ def run_train(model_dir, *extra, devices=1, check=True):
   return proc
 
 
+def main_in_process(module, argv):
+  """An entry point's main(argv) in this process, with gin's global config and
+  the data settings it binds reset around it (so nothing leaks to other tests)."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from t5x_lite.data import settings  # pylint: disable=g-import-not-at-top
+  gin.clear_config(clear_constants=True)
+  try:
+    return module.main(argv)
+  finally:
+    gin.clear_config(clear_constants=True)
+    settings.use()
+
+
 def read_metrics(model_dir):
   with open(os.path.join(model_dir, 'metrics.jsonl')) as f:
     return [json.loads(line) for line in f if line.strip()]

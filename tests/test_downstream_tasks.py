@@ -18,7 +18,7 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from conftest import SHARED_DATA, require, require_shared_data
+from conftest import SHARED_DATA, main_in_process, require, require_shared_data
 from t5x_lite import evaluation
 from t5x_lite import gin_utils
 from t5x_lite import metrics
@@ -442,17 +442,12 @@ def test_tiny_gins_fine_tune_and_evaluate(tmp_path, gin_file, task, metric):
   require_shared_data('translation/wmt16_en_ro_sample.jsonl')
   extra = _c4_summaries(tmp_path) if task == 'cnn_dailymail_v002' else []
   model_dir = str(tmp_path / 'run')
-  gin.clear_config(clear_constants=True)
-  try:
-    train_lib.main([f'--gin_file={gin_file}', *TINY_T5, *extra,
-                    f"--gin.MODEL_DIR='{model_dir}'", '--gin.TRAIN_STEPS=2',
-                    '--gin.EVAL_PERIOD=2', '--gin.CHECKPOINT_PERIOD=2',
-                    '--gin.EVAL_NUM_EXAMPLES=4', '--gin.BATCH_SIZE=2',
-                    "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}",
-                    '--gin.train_script.train.progress_bar=False'])
-  finally:
-    gin.clear_config(clear_constants=True)
-    settings.use()
+  main_in_process(train_lib, [
+      f'--gin_file={gin_file}', *TINY_T5, *extra, f"--gin.MODEL_DIR='{model_dir}'",
+      '--gin.TRAIN_STEPS=2', '--gin.EVAL_PERIOD=2', '--gin.CHECKPOINT_PERIOD=2',
+      '--gin.EVAL_NUM_EXAMPLES=4', '--gin.BATCH_SIZE=2',
+      "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}",
+      '--gin.train_script.train.progress_bar=False'])
   with open(os.path.join(model_dir, 'metrics.jsonl'), encoding='utf-8') as f:
     evals = [json.loads(line) for line in f if 'eval/' in line]
   others = {'f1': ['em'], 'rougeLsum': ['rouge1', 'rouge2']}.get(metric, [])

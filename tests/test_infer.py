@@ -6,7 +6,6 @@ then read back with the run's config.gin and no dataset anywhere."""
 import json
 import os
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 import seqio
 
 import t5x_lite.tasks  # noqa: F401  (registers the tasks)
+from conftest import main_in_process
 from t5x_lite import infer as infer_lib
 from t5x_lite import infer_inputs
 from t5x_lite import train as train_lib
@@ -49,15 +49,6 @@ TINY = {
 }
 
 
-def _main(module, argv):
-  """An entry point's main() here, with gin's global config cleared around it."""
-  gin.clear_config(clear_constants=True)
-  try:
-    module.main(argv)
-  finally:
-    gin.clear_config(clear_constants=True)
-
-
 @pytest.fixture(scope='module')
 def dirs(tmp_path_factory):
   root = tmp_path_factory.mktemp('infer')
@@ -76,7 +67,7 @@ def trained(dirs):
   out = {}
   for family, flags in TINY.items():
     model_dir = str(dirs / family)
-    _main(train_lib, [*flags, f"--gin.MODEL_DIR='{model_dir}'", f'--gin.TRAIN_STEPS={STEPS}',
+    main_in_process(train_lib, [*flags, f"--gin.MODEL_DIR='{model_dir}'", f'--gin.TRAIN_STEPS={STEPS}',
                       '--gin.BATCH_SIZE=4', f'--gin.CHECKPOINT_PERIOD={STEPS}',
                       *([f'--gin.EVAL_PERIOD={STEPS}'] if family != 'gpt_lm' else []),
                       f"--gin.glue_sources.data_settings.glue_dir='{dirs / 'glue'}'",
@@ -90,7 +81,7 @@ def _infer(dirs, model_dir, lines, name='prompts.txt', *extra):
   path = dirs / name
   path.write_text(''.join(l + '\n' for l in lines))
   out = str(dirs / 'out')
-  _main(infer_lib, ['--gin_file=configs/runs/infer.gin', f'--gin_file={model_dir}/config.gin',
+  main_in_process(infer_lib, ['--gin_file=configs/runs/infer.gin', f'--gin_file={model_dir}/config.gin',
                     f"--gin.CHECKPOINT_PATH='{model_dir}'", f"--gin.INPUT_FILE='{path}'",
                     f"--gin.MODEL_DIR='{out}'", "--gin.glue_sources.data_settings.source='files'",
                     f"--gin.glue_sources.data_settings.glue_dir='{dirs / 'empty'}'",

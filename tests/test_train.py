@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import read_metrics, run_env, run_train, train_cmd, REPO, SHARED_DATA, SMALL_T5
+from conftest import main_in_process, read_metrics, require_shared_data, run_env, run_train, train_cmd, REPO, SMALL_T5
 
 # Enough steps after each kill point that the signal lands before the run ends.
 STEPS = 60
@@ -144,15 +144,6 @@ def test_initial_checkpoint_path_starts_from_pretrained_params(tmp_path, uninter
   assert first_finetuned['loss'] < first_pretrained['loss'] - 1.0
 
 
-def _main_in_process(module, argv):
-  """An entry point's main() here, with gin's global config cleared around it."""
-  gin.clear_config(clear_constants=True)
-  try:
-    module.main(argv)
-  finally:
-    gin.clear_config(clear_constants=True)
-
-
 def test_finetune_then_eval_and_infer_on_sst2_files(tmp_path, uninterrupted, capsys):
   """Fine-tune the pretrained small T5 on SST-2 (original TSV files) with evaluation
   every 3 steps, then `t5x_lite.eval` and `t5x_lite.infer` on the result. Each
@@ -161,7 +152,7 @@ def test_finetune_then_eval_and_infer_on_sst2_files(tmp_path, uninterrupted, cap
   from t5x_lite import infer as infer_lib  # pylint: disable=g-import-not-at-top
   model_dir = str(tmp_path / 'sst2')
   dims = [a for a in SMALL_T5 if 'T5Config' in a]
-  glue = [f"--gin.glue_sources.data_settings.glue_dir='{SHARED_DATA}/glue'"]
+  glue = [f"--gin.glue_sources.data_settings.glue_dir='{require_shared_data('glue')}'"]
   proc = subprocess.run(
       [sys.executable, '-m', 't5x_lite.train', '--gin_file=gin/t5_tiny_sst2_finetune.gin',
        *dims, *glue, f"--gin.MODEL_DIR='{model_dir}'", '--gin.TRAIN_STEPS=6',
@@ -185,7 +176,7 @@ def test_finetune_then_eval_and_infer_on_sst2_files(tmp_path, uninterrupted, cap
             f"--gin.CHECKPOINT_PATH='{model_dir}'", "--gin.MIXTURE_OR_TASK_NAME='glue_sst2_v002'",
             "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 4}", '--gin.BATCH_SIZE=8']
   out = str(tmp_path / 'eval')
-  _main_in_process(eval_lib, ['--gin_file=configs/runs/eval.gin', *common,
+  main_in_process(eval_lib, ['--gin_file=configs/runs/eval.gin', *common,
                               f"--gin.MODEL_DIR='{out}'", '--gin.EVAL_NUM_EXAMPLES=20',
                               "--gin.EVAL_MODE='rank'",
                               "--gin.glue_sources.data_settings.source='files'"])
@@ -200,7 +191,7 @@ def test_finetune_then_eval_and_infer_on_sst2_files(tmp_path, uninterrupted, cap
 
   prompts = tmp_path / 'prompts.txt'
   prompts.write_text('sst2 sentence: a gorgeous film .\nsst2 sentence: dull and slow .\n')
-  _main_in_process(infer_lib, ['--gin_file=configs/runs/infer.gin', *common, '--raw_inputs',
+  main_in_process(infer_lib, ['--gin_file=configs/runs/infer.gin', *common, '--raw_inputs',
                                f"--gin.MODEL_DIR='{out}'", f"--gin.INPUT_FILE='{prompts}'",
                                "--gin.DECODE={'method': 'beam', 'num_beams': 2}",
                                "--gin.glue_sources.data_settings.source='files'"])
@@ -217,7 +208,7 @@ def _readme_block(after):
 
 def test_readme_own_corpus_recipe(tmp_path):
   """The README's recipe, exactly as written, on a real JSONL sample."""
-  sample = os.path.join(SHARED_DATA, 'text', 'c4', 'c4_en_train_first1000.jsonl')
+  sample = require_shared_data('text', 'c4', 'c4_en_train_first1000.jsonl')
   with open(sample) as f, open(tmp_path / 'my_corpus.jsonl', 'w') as out:
     out.writelines(line for _, line in zip(range(300), f))
   (tmp_path / 'my_tasks.py').write_text(_readme_block('Create\n`my_tasks.py`'))
