@@ -465,7 +465,7 @@ def _rename_aside(src: str) -> str:
   return dst
 
 
-def _resolve_step_dir(path: str) -> str:
+def resolve_step_dir(path: str) -> str:
   """Accepts a step directory, a `checkpoints/` directory or a model dir."""
   path = os.path.abspath(path)
   if os.path.isdir(os.path.join(path, 'state')):
@@ -520,7 +520,7 @@ def restore_params(path: str, abstract_params: Any, fresh: Sequence[str] = ()) -
   the caller to initialise (see `Trainer.init_state`). Params of the
   checkpoint that the model lacks (e.g. pretraining heads) are ignored.
   """
-  step_dir = _resolve_step_dir(path)
+  step_dir = resolve_step_dir(path)
   try:
     return _restore_params(step_dir, abstract_params, fresh)
   except UserError:

@@ -286,6 +286,19 @@ def _bound(fn: Callable) -> dict:
     return {}
 
 
+def macro(name: str) -> Any:
+  """The value gin's macro `name` is set to (a reference evaluated), or None
+  when it is not set (or is %gin.REQUIRED)."""
+  try:
+    value = gin.query_parameter(f'%{name}')
+  except ValueError:
+    return None
+  if isinstance(value, gin.config.ConfigurableReference):  # @fn() (or %gin.REQUIRED)
+    fn = value.scoped_configurable_fn
+    value = fn() if value.evaluate else fn
+  return None if value is gin.REQUIRED else value
+
+
 def parse_gin(files: Sequence[str], bindings: Sequence[str], *,
               check_required: bool = True) -> None:
   """Parses gin files (each may `include` configs/...) and then the overrides,

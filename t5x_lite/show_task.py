@@ -36,7 +36,6 @@ import json
 import sys
 from typing import Any, Mapping, Optional, Sequence
 
-import gin
 import numpy as np
 import seqio
 import tensorflow as tf
@@ -247,19 +246,6 @@ def _flags() -> _Parser:
   return parser
 
 
-def _macro(name: str) -> Any:
-  """The value gin's macro `name` is set to (a reference evaluated), or None
-  when it is not set (or is %gin.REQUIRED)."""
-  try:
-    value = gin.query_parameter(f'%{name}')
-  except ValueError:
-    return None
-  if isinstance(value, gin.config.ConfigurableReference):  # @fn() (or %gin.REQUIRED)
-    fn = value.scoped_configurable_fn
-    value = fn() if value.evaluate else fn
-  return None if value is gin.REQUIRED else value
-
-
 def main(argv: Sequence[str]) -> None:
   """Prints the examples the flags ask for, one JSON line each."""
   import t5x_lite.tasks  # pylint: disable=g-import-not-at-top,unused-import  (the built-in tasks)
@@ -274,15 +260,15 @@ def main(argv: Sequence[str]) -> None:
     for name in sorted(seqio.TaskRegistry.names()) + sorted(seqio.MixtureRegistry.names()):
       print(name)
     return
-  name = flags.task or _macro('MIXTURE_OR_TASK_NAME')
+  name = flags.task or gin_utils.macro('MIXTURE_OR_TASK_NAME')
   if not name:
     raise UserError('no --task given (and no MIXTURE_OR_TASK_NAME in gin); e.g. '
                     '--task=glue_sst2_v002, or --list for the registered names.')
-  seed = flags.seed if flags.seed is not None else _macro('SEED')
+  seed = flags.seed if flags.seed is not None else gin_utils.macro('SEED')
   rows = examples(name, flags.split, flags.num_examples, tokens=flags.tokens,
                   seed=0 if seed is None else seed,
-                  lengths=flags.lengths or _macro('TASK_FEATURE_LENGTHS'),
-                  vocabulary=_macro('VOCABULARY'))
+                  lengths=flags.lengths or gin_utils.macro('TASK_FEATURE_LENGTHS'),
+                  vocabulary=gin_utils.macro('VOCABULARY'))
   for row in rows:
     print(json.dumps(row, ensure_ascii=False), flush=True)
 

@@ -82,6 +82,31 @@ def config_from_hf(hf_config: Mapping) -> bart.BartConfig:
       initializer_range=c.get('init_std', 0.02))
 
 
+def config_to_hf(config: bart.BartConfig) -> dict:
+  """BartConfig -> HF `BartForConditionalGeneration` config.json fields."""
+  if config.num_heads * config.head_dim != config.emb_dim:
+    raise ValueError(f'BART needs num_heads * head_dim == emb_dim; got {config.num_heads} * '
+                     f'{config.head_dim} != {config.emb_dim}.')
+  if config.position_offset != 2 or config.layer_norm_eps != 1e-5:
+    raise ValueError('Hugging Face BART has position_offset=2 and layer_norm_eps=1e-5; '
+                     f'this model has {config.position_offset} and {config.layer_norm_eps}.')
+  names = {'gelu_exact': 'gelu', 'gelu': 'gelu_new', 'relu': 'relu'}
+  return {
+      'architectures': ['BartForConditionalGeneration'], 'model_type': 'bart',
+      'vocab_size': config.vocab_size, 'd_model': config.emb_dim,
+      'encoder_layers': config.num_encoder_layers, 'decoder_layers': config.num_decoder_layers,
+      'encoder_attention_heads': config.num_heads, 'decoder_attention_heads': config.num_heads,
+      'encoder_ffn_dim': config.mlp_dim, 'decoder_ffn_dim': config.mlp_dim,
+      'max_position_embeddings': config.max_positions,
+      'activation_function': names[config.activation], 'dropout': config.dropout_rate,
+      'attention_dropout': config.attention_dropout_rate,
+      'activation_dropout': config.activation_dropout_rate, 'init_std': config.initializer_range,
+      'scale_embedding': bool(config.scale_embedding), 'encoder_layerdrop': 0.0,
+      'decoder_layerdrop': 0.0, 'is_encoder_decoder': True, 'tie_word_embeddings': True,
+      'pad_token_id': config.pad_id, 'decoder_start_token_id': config.decoder_start_id,
+      'forced_eos_token_id': None, 'forced_bos_token_id': None}
+
+
 def _module_map(config: bart.BartConfig) -> dict:
   """Our module path (tuple) -> HF module name (without `model.`)."""
   m = {}

@@ -78,6 +78,24 @@ def config_from_hf(hf_config: Mapping) -> BertConfig:
       initializer_range=float(c.get('initializer_range', 0.02)))
 
 
+def config_to_hf(config: BertConfig) -> dict:
+  """BertConfig -> HF BERT config.json fields (the architecture is the caller's)."""
+  if config.num_heads * config.head_dim != config.emb_dim:
+    raise ValueError(f'BERT needs num_heads * head_dim == emb_dim; got {config.num_heads} * '
+                     f'{config.head_dim} != {config.emb_dim}.')
+  names = {'gelu_exact': 'gelu', 'gelu': 'gelu_new', 'relu': 'relu', 'silu': 'silu'}
+  return {
+      'model_type': 'bert', 'vocab_size': config.vocab_size, 'hidden_size': config.emb_dim,
+      'num_attention_heads': config.num_heads, 'num_hidden_layers': config.num_layers,
+      'intermediate_size': config.mlp_dim, 'hidden_act': names[config.activation],
+      'max_position_embeddings': config.max_positions,
+      'type_vocab_size': config.type_vocab_size,
+      'hidden_dropout_prob': config.dropout_rate,
+      'attention_probs_dropout_prob': config.attention_dropout_rate,
+      'layer_norm_eps': config.layer_norm_eps, 'initializer_range': config.initializer_range,
+      'position_embedding_type': 'absolute', 'pad_token_id': 0}
+
+
 def _fresh_heads(sd: dict, config: BertConfig, heads=_HEADS) -> None:
   """Adds HF-style fresh tensors for heads absent from `sd`, with a warning."""
   d, v = config.emb_dim, config.vocab_size

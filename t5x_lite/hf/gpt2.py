@@ -71,6 +71,21 @@ def config_from_hf(hf_config: Mapping) -> GPTConfig:
       initializer_range=get('initializer_range', 0.02))
 
 
+def config_to_hf(config: GPTConfig) -> dict:
+  """GPTConfig -> HF `GPT2LMHeadModel` config.json fields (tied LM head)."""
+  _check_config(config)
+  names = {'gelu': 'gelu_new', 'gelu_exact': 'gelu', 'relu': 'relu'}
+  return {
+      'architectures': ['GPT2LMHeadModel'], 'model_type': 'gpt2',
+      'vocab_size': config.vocab_size, 'n_embd': config.emb_dim, 'n_head': config.num_heads,
+      'n_layer': config.num_layers, 'n_positions': config.max_positions,
+      'n_inner': config.mlp_dim, 'activation_function': names[config.activation],
+      'resid_pdrop': config.dropout_rate, 'embd_pdrop': config.dropout_rate,
+      'attn_pdrop': config.attention_dropout_rate,
+      'layer_norm_epsilon': config.layer_norm_eps,
+      'initializer_range': config.initializer_range, 'tie_word_embeddings': True}
+
+
 def _layer_map(i: int) -> dict:
   """Our module path (tuple) -> HF module name, for decoder layer i."""
   ours, hf = ('decoder', f'layers_{i}'), f'h.{i}'

@@ -1,4 +1,4 @@
-"""Reading a Hugging Face model directory into numpy, without torch.
+"""Reading and writing Hugging Face model directories in numpy, without torch.
 
 A directory written by `save_pretrained` holds `config.json` and the weights
 as one of (looked for in this order):
@@ -12,6 +12,10 @@ as one of (looked for in this order):
 bfloat16 comes back as `ml_dtypes.bfloat16` (numpy has no bfloat16 of its
 own). `.bin` files are parsed with `zipfile` and a restricted unpickler that
 only rebuilds tensors, so no torch import and no arbitrary code from the file.
+
+`write_safetensors` writes weights the way `save_pretrained` does: one
+`model.safetensors`, or above `max_shard_bytes` the shards
+`model-0000K-of-0000N.safetensors` and their `model.safetensors.index.json`.
 """
 
 import collections
@@ -198,3 +202,61 @@ def read_state_dict(directory: str) -> StateDict:
                          read_torch_bin)
   raise UserError(f'{directory} has no weights; looked for '
                   f"{', '.join(WEIGHT_FILES)}.")
+
+
+# --- writing -------------------------------------------------------------------
+_SAFETENSORS_DTYPES = {np.dtype(np.float64): 'F64', np.dtype(np.float32): 'F32',
+                       np.dtype(np.float16): 'F16', np.dtype(ml_dtypes.bfloat16): 'BF16',
+                       np.dtype(np.int64): 'I64', np.dtype(np.int32): 'I32',
+                       np.dtype(np.int16): 'I16', np.dtype(np.int8): 'I8',
+                       np.dtype(np.uint8): 'U8', np.dtype(np.bool_): 'BOOL'}
+
+
+def _write_one(path: str, tensors: Mapping[str, np.ndarray]) -> None:
+  """One safetensors file: an 8-byte header length, the JSON header, the bytes
+  (in the header's order, each 8-byte aligned as the format recommends)."""
+  header, offset = {'__metadata__': {'format': 'pt'}}, 0
+  for name, x in tensors.items():
+    if x.dtype not in _SAFETENSORS_DTYPES:
+      raise UserError(f'tensor {name} has dtype {x.dtype}, which safetensors cannot hold.')
+    header[name] = {'dtype': _SAFETENSORS_DTYPES[x.dtype], 'shape': list(x.shape),
+                    'data_offsets': [offset, offset + x.nbytes]}
+    offset += x.nbytes
+  text = json.dumps(header, separators=(',', ':')).encode()
+  text += b' ' * (-len(text) % 8)
+  with open(path, 'wb') as f:
+    f.write(len(text).to_bytes(8, 'little'))
+    f.write(text)
+    for x in tensors.values():
+      f.write(np.ascontiguousarray(x).tobytes())
+
+
+def write_safetensors(state_dict: Mapping[str, np.ndarray], directory: str,
+                      max_shard_bytes: int = 5 * 2**30) -> list:
+  """Writes `state_dict` into `directory` as `save_pretrained` lays it out;
+  returns the file names written. Tensors go into shards in name order, a new
+  shard starting when the next tensor would pass `max_shard_bytes` (a tensor
+  larger than that has a shard of its own)."""
+  shards, size = [[]], 0
+  for name in sorted(state_dict):
+    nbytes = np.asarray(state_dict[name]).nbytes
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(name)
+    size += nbytes
+  if len(shards) == 1:
+    names = ['model.safetensors']
+  else:
+    names = [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))]
+  weight_map = {}
+  for file_name, shard in zip(names, shards):
+    _write_one(os.path.join(directory, file_name),
+               {name: np.asarray(state_dict[name]) for name in shard})
+    weight_map.update(dict.fromkeys(shard, file_name))
+  if len(shards) > 1:
+    total = sum(np.asarray(x).nbytes for x in state_dict.values())
+    with open(os.path.join(directory, 'model.safetensors.index.json'), 'w') as f:
+      json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=2)
+    names.append('model.safetensors.index.json')
+  return names

@@ -69,6 +69,40 @@ def config_from_hf(hf_config: Mapping) -> T5Config:
       logits_via_embedding=bool(scaled))
 
 
+# Our activation -> HF `feed_forward_proj` (ungated form; gated: 'gated-' + it).
+_HF_ACTIVATIONS = {'relu': 'relu', 'gelu_exact': 'gelu', 'gelu': 'gelu_new', 'silu': 'silu'}
+
+
+def config_to_hf(config: T5Config) -> dict:
+  """T5Config -> HF `T5ForConditionalGeneration` config.json fields.
+
+  An untied head (T5 v1.1) says `tie_word_embeddings: false`, which
+  transformers reads as "do not rescale the decoder output"; the exported
+  `lm_head.weight` differs from `shared.weight`, so it is not tied on load.
+  """
+  acts = tuple(config.mlp_activations)
+  gated = len(acts) == 2 and acts[1] == 'linear'
+  if acts[0] not in _HF_ACTIVATIONS or len(acts) > 2 or (len(acts) == 2 and not gated) or (
+      gated and acts[0] == 'gelu_exact'):  # HF's 'gated-gelu' is the tanh form
+    raise ValueError(f'mlp_activations={acts} has no Hugging Face T5 equivalent; '
+                     "exportable: (act,) or (act, 'linear') with act in relu, gelu, silu "
+                     "(and gelu_exact ungated).")
+  proj = ('gated-' if gated else '') + _HF_ACTIVATIONS[acts[0]]
+  return {
+      'architectures': ['T5ForConditionalGeneration'], 'model_type': 't5',
+      'vocab_size': config.vocab_size, 'd_model': config.emb_dim, 'd_kv': config.head_dim,
+      'd_ff': config.mlp_dim, 'num_heads': config.num_heads,
+      'num_layers': config.num_encoder_layers,
+      'num_decoder_layers': config.num_decoder_layers,
+      'relative_attention_num_buckets': config.relative_attention_num_buckets,
+      'relative_attention_max_distance': config.relative_attention_max_distance,
+      'dropout_rate': config.dropout_rate, 'layer_norm_epsilon': 1e-6,
+      'feed_forward_proj': 'gated-gelu' if proj == 'gated-gelu_new' else proj,
+      'tie_word_embeddings': bool(config.logits_via_embedding),
+      'is_encoder_decoder': True, 'initializer_factor': 1.0,
+      'pad_token_id': 0, 'eos_token_id': 1, 'decoder_start_token_id': 0}
+
+
 def _mlp_names(config: T5Config):
   n = len(config.mlp_activations)
   return ['wi'] if n == 1 else [f'wi_{i}' for i in range(n)]
