@@ -29,6 +29,8 @@ setuptools.setup(
         'tqdm>=4.66',
         'numpy>=2.0',
         'safetensors>=0.8.0,<0.9',
+        # Hugging Face tokenizer directories as seqio vocabularies (data.hf_vocab).
+        'tokenizers>=0.23.3,<0.24',
         'ml_dtypes>=0.6.0',
         # GLUE / SuperGLUE metrics (Matthews, F1, Pearson, Spearman).
         'scikit-learn>=1.5,<2',
