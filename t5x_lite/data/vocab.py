@@ -10,6 +10,14 @@ The embedded BPE model (`vocab/embedded_bpe_8k.model`, `--model_type bpe`)
 has the same layout (8000 pieces + 100 extra ids, ids 0/1/2 as above) and
 keeps whitespace, so decoding gives back the (NFKC-normalised) text; the GPT
 and BART tasks use it (BART's [MASK] is `<extra_id_0>`, id 8099).
+
+`hf_vocabulary(directory)` is a Hugging Face tokenizer directory
+(`tokenizer.json`, or GPT-2's `vocab.json` + `merges.txt`) as a vocabulary
+with the tokenizer's own ids, eos and unk (see `hf_vocab`); `import_hf` binds
+it in the model gin it writes:
+
+    VOCABULARY = @vocab.hf_vocabulary()
+    vocab.hf_vocabulary.directory = '/path/to/imported/tokenizer'
 """
 
 import functools
@@ -17,6 +25,7 @@ import os
 
 import seqio
 
+from t5x_lite.data import hf_vocab
 from t5x_lite.errors import UserError
 
 EXTRA_IDS = 100
@@ -53,3 +62,14 @@ def embedded_vocabulary():
 def embedded_bpe_vocabulary():
   """The BPE vocabulary trained on the embedded corpus (8000 + 100 extra ids)."""
   return _embedded(EMBEDDED_BPE_VOCAB_PATH, 'bpe')
+
+
+def hf_vocabulary(directory):
+  """The Hugging Face tokenizer in `directory` as a seqio vocabulary (one per
+  directory); UserError naming the files sought if it has none."""
+  return _hf_vocabulary(os.path.abspath(os.fspath(directory)))
+
+
+@functools.cache
+def _hf_vocabulary(directory):
+  return hf_vocab.HfTokenizerVocabulary(directory)

@@ -1,0 +1,322 @@
+"""Hugging Face tokenizer directories as seqio vocabularies.
+
+`HfTokenizerVocabulary(directory)` reads what `save_pretrained` writes for a
+tokenizer, through the `tokenizers` library (no transformers, no torch):
+
+  tokenizer.json               the whole pipeline (normaliser, pre-tokeniser,
+                               model, decoder, added tokens); or else
+  vocab.json + merges.txt      a byte-level BPE as GPT-2, RoBERTa and BART
+                               save it, built as transformers' GPT2Tokenizer
+                               builds it (ByteLevel pre-tokeniser and decoder,
+                               `add_prefix_space` from the config);
+  tokenizer_config.json        the special tokens (`eos_token`, `unk_token`,
+  special_tokens_map.json      ..., `added_tokens_decoder`) and
+  added_tokens.json            `clean_up_tokenization_spaces`.
+
+It behaves as `transformers.AutoTokenizer.from_pretrained(directory)` does:
+`encode(text)` gives `tokenizer(text, add_special_tokens=False).input_ids`
+(seqio appends EOS itself), and `decode(ids)` gives
+`tokenizer.decode(ids, skip_special_tokens=True)` of the ids up to the first
+EOS, so EOS, padding and other special tokens do not reach the text.
+
+Ids: `vocab_size` is the tokenizer's full size, added tokens included (no
+extra ids on top). `eos_id` is the id of `eos_token`, or of `sep_token` for
+tokenizers without one (BERT's [SEP]); `unk_id` that of `unk_token`; `bos_id`
+that of `bos_token` (None where a token is not set).
+
+Padding. seqio and every feature converter pad with id 0 and take id 0 for
+padding: loss weights are `targets != 0`, the models' attention masks treat
+`tokens > 0` as the real positions and decoder inputs start with 0. That is
+right where id 0 is the tokenizer's padding token (BERT's [PAD], T5's <pad>)
+and harmless where it is a special token that text does not produce (BART's
+<s>: encode adds no special tokens). Where id 0 is an ordinary token, as
+GPT-2's '!' (`zero_is_text` is True), the collision cannot be undone without
+renumbering the model's embeddings, and it is not: encode gives id 0 for '!'
+exactly as Hugging Face does, and then, in a seqio pipeline,
+  - a '!' in the targets gets loss weight 0 (it is never trained on), and the
+    position that predicts it is masked from attention as padding is;
+  - decoder inputs start with id 0, which the model reads as '!';
+  - `decode` cannot tell trailing padding from '!': it cuts at the first EOS
+    (as seqio's contract says, so padding after EOS never shows), but ids
+    without an EOS decode their padding as '!!!'. `decode_tf` cuts at EOS
+    too, without seqio's substitution of 0 after it.
+Text without '!' is unaffected.
+"""
+
+import json
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from t5x_lite.errors import UserError
+
+TOKENIZER_JSON = 'tokenizer.json'
+VOCAB_JSON = 'vocab.json'
+MERGES_TXT = 'merges.txt'
+TOKENIZER_CONFIG = 'tokenizer_config.json'
+SPECIAL_TOKENS_MAP = 'special_tokens_map.json'
+ADDED_TOKENS = 'added_tokens.json'
+# Every file of a tokenizer directory that this module reads (import_hf copies them).
+FILES = (TOKENIZER_JSON, VOCAB_JSON, MERGES_TXT, TOKENIZER_CONFIG,
+         SPECIAL_TOKENS_MAP, ADDED_TOKENS)
+ROLES = ('bos_token', 'eos_token', 'unk_token', 'sep_token', 'pad_token',
+         'cls_token', 'mask_token')
+SOUGHT = f'{TOKENIZER_JSON}, or {VOCAB_JSON} + {MERGES_TXT}'
+
+
+def tokenizer_files(directory: str) -> list[str]:
+  """The names of the tokenizer files in `directory` ([] if it has no
+  tokenizer.json and no vocab.json + merges.txt)."""
+  present = [f for f in FILES if os.path.isfile(os.path.join(directory, f))]
+  if TOKENIZER_JSON in present or {VOCAB_JSON, MERGES_TXT} <= set(present):
+    return present
+  return []
+
+
+def _read_json(path: str):
+  if not os.path.isfile(path):
+    return {}
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except ValueError as e:
+    raise UserError(f'{path} is not valid JSON ({e}); save the tokenizer again '
+                    'with save_pretrained.') from None
+
+
+def _content(token) -> Optional[str]:
+  """A special token as configs write it: a string, or {'content': ...}."""
+  if isinstance(token, dict):
+    return token.get('content')
+  return token if isinstance(token, str) else None
+
+
+def _added_token(entry):
+  """An `AddedToken` from a special token or an `added_tokens_decoder` entry."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  if isinstance(entry, str):
+    return tokenizers.AddedToken(entry, special=True, normalized=False)
+  flags = {k: entry[k] for k in ('single_word', 'lstrip', 'rstrip', 'normalized', 'special')
+           if k in entry}
+  return tokenizers.AddedToken(entry['content'], **flags)
+
+
+def _byte_level_bpe(vocab_path: str, merges_path: str, add_prefix_space: bool):
+  """GPT-2's tokenizer from its two files, as transformers builds it."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
+  try:
+    bpe = models.BPE.from_file(vocab_path, merges_path, dropout=None,
+                               continuing_subword_prefix='', end_of_word_suffix='',
+                               fuse_unk=False)
+  except Exception as e:  # the Rust reader's own exception type
+    raise UserError(f'cannot read {vocab_path} + {merges_path} as byte-level BPE '
+                    f'files ({e}); save the tokenizer again with save_pretrained.') from None
+  tokenizer = tokenizers.Tokenizer(bpe)
+  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
+  tokenizer.decoder = decoders.ByteLevel()
+  return tokenizer
+
+
+def _text(s) -> str:
+  """A string as tf.numpy_function hands it over (bytes, or a 0-d array)."""
+  if isinstance(s, np.ndarray):
+    s = s.item()
+  return s.decode('utf-8', errors='replace') if isinstance(s, bytes) else str(s)
+
+
+class HfTokenizerVocabulary(seqio.Vocabulary):
+  """A Hugging Face tokenizer directory as a seqio vocabulary (see the module
+  docstring for the files read, the ids and the padding caveat)."""
+
+  def __init__(self, directory: str):
+    directory = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(directory):
+      raise UserError(f'tokenizer directory not found: {directory}; pass a directory '
+                      f'holding {SOUGHT} (what save_pretrained writes).')
+    if not tokenizer_files(directory):
+      raise UserError(f'{directory} holds no Hugging Face tokenizer: sought {SOUGHT} '
+                      f'(with {TOKENIZER_CONFIG} for the special tokens); save one '
+                      'there with save_pretrained.')
+    import tokenizers  # pylint: disable=g-import-not-at-top
+    self._directory = directory
+    path = lambda name: os.path.join(directory, name)
+    config = _read_json(path(TOKENIZER_CONFIG))
+    special_map = _read_json(path(SPECIAL_TOKENS_MAP))
+    if os.path.isfile(path(TOKENIZER_JSON)):
+      try:
+        tokenizer = tokenizers.Tokenizer.from_file(path(TOKENIZER_JSON))
+      except Exception as e:  # the Rust reader's own exception type
+        raise UserError(f'cannot read {path(TOKENIZER_JSON)} ({e}); save the '
+                        'tokenizer again with a current tokenizers library.') from None
+    else:
+      tokenizer = _byte_level_bpe(path(VOCAB_JSON), path(MERGES_TXT),
+                                  bool(config.get('add_prefix_space', False)))
+    # Added tokens the config declares, in id order (they may be new to the model).
+    declared = sorted(((int(i), e) for i, e in
+                       (config.get('added_tokens_decoder') or {}).items()),
+                      key=lambda pair: pair[0])
+    declared += sorted(((i, t) for t, i in _read_json(path(ADDED_TOKENS)).items()),
+                       key=lambda pair: pair[1])
+    def add(added, token_id=None):
+      if added.content in {t.content for t in tokenizer.get_added_tokens_decoder().values()}:
+        return
+      expected = tokenizer.token_to_id(added.content)
+      if expected is None:
+        expected = tokenizer.get_vocab_size(with_added_tokens=True)
+      if token_id is not None and token_id != expected:
+        raise UserError(f'{directory}: added token {added.content!r} has id {token_id} but '
+                        f'would get id {expected}; save the tokenizer again with '
+                        'save_pretrained.')
+      (tokenizer.add_special_tokens if added.special else tokenizer.add_tokens)([added])
+
+    for token_id, entry in declared:
+      add(_added_token(entry), token_id)
+    # The special tokens by role: tokenizer_config.json, else special_tokens_map.json.
+    self._special = {}
+    for role in ROLES:
+      token = _content(config.get(role)) or _content(special_map.get(role))
+      if token is not None:
+        add(_added_token(token))
+        self._special[role] = token
+    self._tokenizer = tokenizer
+    self._config_json = tokenizer.to_str()
+    self._role_ids = {role: tokenizer.token_to_id(t) for role, t in self._special.items()}
+    self._special_ids = {i for i, t in tokenizer.get_added_tokens_decoder().items()
+                         if t.special}
+    # transformers skips its space clean-up for BPE models unless told not to.
+    flag = 'clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output'
+    model_type = json.loads(self._config_json)['model'].get('type')
+    self._clean_up = bool(config.get('clean_up_tokenization_spaces', False)) and (
+        model_type != 'BPE' or bool(config.get(flag, False)))
+    super().__init__(extra_ids=0)
+
+  # -- ids ------------------------------------------------------------------
+
+  @property
+  def directory(self) -> str:
+    return self._directory
+
+  @property
+  def tokenizer(self):
+    """The `tokenizers.Tokenizer` (special tokens of the config added)."""
+    return self._tokenizer
+
+  @property
+  def special_tokens(self) -> dict[str, str]:
+    """Role (e.g. 'eos_token') -> token string, for the roles the files set."""
+    return dict(self._special)
+
+  @property
+  def eos_id(self) -> Optional[int]:
+    eos = self._role_ids.get('eos_token')
+    return eos if eos is not None else self._role_ids.get('sep_token')
+
+  @property
+  def unk_id(self) -> Optional[int]:
+    return self._role_ids.get('unk_token')
+
+  @property
+  def bos_id(self) -> Optional[int]:
+    return self._role_ids.get('bos_token')
+
+  @property
+  def hf_pad_id(self) -> Optional[int]:
+    """The tokenizer's own padding id (seqio pads with `pad_id` 0 regardless)."""
+    return self._role_ids.get('pad_token')
+
+  @property
+  def zero_is_text(self) -> bool:
+    """Whether id 0 is an ordinary token that text encodes to (GPT-2's '!'),
+    which seqio's padding collides with (see the module docstring)."""
+    return 0 not in self._special_ids
+
+  @property
+  def _base_vocab_size(self) -> int:
+    return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+  # -- python ---------------------------------------------------------------
+
+  def _encode(self, s: str) -> Sequence[int]:
+    return self._tokenizer.encode(s, add_special_tokens=False).ids
+
+  def _decode(self, ids) -> str:
+    size = self._base_vocab_size
+    ids = [i for i in (int(i) for i in ids) if 0 <= i < size]  # -1: cut off (decode_tf)
+    text = self._tokenizer.decode(ids, skip_special_tokens=True)
+    if self._clean_up:  # transformers' clean_up_tokenization
+      for before, after in ((' .', '.'), (' ?', '?'), (' !', '!'), (' ,', ','),
+                            (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+                            (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(before, after)
+    return text
+
+  # -- tensorflow (through the python path: tokenizers has no TF ops) -------
+
+  def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
+    """A scalar string -> [n] int32 ids; strings of rank >= 1 -> ragged ids."""
+    s = tf.convert_to_tensor(s, tf.string)
+    if s.shape.rank == 0:
+      ids = tf.numpy_function(self._encode_one, [s], tf.int32, stateful=False)
+      ids.set_shape([None])
+      return ids
+    values, lengths = tf.numpy_function(self._encode_many, [tf.reshape(s, [-1])],
+                                        [tf.int32, tf.int64], stateful=False)
+    values.set_shape([None])
+    ids = tf.RaggedTensor.from_row_lengths(values, tf.reshape(lengths, [-1]))
+    for size in reversed(s.shape[1:]):  # back to the strings' shape
+      ids = tf.RaggedTensor.from_uniform_row_length(ids, size)
+    return ids
+
+  def _encode_one(self, s) -> np.ndarray:
+    return np.asarray(self._encode(_text(s)), np.int32)
+
+  def _encode_many(self, strings: np.ndarray):
+    encoded = self._tokenizer.encode_batch([_text(s) for s in strings.tolist()],
+                                           add_special_tokens=False)
+    lengths = np.asarray([len(e.ids) for e in encoded], np.int64)
+    values = np.asarray([i for e in encoded for i in e.ids], np.int32)
+    return values, lengths
+
+  def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
+    """[..., n] ids -> [...] strings (negative ids are left out)."""
+    ids = tf.convert_to_tensor(ids)
+    if ids.dtype != tf.int32:
+      ids = tf.cast(ids, tf.int32)
+    shape = tf.shape(ids)
+    rows = tf.reshape(ids, [tf.reduce_prod(shape[:-1]), shape[-1]])
+    text = tf.numpy_function(
+        lambda x: np.asarray([self._decode(row).encode('utf-8') for row in x.tolist()],
+                             object), [rows], tf.string, stateful=False)
+    return tf.reshape(text, shape[:-1])
+
+  def decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
+    """seqio's decode_tf, but what follows the first EOS is dropped rather
+    than replaced by id 0 (a real token in some tokenizers)."""
+    ids = tf.convert_to_tensor(ids)
+    if ids.shape == (0,):
+      return tf.constant(b'', dtype=tf.string)
+    ids = tf.cast(ids, tf.int32)
+    if self.unk_id is not None:
+      ids = tf.where(ids < self._base_vocab_size, ids, self.unk_id)
+    if self.eos_id is not None:
+      after_eos = tf.cumsum(tf.cast(tf.equal(ids, self.eos_id), tf.int32),
+                            exclusive=True, axis=-1)
+      ids = tf.where(after_eos > 0, -1, ids)
+    return self._decode_tf(ids)
+
+  # -- identity -------------------------------------------------------------
+
+  def __eq__(self, other):
+    return (isinstance(other, HfTokenizerVocabulary) and
+            self._config_json == other._config_json and
+            self._role_ids == other._role_ids and self._clean_up == other._clean_up)
+
+  def __hash__(self):
+    return hash((self._config_json, tuple(sorted(self._role_ids.items()))))
+
+  def __repr__(self):
+    return f'HfTokenizerVocabulary({self._directory!r}, size={self.vocab_size})'
