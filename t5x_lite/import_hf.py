@@ -7,9 +7,15 @@ pytorch_model.bin, sharded or not) of a supported family (T5 / mT5, BERT,
 GPT-2, BART). Writes
 
   OUT/checkpoint/  params, as `checkpoints.restore_params` reads them (orbax)
-  OUT/model.gin    the model configuration
+  OUT/tokenizer/   DIR's tokenizer files, when it has a tokenizer
+                   (tokenizer.json, or vocab.json + merges.txt; see
+                   `t5x_lite.data.hf_vocab`)
+  OUT/model.gin    the model configuration and, with a tokenizer,
+                   `VOCABULARY = @vocab.hf_vocabulary()` over OUT/tokenizer,
+                   so every task of a run speaks the model's own ids
 
-To fine-tune from it, in a run gin:
+To fine-tune from it, in a run gin (model.gin after the run gin, whose
+`VOCABULARY = None` it overrides):
 
   include 'configs/runs/pretrain.gin'
   include 'OUT/model.gin'
@@ -23,8 +29,10 @@ if __name__ == '__main__':  # a run starts here: tune the host before jax and Te
 import argparse
 import logging
 import os
+import shutil
 import sys
 from typing import Sequence
+
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +41,7 @@ import orbax.checkpoint as ocp
 
 from t5x_lite import checkpoints
 from t5x_lite import hf
+from t5x_lite.data import hf_vocab
 from t5x_lite.errors import UserError
 
 
@@ -50,6 +59,9 @@ def import_hf(hf_dir: str, output_dir: str, dtype: str = 'float32') -> str:
     raise UserError(f'{ckpt_dir} already exists; remove it or choose another '
                     '--output_dir.')
   model, params = hf.load(hf_dir, dtype=dtype)
+  tokenizer_files = hf_vocab.tokenizer_files(hf_dir)
+  if tokenizer_files:  # read it before writing anything: a broken one stops here
+    vocabulary = hf_vocab.HfTokenizerVocabulary(hf_dir)
   state = {'params': jax.tree_util.tree_map(jnp.asarray, params)}
   meta = {'step': 0, 'data_position': 0, 'source': hf_dir,
           'fingerprint': [int(v) for v in checkpoints.fingerprint(state)]}
@@ -57,13 +69,31 @@ def import_hf(hf_dir: str, output_dir: str, dtype: str = 'float32') -> str:
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
     ckptr.save(ckpt_dir, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+  text = hf.gin_text(model)
+  tokenizer = ''
+  if tokenizer_files:
+    tokenizer_dir = os.path.join(output_dir, 'tokenizer')
+    os.makedirs(tokenizer_dir, exist_ok=True)
+    for name in tokenizer_files:
+      shutil.copyfile(os.path.join(hf_dir, name), os.path.join(tokenizer_dir, name))
+    text += vocabulary_gin(tokenizer_dir)
+    tokenizer = f', tokenizer {tokenizer_dir} ({vocabulary.vocab_size:,} ids)'
   with open(gin_path, 'w') as f:
     f.write(f'# Imported from {hf_dir} by t5x_lite.import_hf.\n')
-    f.write(hf.gin_text(model))
+    f.write(text)
   count = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
   return (f'imported {type(model).__name__} ({type(model.config).__name__}, '
-          f'{count:,} params, {dtype}) from {hf_dir}: checkpoint {ckpt_dir}, '
-          f'gin {gin_path}')
+          f'{count:,} params, {dtype}) from {hf_dir}: checkpoint {ckpt_dir}'
+          f'{tokenizer}, gin {gin_path}')
+
+
+def vocabulary_gin(tokenizer_dir: str) -> str:
+  """Gin lines (after a model's `gin_text`) that make the tokenizer in
+  `tokenizer_dir` the run's vocabulary."""
+  return ('\n# The tokenizer imported with the model: every task of the run uses its ids.\n'
+          'from t5x_lite.data import vocab\n'
+          'VOCABULARY = @vocab.hf_vocabulary()\n'
+          f'vocab.hf_vocabulary.directory = {tokenizer_dir!r}\n')
 
 
 def main(argv: Sequence[str]) -> None:

@@ -1,0 +1,313 @@
+"""data.hf_vocab / vocab.hf_vocabulary against transformers.AutoTokenizer on
+tokenizers built here with the `tokenizers` library (nothing downloaded), and
+import_hf handing an imported GPT-2 its tokenizer for a training run."""
+
+import json
+import os
+import shutil
+
+import gin
+import numpy as np
+import pytest
+import seqio
+import tensorflow as tf
+
+from conftest import main_in_process, read_metrics, require, require_shared_data
+from t5x_lite import import_hf
+from t5x_lite import train as train_lib
+from t5x_lite.data import hf_vocab
+from t5x_lite.data import vocab as vocab_lib
+from t5x_lite.errors import UserError
+
+torch = require('torch')
+transformers = require('transformers')
+tokenizers = require('tokenizers')
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Whitespace runs, tabs, accents (composed and combining), emoji, CJK and
+# other characters the training text lacks (bytes outside the vocabulary).
+HAND_WRITTEN = [
+    'Hello world!',
+    '  two  leading spaces,\ttabs\t\tand   runs of spaces  ',
+    'Café naïve résumé — “curly quotes” and cafe\u0301 combined',
+    'Emoji: 😀🚀👍🏽 and a family 👨‍👩‍👧',
+    '東京は日本の首都です。한국어 텍스트. Ελληνικά, русский.',
+    'ß ﬁ Ω ≈ ∑ ∞ \u00a0no-break space and \u200bzero width',
+    'new\nlines\n\nand a trailing tab\t',
+    'Wow!! Really?! Yes!',
+    '',
+]
+NAMES = ('gpt2_tokenizer_json', 'gpt2_vocab_merges', 'bart_tokenizer_json',
+         'bart_vocab_merges', 'bert_wordpiece', 'sentencepiece_unigram')
+
+
+@pytest.fixture(scope='module')
+def texts():
+  """A few hundred training lines (WikiText valid) and held-out lines (WikiText test)."""
+  def read(name, count):
+    path = require_shared_data('text', 'wikitext-2', name)
+    with open(path, encoding='utf-8') as f:
+      return [line.rstrip('\n') for line in f if line.strip()][:count]
+  return read('valid.txt', 300), read('test.txt', 400)
+
+
+def _byte_level_bpe(lines, special_tokens):
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(lines, trainers.BpeTrainer(
+      vocab_size=500, special_tokens=special_tokens,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  return tok
+
+
+def _files_copy(json_dir, out, tok, added):
+  """vocab.json + merges.txt as the Hub's GPT-2 / BART directories hold them
+  (the added tokens inside vocab.json) with the same tokenizer_config.json.
+  transformers 5's save_pretrained writes only tokenizer.json, so the BPE
+  model writes the two files itself."""
+  os.makedirs(out)
+  tok.model.save(out)
+  with open(os.path.join(out, 'vocab.json'), encoding='utf-8') as f:
+    vocab = json.load(f)
+  for token in added:
+    vocab[token] = len(vocab)
+  with open(os.path.join(out, 'vocab.json'), 'w', encoding='utf-8') as f:
+    json.dump(vocab, f, ensure_ascii=False)
+  shutil.copy(os.path.join(json_dir, 'tokenizer_config.json'), out)
+  return out
+
+
+@pytest.fixture(scope='module')
+def tokenizer_dirs(texts, tmp_path_factory):
+  train_lines = texts[0]
+  root = tmp_path_factory.mktemp('tokenizers')
+  dirs = {}
+  # GPT-2: byte-level BPE, '!' (the first byte symbol) is id 0 and
+  # <|endoftext|> (eos, bos and unk) comes after the merges.
+  gpt2 = _byte_level_bpe(train_lines, [])
+  eot = '<|endoftext|>'
+  transformers.GPT2TokenizerFast(
+      tokenizer_object=gpt2, eos_token=eot, bos_token=eot, unk_token=eot,
+  ).save_pretrained(root / 'gpt2_tokenizer_json')
+  dirs['gpt2_tokenizer_json'] = str(root / 'gpt2_tokenizer_json')
+  dirs['gpt2_vocab_merges'] = _files_copy(dirs['gpt2_tokenizer_json'],
+                                          str(root / 'gpt2_vocab_merges'), gpt2, [eot])
+  # BART / RoBERTa: <s> <pad> </s> <unk> are ids 0-3, <mask> (lstrip) the last.
+  bart = _byte_level_bpe(train_lines, ['<s>', '<pad>', '</s>', '<unk>'])
+  bart_files = str(root / 'bart_bpe')
+  os.makedirs(bart_files)
+  bart.model.save(bart_files)
+  transformers.RobertaTokenizer(
+      vocab=os.path.join(bart_files, 'vocab.json'),
+      merges=os.path.join(bart_files, 'merges.txt'),
+  ).save_pretrained(root / 'bart_tokenizer_json')
+  dirs['bart_tokenizer_json'] = str(root / 'bart_tokenizer_json')
+  dirs['bart_vocab_merges'] = _files_copy(dirs['bart_tokenizer_json'],
+                                          str(root / 'bart_vocab_merges'), bart, ['<mask>'])
+  # BERT: WordPiece, lower-cased, [PAD]=0; Hub BERT configs ask for transformers'
+  # clean-up of spaces before punctuation.
+  wordpiece = tokenizers.Tokenizer(models.WordPiece(unk_token='[UNK]'))
+  wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
+  wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  wordpiece.decoder = decoders.WordPiece()
+  wordpiece.train_from_iterator(train_lines, trainers.WordPieceTrainer(
+      vocab_size=500, special_tokens=['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]']))
+  bert_dir = root / 'bert_wordpiece'
+  transformers.BertTokenizerFast(
+      tokenizer_object=wordpiece, unk_token='[UNK]', sep_token='[SEP]', pad_token='[PAD]',
+      cls_token='[CLS]', mask_token='[MASK]').save_pretrained(bert_dir)
+  config = json.loads((bert_dir / 'tokenizer_config.json').read_text())
+  config['clean_up_tokenization_spaces'] = True
+  (bert_dir / 'tokenizer_config.json').write_text(json.dumps(config))
+  dirs['bert_wordpiece'] = str(bert_dir)
+  # SentencePiece-style unigram (Metaspace, NFKC), T5's <pad>=0 </s>=1 <unk>=2.
+  unigram = tokenizers.SentencePieceUnigramTokenizer()
+  unigram.train_from_iterator(train_lines, vocab_size=500, unk_token='<unk>',
+                              special_tokens=['<pad>', '</s>', '<unk>'])
+  transformers.PreTrainedTokenizerFast(
+      tokenizer_object=unigram._tokenizer, eos_token='</s>', unk_token='<unk>',  # pylint: disable=protected-access
+      pad_token='<pad>').save_pretrained(root / 'sentencepiece_unigram')
+  dirs['sentencepiece_unigram'] = str(root / 'sentencepiece_unigram')
+  assert set(dirs) == set(NAMES)
+  return dirs
+
+
+@pytest.fixture(scope='module', params=NAMES)
+def pair(request, tokenizer_dirs):
+  """(name, our vocabulary, AutoTokenizer) over one directory."""
+  directory = tokenizer_dirs[request.param]
+  return (request.param, hf_vocab.HfTokenizerVocabulary(directory),
+          transformers.AutoTokenizer.from_pretrained(directory))
+
+
+def test_files_as_saved(tokenizer_dirs):
+  """Each directory holds the layout its name says (what the loader must read)."""
+  for name, directory in tokenizer_dirs.items():
+    files = set(os.listdir(directory))
+    if name.endswith('vocab_merges'):
+      assert {'vocab.json', 'merges.txt'} <= files and 'tokenizer.json' not in files
+    else:
+      assert 'tokenizer.json' in files
+    assert hf_vocab.tokenizer_files(directory)
+
+
+def test_ids_and_text_equal_autotokenizer(pair, texts):
+  name, ours, auto = pair
+  lines = texts[1] + HAND_WRITTEN
+  unknown = 0
+  for line in lines:
+    ids = auto(line, add_special_tokens=False)['input_ids']
+    assert list(ours.encode(line)) == ids, (name, line)
+    assert ours.decode(ids) == auto.decode(ids, skip_special_tokens=True), (name, line)
+    unknown += ours.unk_id in ids
+  if name.startswith(('gpt2', 'bart')):  # byte-level: every string comes back
+    for line in lines:  # (but WikiText's '<unk>' is BART's unk token)
+      if auto.unk_token not in line:
+        assert ours.decode(ours.encode(line)) == line
+  else:  # characters outside the vocabulary become unk, as in transformers
+    assert unknown >= 3
+  # EOS ends the text, and the padding after it never shows.
+  for line in HAND_WRITTEN[:4]:
+    ids = auto(line, add_special_tokens=False)['input_ids']
+    padded = ids + [ours.eos_id] + ours.encode('tail text') + [0] * 3
+    assert ours.decode(padded) == auto.decode(ids, skip_special_tokens=True)
+
+
+def test_special_ids_and_size(pair):
+  name, ours, auto = pair
+  assert ours.vocab_size == len(auto)
+  expected_eos = auto.eos_token_id if auto.eos_token_id is not None else auto.sep_token_id
+  assert ours.eos_id == expected_eos is not None
+  assert ours.unk_id == auto.unk_token_id is not None
+  assert ours.bos_id == auto.bos_token_id
+  assert ours.hf_pad_id == auto.pad_token_id
+  assert ours.zero_is_text == name.startswith('gpt2')
+  assert ours == hf_vocab.HfTokenizerVocabulary(ours.directory)
+  # Special tokens in the text are matched whole, as transformers does.
+  line = f'a {auto.unk_token} b {auto.mask_token or ""}  c{auto.eos_token}d'
+  assert list(ours.encode(line)) == auto(line, add_special_tokens=False)['input_ids']
+
+
+def test_tf_path_equals_python(pair, texts):
+  name, ours, _ = pair
+  lines = texts[1][:20] + HAND_WRITTEN
+  expected = [list(ours.encode(line)) for line in lines]
+  assert ours.encode_tf(tf.constant(lines[0])).numpy().tolist() == expected[0]
+  assert ours.encode_tf(tf.constant(lines)).to_list() == expected
+  # In a seqio pipeline (tf.data map, graph mode), EOS appended by seqio.
+  feature = {'targets': seqio.Feature(ours)}
+  ds = tf.data.Dataset.from_tensor_slices({'targets': lines})
+  ds = seqio.preprocessors.tokenize(ds, feature)
+  ds = seqio.preprocessors.append_eos(ds, feature)
+  got = [ex['targets'].tolist() for ex in ds.as_numpy_iterator()]
+  assert got == [ids + [ours.eos_id] for ids in expected]
+  # Decoding a padded batch: EOS, then seqio's padding (0).
+  length = max(map(len, got)) + 2
+  batch = np.array([ids + [0] * (length - len(ids)) for ids in got], np.int32)
+  decoded = [t.decode('utf-8') for t in ours.decode_tf(tf.constant(batch)).numpy()]
+  assert decoded == [ours.decode(row) for row in batch.tolist()], name
+  assert decoded == [ours.decode(ids) for ids in expected]
+
+
+def test_id_zero_collision_as_documented(tokenizer_dirs):
+  """GPT-2's '!' is id 0, seqio's padding id: what hf_vocab's docstring says."""
+  ours = vocab_lib.hf_vocabulary(tokenizer_dirs['gpt2_tokenizer_json'])
+  auto = transformers.AutoTokenizer.from_pretrained(tokenizer_dirs['gpt2_tokenizer_json'])
+  assert auto.convert_ids_to_tokens(0) == '!' and auto.pad_token_id is None
+  ids = list(ours.encode('Wow! ok'))
+  assert 0 in ids and ids == auto('Wow! ok', add_special_tokens=False)['input_ids']
+  # The LM feature converter gives the '!' target loss weight 0, like padding.
+  ds = tf.data.Dataset.from_tensors({'targets': tf.constant(ids + [ours.eos_id], tf.int32)})
+  converted = next(seqio.DecoderFeatureConverter(pack=False)(
+      ds, {'targets': 12}).as_numpy_iterator())
+  weights = converted['decoder_loss_weights']
+  targets = converted['decoder_target_tokens']
+  n = len(ids) + 1
+  assert weights[:n].tolist() == [int(t != 0) for t in ids + [ours.eos_id]]
+  assert weights[ids.index(0)] == 0 and weights[n:].sum() == 0 and targets[n:].sum() == 0
+  # Decoding cuts at EOS; without an EOS, padding comes back as '!'.
+  assert ours.decode(ids + [ours.eos_id, 0, 0]) == 'Wow! ok'
+  assert ours.decode(ids + [0, 0]) == 'Wow! ok!!'
+  assert ours.decode_tf(tf.constant(ids + [ours.eos_id, 0, 0])).numpy() == b'Wow! ok'
+  # seqio's own decode_tf would have put 0 (here '!') after EOS.
+  base = seqio.Vocabulary.decode_tf(ours, tf.constant(ids + [ours.eos_id, 5, 5]))
+  assert base.numpy() == b'Wow! ok!!'
+  # Where id 0 is a special token (BART's <s>, BERT's [PAD]) padding disappears.
+  for name in ('bart_tokenizer_json', 'bert_wordpiece'):
+    other = vocab_lib.hf_vocabulary(tokenizer_dirs[name])
+    assert not other.zero_is_text
+    assert other.decode(list(other.encode('ok')) + [0, 0]) == other.decode(other.encode('ok'))
+
+
+def test_hf_vocabulary_cached_and_errors(tokenizer_dirs, tmp_path):
+  directory = tokenizer_dirs['sentencepiece_unigram']
+  same = os.path.join(directory, '..', os.path.basename(directory))
+  assert vocab_lib.hf_vocabulary(directory) is vocab_lib.hf_vocabulary(same)
+  with pytest.raises(UserError, match='tokenizer directory not found'):
+    vocab_lib.hf_vocabulary(tmp_path / 'missing')
+  (tmp_path / 'vocab.json').write_text('{}')  # merges.txt missing
+  with pytest.raises(UserError) as e:
+    vocab_lib.hf_vocabulary(tmp_path)
+  message = str(e.value)
+  assert 'tokenizer.json, or vocab.json + merges.txt' in message and '\n' not in message
+  (tmp_path / 'tokenizer.json').write_text('{"not": "a tokenizer"}')
+  with pytest.raises(UserError, match='cannot read'):
+    hf_vocab.HfTokenizerVocabulary(tmp_path)
+
+
+def test_import_hf_gpt2_trains_with_its_tokenizer(tokenizer_dirs, tmp_path, capsys):
+  """import_hf on a GPT-2 directory with its tokenizer; the model.gin it
+  writes is all the model and vocabulary configuration a run needs."""
+  source = tokenizer_dirs['gpt2_tokenizer_json']
+  auto = transformers.AutoTokenizer.from_pretrained(source)
+  config = transformers.GPT2Config(vocab_size=len(auto), n_positions=64, n_embd=32,
+                                   n_layer=2, n_head=4, bos_token_id=auto.bos_token_id,
+                                   eos_token_id=auto.eos_token_id)
+  torch.manual_seed(0)
+  hf_dir, out = tmp_path / 'hf', tmp_path / 'imported'
+  transformers.GPT2LMHeadModel(config).save_pretrained(hf_dir)
+  auto.save_pretrained(hf_dir)
+  import_hf.main(['--hf_dir', str(hf_dir), '--output_dir', str(out)])
+  summary = capsys.readouterr().out
+  assert f"tokenizer {out / 'tokenizer'} ({len(auto):,} ids)" in summary
+  for name in os.listdir(out / 'tokenizer'):
+    assert (out / 'tokenizer' / name).read_bytes() == (hf_dir / name).read_bytes()
+  assert set(os.listdir(out / 'tokenizer')) == {'tokenizer.json', 'tokenizer_config.json'}
+
+  # The gin binds VOCABULARY to the copied tokenizer.
+  gin.clear_config(clear_constants=True)
+  try:
+    gin.parse_config_file(str(out / 'model.gin'))
+    imported = gin.query_parameter('%VOCABULARY').scoped_configurable_fn()
+  finally:
+    gin.clear_config(clear_constants=True)
+  assert imported == hf_vocab.HfTokenizerVocabulary(hf_dir)
+  assert imported.directory == str(out / 'tokenizer')
+  line = HAND_WRITTEN[3]
+  assert list(imported.encode(line)) == auto(line, add_special_tokens=False)['input_ids']
+
+  # Training on a seqio task: the vocabulary's 501 ids fit the model (the
+  # task's own 8100-id vocabulary would not), so the run needs model.gin only.
+  run_gin = tmp_path / 'run.gin'
+  run_gin.write_text(f"""
+include 'configs/runs/pretrain.gin'
+include '{out / 'model.gin'}'
+INITIAL_CHECKPOINT_PATH = '{out / 'checkpoint'}'
+MIXTURE_OR_TASK_NAME = 'embedded_lm'
+TASK_FEATURE_LENGTHS = {{'targets': 32}}
+BATCH_SIZE = 4
+TRAIN_STEPS = 2
+""")
+  model_dir = tmp_path / 'run'
+  main_in_process(train_lib, [f'--gin_file={run_gin}', f"--gin.MODEL_DIR='{model_dir}'",
+                              '--gin.train_script.train.log_every=1',
+                              '--gin.train_script.train.progress_bar=False'])
+  printed = capsys.readouterr().out
+  assert f"initialised params from {out / 'checkpoint'}" in printed
+  rows = read_metrics(model_dir)
+  assert [row['step'] for row in rows] == [1, 2]
+  # A random 501-way model starts near ln(501) = 6.2 nats per token.
+  assert abs(rows[0]['loss'] - np.log(len(auto))) < 1.0, rows[0]
+  operative = (model_dir / 'config.gin').read_text()
+  assert 'hf_vocabulary' in operative and str(out / 'tokenizer') in operative
