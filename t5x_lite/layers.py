@@ -3,15 +3,17 @@
 The math is plain einsum with one letter per axis, run through `t5x_lite.ops`
 (which picks the kernels for the backend; see there):
 
-  B batch, T query length, S key length, D embed, N heads, H head dim,
-  F mlp, V vocab.
+  B batch, T query length, S key length, D embed, N heads, K key / value
+  heads (grouped-query attention), H head dim, F mlp, V vocab.
 
 Every parameter is created through `nn.with_logical_partitioning` with names
 from this small set, and key activations carry logical constraints:
 
   batch, length, embed, heads, kv, joined_kv, mlp, vocab, relpos_buckets, layers
 
-(plus `abspos`, the rows of small learned tables indexed by absolute position
+(plus `kv_heads`, the key / value heads of grouped-query attention, which the
+rule sets shard like 'heads' where the mesh divides them and replicate
+otherwise; and `abspos`, the rows of small learned tables indexed by absolute position
 or token type, which no rule set maps, so they are replicated).
 
 Masks are boolean `[B|1, 1, T|1, S]` arrays (True = may attend), built once
@@ -28,17 +30,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from t5x_lite import ops
+from t5x_lite.rotary import RopeScaling, apply_rope, rope_frequencies
 
 Array = jax.Array
 DType = Any
 Initializer = Callable[..., Array]
 
 LOGICAL_AXIS_NAMES = ('batch', 'length', 'embed', 'heads', 'kv', 'joined_kv',
-                      'mlp', 'vocab', 'relpos_buckets', 'layers')
+                      'mlp', 'vocab', 'relpos_buckets', 'layers', 'kv_heads')
 
 # Logical names of the one-letter axes of the einsum strings.
 AXIS_NAMES = {'B': 'batch', 'T': 'length', 'S': 'length', 'D': 'embed',
-              'N': 'heads', 'H': 'kv', 'F': 'mlp', 'V': 'vocab'}
+              'N': 'heads', 'K': 'kv_heads', 'H': 'kv', 'F': 'mlp', 'V': 'vocab'}
 
 default_kernel_init = nn.initializers.variance_scaling(
     1.0, 'fan_in', 'truncated_normal')
@@ -285,10 +288,21 @@ class Attention(nn.Module):
   shared along `dropout_broadcast_dims` ((-2,): across queries, as T5X; ():
   element-wise, as BERT). `out_kernel_init` (default `kernel_init`)
   initialises `out`.
+
+  Llama-style options (off by default): `num_kv_heads` K < N gives
+  grouped-query attention, keys and values (and the KV cache) with K heads,
+  each shared by N/K query heads: `{key,value}/kernel` [D, K*H] ('embed',
+  'kv_heads'). `rope_theta` rotates queries and keys by their positions
+  (`apply_rope`, with `rope_scaling`). `out_bias` False leaves `out` unbiased
+  while `use_bias` biases the query, key and value projections (Qwen2).
   """
   num_heads: int
   head_dim: int
+  num_kv_heads: Optional[int] = None
+  rope_theta: Optional[float] = None
+  rope_scaling: Optional[RopeScaling] = None
   use_bias: bool = False
+  out_bias: Optional[bool] = None  # None: as use_bias
   scale_logits: bool = False
   dropout_rate: float = 0.0
   dropout_broadcast_dims: Sequence[int] = (-2,)
@@ -297,8 +311,10 @@ class Attention(nn.Module):
   kernel_init: Initializer = attention_kernel_init
   out_kernel_init: Optional[Initializer] = None
 
-  def _weights(self, name: str, shape, axes, init: Initializer):
-    return _Weights(tuple(shape), tuple(axes), init, self.use_bias, self.dtype,
+  def _weights(self, name: str, shape, axes, init: Initializer,
+               use_bias: Optional[bool] = None):
+    use_bias = self.use_bias if use_bias is None else use_bias
+    return _Weights(tuple(shape), tuple(axes), init, use_bias, self.dtype,
                     self.param_dtype, name=name)()
 
   @nn.compact
@@ -308,7 +324,8 @@ class Attention(nn.Module):
                mask: Optional[Array] = None,
                bias: Optional[Array] = None,
                deterministic: bool = True,
-               cache: Optional[str] = None) -> Array:
+               cache: Optional[str] = None,
+               positions: Optional[Array] = None) -> Array:
     """[B,T,D] attending to [B,S,D] -> [B,T,D].
 
     `mask`: boolean [B|1,1,T|1,S]; `bias`: additive [1|B,N,T,S] (a position
@@ -317,10 +334,18 @@ class Attention(nn.Module):
     keys / values are written into at each row's `cache_index`, which then
     advances by T (the mask hides slots not yet written); or 'cross', the
     keys / values of `inputs_kv` computed on the first call, then reused
-    (later calls may pass None).
+    (later calls may pass None). `positions` [B|1,T] (self-attention with
+    `rope_theta` only): the positions of the T tokens, for queries and keys.
     """
     dtype = canonicalize_dtype(self.dtype)
     n, h, d = self.num_heads, self.head_dim, inputs_q.shape[-1]
+    kv_heads = self.num_kv_heads or n
+    if n % kv_heads:
+      raise ValueError(f'num_heads={n} is not a multiple of num_kv_heads={kv_heads}.')
+    if self.rope_theta is not None and positions is None:
+      raise ValueError('Rotary attention needs the positions of its tokens.')
+    inv_freq = (None if self.rope_theta is None else
+                rope_frequencies(h, self.rope_theta, self.rope_scaling))
     kernel_init = self.kernel_init
 
     def query_init(*args):
@@ -331,18 +356,27 @@ class Attention(nn.Module):
     wq, bq = self._weights('query', (d, n * h), in_axes,
                            kernel_init if self.scale_logits else query_init)
     q = ops.einsum('BTD,DNH->BTNH', inputs_q.astype(dtype), wq.reshape(d, n, h))
-    q = named(q + _heads_bias(bq, 'BTNH', n, h), 'BTNH')
+    q = q + _heads_bias(bq, 'BTNH', n, h)
+    if inv_freq is not None:
+      q = apply_rope(q, positions, inv_freq, 'BTNH')
+    q = named(q, 'BTNH')
+    if self.num_kv_heads is not None:  # grouped: K key / value heads
+      layout, in_axes = layout.replace('N', 'K'), ('embed', 'kv_heads')
     if cache == 'cross' and self.has_variable('cache', 'cached_key'):
       k = self.get_variable('cache', 'cached_key')
       v = self.get_variable('cache', 'cached_value')
     else:
       x = inputs_kv.astype(dtype)
-      wk, bk = self._weights('key', (d, n * h), in_axes, kernel_init)
-      wv, bv = self._weights('value', (d, n * h), in_axes, kernel_init)
-      k = ops.einsum(f'BSD,DNH->{layout}', x, wk.reshape(d, n, h))
-      v = ops.einsum(f'BSD,DNH->{layout}', x, wv.reshape(d, n, h))
-      k = named(k + _heads_bias(bk, layout, n, h), layout)
-      v = named(v + _heads_bias(bv, layout, n, h), layout)
+      kh, letter = kv_heads, 'K' if self.num_kv_heads is not None else 'N'
+      wk, bk = self._weights('key', (d, kh * h), in_axes, kernel_init)
+      wv, bv = self._weights('value', (d, kh * h), in_axes, kernel_init)
+      k = ops.einsum(f'BSD,D{letter}H->{layout}', x, wk.reshape(d, kh, h))
+      v = ops.einsum(f'BSD,D{letter}H->{layout}', x, wv.reshape(d, kh, h))
+      k = k + _heads_bias(bk, layout.replace('K', 'N'), kh, h)
+      if inv_freq is not None:
+        k = apply_rope(k, positions, inv_freq, layout)
+      k = named(k, layout)
+      v = named(v + _heads_bias(bv, layout.replace('K', 'N'), kh, h), layout)
       if cache is not None:
         k, v = self._cache(k, v, cache, layout, mask)
     dropout = None
@@ -350,11 +384,17 @@ class Attention(nn.Module):
       dropout = functools.partial(
           nn.Dropout(self.dropout_rate, broadcast_dims=self.dropout_broadcast_dims),
           deterministic=False)
+    if kv_heads != n and (ops.active() == 'cpu' or dropout is not None):
+      # Only jax.nn.dot_product_attention (the plain path without dropout)
+      # takes fewer key / value heads; the others see each one N/K times.
+      axis = layout.index('K')
+      k = jnp.repeat(k, n // kv_heads, axis=axis)
+      v = jnp.repeat(v, n // kv_heads, axis=axis)
     scale = 1.0 / float(np.sqrt(h)) if self.scale_logits else 1.0
     x = ops.attention(q, k, v, bias=bias, mask=mask, scale=scale, dropout=dropout)
     x = named(x.astype(dtype), 'BTNH')
     wo, bo = self._weights('out', (n * h, d), ('joined_kv', 'embed'),
-                           self.out_kernel_init or kernel_init)
+                           self.out_kernel_init or kernel_init, self.out_bias)
     out = ops.einsum('BTNH,NHD->BTD', x, wo.reshape(n, h, d))
     return named(out + (0.0 if bo is None else bo), 'BTD')
 
@@ -426,7 +466,8 @@ def make_attention_mask(query_valid: Optional[Array],
                         query_positions: Optional[Array] = None,
                         key_positions: Optional[Array] = None,
                         query_prefix: Optional[Array] = None,
-                        key_prefix: Optional[Array] = None) -> Array:
+                        key_prefix: Optional[Array] = None,
+                        sliding_window: Optional[int] = None) -> Array:
   """The attention mask of every family: self, cross, causal, prefix-LM,
   packed, and over a decoding cache's slots.
 
@@ -437,7 +478,9 @@ def make_attention_mask(query_valid: Optional[Array],
     - with `causal`, the key's position is at most the query's (positions
       [B|1,T] / [B|1,S], default 0, 1, ...) ... unless both lie in the
       bidirectional prefix of a prefix LM: `key_prefix` [B,S] and
-      `query_prefix` [B,T] (None: every query) mark it.
+      `query_prefix` [B,T] (None: every query) mark it;
+    - with `causal` and `sliding_window` w (Mistral), the key also lies
+      less than w positions before the query (query - key < w).
   """
   def pairs(q, k, fn=jnp.logical_and):
     return fn(q[:, :, None], k[:, None, :])[:, None]
@@ -454,6 +497,9 @@ def make_attention_mask(query_valid: Optional[Array],
     if key_positions is None:
       key_positions = jnp.arange(key_valid.shape[-1])[None]
     visible = pairs(query_positions, key_positions, jnp.greater_equal)
+    if sliding_window is not None:
+      visible = visible & pairs(query_positions, key_positions + sliding_window,
+                                jnp.less)
     if key_prefix is not None:
       query = jnp.ones_like(key_prefix[:, :1]) if query_prefix is None else query_prefix
       visible = visible | pairs(query > 0, key_prefix > 0)
@@ -463,17 +509,18 @@ def make_attention_mask(query_valid: Optional[Array],
 
 def make_decoder_mask(decoder_target_tokens: Array,
                       decoder_causal_attention: Optional[Array] = None,
-                      decoder_segment_ids: Optional[Array] = None) -> Array:
+                      decoder_segment_ids: Optional[Array] = None,
+                      sliding_window: Optional[int] = None) -> Array:
   """Decoder self-attention mask as in T5X: causal and padding, where valid
   positions are `decoder_target_tokens > 0` (so a leading BOS=0 in the
   decoder inputs is not masked), and same-segment when packed. Where
   `decoder_causal_attention` is 1 (a prefix-LM "inputs" span), attention is
-  bidirectional within that span."""
+  bidirectional within that span. `sliding_window`: see make_attention_mask."""
   return make_attention_mask(
       decoder_target_tokens, decoder_target_tokens,
       query_segment_ids=decoder_segment_ids, key_segment_ids=decoder_segment_ids,
       causal=True, query_prefix=decoder_causal_attention,
-      key_prefix=decoder_causal_attention)
+      key_prefix=decoder_causal_attention, sliding_window=sliding_window)
 
 
 # -----------------------------------------------------------------------------

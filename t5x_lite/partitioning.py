@@ -37,7 +37,9 @@ def _rule_set(fsdp: bool, model: bool) -> LogicalRules:
   """Batch over data+fsdp; with `fsdp`, every parameter's 'embed' dimension
   (which every large parameter has) over 'fsdp'; with `model`, heads, MLP and
   vocabulary over 'model'. An activation's 'embed' stays unsharded because its
-  batch dimension already takes 'fsdp' (a mesh axis is used once per array)."""
+  batch dimension already takes 'fsdp' (a mesh axis is used once per array).
+  'kv_heads' (grouped-query attention's key / value heads) goes over 'model'
+  too, where 'model' divides it (see REPLICATED_IF_INDIVISIBLE)."""
   tensor = 'model' if model else None
   return (
       ('batch', BATCH_AXES),
@@ -46,6 +48,7 @@ def _rule_set(fsdp: bool, model: bool) -> LogicalRules:
       ('vocab', tensor),
       ('mlp', tensor),
       ('heads', tensor),
+      ('kv_heads', tensor),
       ('kv', None),
       ('joined_kv', tensor),
       ('relpos_buckets', None),
@@ -53,6 +56,11 @@ def _rule_set(fsdp: bool, model: bool) -> LogicalRules:
       ('layers', None),
   )
 
+
+# Logical axes a parameter keeps unsharded (replicated) where its rule's mesh
+# axes do not divide it, instead of failing: grouped-query attention may have
+# fewer key / value heads than the 'model' axis has devices (2 in Qwen2.5-0.5B).
+REPLICATED_IF_INDIVISIBLE = ('kv_heads',)
 
 RULE_SETS: dict[str, LogicalRules] = {
     'data_parallel': _rule_set(fsdp=False, model=False),
@@ -189,7 +197,7 @@ class Partitioner:
       for name, mesh_axes, size in zip(names, mesh_specs, box.value.shape):
         axes = _as_tuple(mesh_axes)
         n = math.prod(self.mesh.shape[a] for a in axes)
-        if size % n:
+        if size % n and name not in REPLICATED_IF_INDIVISIBLE:
           where = ' x '.join(f"'{a}'" for a in axes)
           raise UserError(
               f"parameter {jax.tree_util.keystr(path, simple=True, separator='/')} has "
@@ -208,8 +216,24 @@ class Partitioner:
     Raises a UserError if a mesh axis does not divide the dimension it shards.
     """
     self.check_divisible(boxed_tree)
-    specs = nn.get_partition_spec(boxed_tree)
+    specs = jax.tree_util.tree_map(
+        self._logical_spec, boxed_tree,
+        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
     return nn.logical_to_mesh_sharding(specs, self.mesh, self.rules)
+
+  def _logical_spec(self, leaf: Any) -> jax.P:
+    """The leaf's logical PartitionSpec (`nn.get_partition_spec`'s), with the
+    REPLICATED_IF_INDIVISIBLE axes that the mesh does not divide set to None."""
+    if (not isinstance(leaf, nn.Partitioned) or
+        not set(leaf.names) & set(REPLICATED_IF_INDIVISIBLE)):
+      return nn.get_partition_spec(leaf)
+    names = list(leaf.names)
+    for i, (name, size) in enumerate(zip(names, leaf.value.shape)):
+      if name in REPLICATED_IF_INDIVISIBLE:
+        axes = _as_tuple(nn.logical_to_mesh_axes((name,), self.rules)[0])
+        if size % math.prod(self.mesh.shape[a] for a in axes):
+          names[i] = None
+    return leaf.replace(names=tuple(names)).get_partition_spec()
 
   def opt_state_shardings(self, tx: optax.GradientTransformation, abstract_params: Any,
                           param_shardings: Any) -> Any:

@@ -3,7 +3,7 @@
     model, params = t5x_lite.hf.load('/path/to/hf_model_dir')
     logits = model.logits(params, batch)
 
-Every family module (t5, bert, gpt2, bart) has the same interface:
+Every family module (t5, bert, gpt2, bart, llama) has the same interface:
 `config_from_hf(config_json_dict) -> Config`,
 `from_hf_state_dict({name: np.ndarray}, config) -> params`,
 `to_hf_state_dict(params, config) -> {name: np.ndarray}` and `MODEL_CLS`,
@@ -24,7 +24,7 @@ from t5x_lite.hf import io
 
 # HF `model_type` -> family module under t5x_lite.hf.
 FAMILIES = {'t5': 't5', 'mt5': 't5', 'bert': 'bert', 'gpt2': 'gpt2',
-            'bart': 'bart'}
+            'bart': 'bart', 'llama': 'llama', 'mistral': 'llama', 'qwen2': 'llama'}
 
 
 def family_module(model_type: str):
