@@ -295,7 +295,8 @@ def macro(name: str) -> Any:
     return None
   if isinstance(value, gin.config.ConfigurableReference):  # @fn() (or %gin.REQUIRED)
     fn = value.scoped_configurable_fn
-    value = fn() if value.evaluate else fn
+    with gin.config_scope(name):  # as gin evaluates a macro: its bindings are scoped by it
+      value = fn() if value.evaluate else fn
   return None if value is gin.REQUIRED else value
 
 
