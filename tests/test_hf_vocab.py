@@ -2,6 +2,7 @@
 tokenizers built here with the `tokenizers` library (nothing downloaded), and
 import_hf handing an imported GPT-2 its tokenizer for a training run."""
 
+import functools
 import json
 import os
 import shutil
@@ -16,8 +17,11 @@ from conftest import main_in_process, read_metrics, require, require_shared_data
 from t5x_lite import import_hf
 from t5x_lite import train as train_lib
 from t5x_lite.data import hf_vocab
+from t5x_lite.data import lm
+from t5x_lite.data import sources
 from t5x_lite.data import vocab as vocab_lib
 from t5x_lite.errors import UserError
+from t5x_lite.tasks import lm as lm_tasks
 
 torch = require('torch')
 transformers = require('transformers')
@@ -37,6 +41,7 @@ HAND_WRITTEN = [
     'Wow!! Really?! Yes!',
     '',
 ]
+TASK = 'test_hf_vocab_wikitext_lm'
 NAMES = ('gpt2_tokenizer_json', 'gpt2_vocab_merges', 'bart_tokenizer_json',
          'bart_vocab_merges', 'bert_wordpiece', 'sentencepiece_unigram')
 
@@ -256,13 +261,13 @@ def test_hf_vocabulary_cached_and_errors(tokenizer_dirs, tmp_path):
     hf_vocab.HfTokenizerVocabulary(tmp_path)
 
 
-def test_import_hf_gpt2_trains_with_its_tokenizer(tokenizer_dirs, tmp_path, capsys):
+def test_import_hf_gpt2_trains_with_its_tokenizer(tokenizer_dirs, texts, tmp_path, capsys):
   """import_hf on a GPT-2 directory with its tokenizer; the model.gin it
   writes is all the model and vocabulary configuration a run needs."""
   source = tokenizer_dirs['gpt2_tokenizer_json']
   auto = transformers.AutoTokenizer.from_pretrained(source)
   config = transformers.GPT2Config(vocab_size=len(auto), n_positions=64, n_embd=32,
-                                   n_layer=2, n_head=4, bos_token_id=auto.bos_token_id,
+                                   n_layer=1, n_head=4, bos_token_id=auto.bos_token_id,
                                    eos_token_id=auto.eos_token_id)
   torch.manual_seed(0)
   hf_dir, out = tmp_path / 'hf', tmp_path / 'imported'
@@ -287,22 +292,37 @@ def test_import_hf_gpt2_trains_with_its_tokenizer(tokenizer_dirs, tmp_path, caps
   line = HAND_WRITTEN[3]
   assert list(imported.encode(line)) == auto(line, add_special_tokens=False)['input_ids']
 
-  # Training on a seqio task: the vocabulary's 501 ids fit the model (the
-  # task's own 8100-id vocabulary would not), so the run needs model.gin only.
+  # Training on a seqio task (embedded_lm's preprocessors over WikiText lines,
+  # which build faster than the embedded corpus): the tokenizer's 501 ids fit
+  # the model, the task's own 8100-id vocabulary would not, so the vocabulary
+  # reached the data; the run needs nothing of the model but model.gin.
+  lines = texts[1]
+  if TASK not in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.add(
+        TASK, source=sources.FunctionSource(
+            lambda split, shuffle_files, seed=None: tf.data.Dataset.from_tensor_slices(
+                {'text': lines}), splits=('train',)),
+        preprocessors=[functools.partial(seqio.preprocessors.rekey,
+                                         key_map={'inputs': None, 'targets': 'text'}),
+                       seqio.preprocessors.tokenize, lm.causal_lm],
+        output_features=lm_tasks.causal_lm_output_features(), metric_fns=[])
+  assert seqio.get_mixture_or_task(TASK).output_features['targets'].vocabulary.vocab_size == 8100
   run_gin = tmp_path / 'run.gin'
   run_gin.write_text(f"""
 include 'configs/runs/pretrain.gin'
 include '{out / 'model.gin'}'
 INITIAL_CHECKPOINT_PATH = '{out / 'checkpoint'}'
-MIXTURE_OR_TASK_NAME = 'embedded_lm'
+MIXTURE_OR_TASK_NAME = '{TASK}'
 TASK_FEATURE_LENGTHS = {{'targets': 32}}
 BATCH_SIZE = 4
 TRAIN_STEPS = 2
 """)
   model_dir = tmp_path / 'run'
-  main_in_process(train_lib, [f'--gin_file={run_gin}', f"--gin.MODEL_DIR='{model_dir}'",
-                              '--gin.train_script.train.log_every=1',
-                              '--gin.train_script.train.progress_bar=False'])
+  argv = [f'--gin_file={run_gin}', f"--gin.MODEL_DIR='{model_dir}'",
+          '--gin.train_script.train.log_every=1', '--gin.train_script.train.progress_bar=False']
+  with pytest.raises(UserError, match='8100 ids'):  # without the binding
+    main_in_process(train_lib, argv + ['--gin.VOCABULARY=None'])
+  main_in_process(train_lib, argv)
   printed = capsys.readouterr().out
   assert f"initialised params from {out / 'checkpoint'}" in printed
   rows = read_metrics(model_dir)
