@@ -1,0 +1,226 @@
+"""export_hf: a checkpoint trained here, exported, loaded by transformers.
+
+Each family trains two steps on the embedded corpus at a tiny size (GPT with
+scanned layers), is exported by the entry point, and is then checked against
+transformers: logits on padded batches within 1e-4 (float32), greedy tokens
+from `generate` equal to our `predict_batch` (the Hugging Face side reads the
+exported tokenizer, ours our vocabulary), tokenizer ids on held-out text, and
+`hf.load` of the export giving back the very same params.
+"""
+
+import os
+
+from flax import linen as nn
+import jax
+import numpy as np
+import pytest
+
+from conftest import SMALL_T5, main_in_process, require
+from t5x_lite import export_hf
+from t5x_lite import hf
+from t5x_lite import train as train_module
+from t5x_lite.errors import UserError
+from t5x_lite.models import classification
+from t5x_lite.data import wordpiece
+
+import families
+
+torch = require('torch')
+transformers = require('transformers')
+
+TINY = ['--gin.TRAIN_STEPS=2', '--gin.BATCH_SIZE=4', '--gin.CHECKPOINT_PERIOD=2',
+        '--gin.train_script.train.progress_bar=False']
+
+
+def _sizes(config_name, layers=('num_layers',)):
+  sizes = dict(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64)
+  out = [f'--gin.{config_name}.{k}={v}' for k, v in sizes.items()]
+  return out + [f'--gin.{config_name}.{k}=2' for k in layers]
+
+
+RUNS = {
+    't5': SMALL_T5 + ["--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}"],
+    'gpt': ['--gin_file=gin/gpt_tiny_lm.gin', *_sizes('decoder.GPTConfig'),
+            '--gin.decoder.GPTConfig.scan_layers=True',
+            "--gin.TASK_FEATURE_LENGTHS={'targets': 32}"],
+    'bart': ['--gin_file=gin/bart_tiny_denoise.gin',
+             *_sizes('bart.BartConfig', ('num_encoder_layers', 'num_decoder_layers')),
+             "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 32}"],
+    'bert': ['--gin_file=gin/bert_tiny_mlm.gin', *_sizes('encoder.BertConfig'),
+             "--gin.TASK_FEATURE_LENGTHS={'inputs': 32}"],
+}
+HF_CLASSES = {'t5': 'AutoModelForSeq2SeqLM', 'gpt': 'AutoModelForCausalLM',
+              'bart': 'AutoModelForSeq2SeqLM', 'bert': 'AutoModelForPreTraining'}
+HELD_OUT = ['The tower is 324 metres (1,063 ft) tall, about the same height as an 81-storey '
+            'building.', 'Café crème\tand  two   spaces, naïve résumé.', 'emoji 🙂 and 東京']
+
+
+@pytest.fixture(scope='module', params=sorted(RUNS))
+def exported(request, tmp_path_factory):
+  """(family, our model, our params, our vocabulary, export dir, printed summary)."""
+  family = request.param
+  root = tmp_path_factory.mktemp(family)
+  model_dir, out = root / 'run', root / 'hf'
+  main_in_process(train_module, [*RUNS[family], *TINY, f"--gin.MODEL_DIR='{model_dir}'"])
+  argv = [f'--checkpoint_dir={model_dir}', f'--output_dir={out}']
+  import gin  # pylint: disable=g-import-not-at-top
+  from t5x_lite import gin_utils  # pylint: disable=g-import-not-at-top
+  try:
+    gin.clear_config(clear_constants=True)
+    gin_utils.parse_gin([str(model_dir / 'config.gin')], [], check_required=False)
+    model, params, vocabulary, _, _ = export_hf.load(str(model_dir))
+  finally:
+    gin.clear_config(clear_constants=True)
+  main_in_process(export_hf, argv)
+  return family, model, params, vocabulary, str(out)
+
+
+def _hf_model(family, out):
+  return getattr(transformers, HF_CLASSES[family]).from_pretrained(out).eval()
+
+
+def _batch(family, model, vocabulary):
+  """A padded batch of held-out text for our model, and the same for HF."""
+  ids = [vocabulary.encode(t)[:14] for t in HELD_OUT]
+  if family in ('t5', 'bart'):
+    eos = vocabulary.eos_id
+    enc = np.zeros((3, 16), np.int32)
+    for i, x in enumerate(ids):
+      enc[i, :len(x) + 1] = x + [eos]
+    tgt = np.zeros((3, 8), np.int32)
+    tgt[0, :7], tgt[1, :3], tgt[2, :5] = enc[0, :7], enc[1, 2:5], enc[2, 1:6]
+    dec = np.zeros_like(tgt)
+    dec[:, 1:] = tgt[:, :-1]
+    if family == 'bart':
+      dec[:, 0] = model.config.decoder_start_id
+    return dict(encoder_input_tokens=enc, decoder_input_tokens=dec, decoder_target_tokens=tgt)
+  tokens = np.zeros((3, 16), np.int32)
+  for i, x in enumerate(ids):
+    tokens[i, :len(x)] = x
+  if family == 'bert':
+    return dict(input_tokens=tokens, segment_ids=np.zeros_like(tokens))
+  dec = np.zeros_like(tokens)
+  dec[:, 1:] = tokens[:, :-1]
+  return dict(decoder_input_tokens=dec, decoder_target_tokens=tokens)
+
+
+def _hf_logits(family, hf_model, batch):
+  t = lambda x: torch.from_numpy(np.asarray(x)).long()
+  with torch.no_grad():
+    if family in ('t5', 'bart'):
+      return hf_model(input_ids=t(batch['encoder_input_tokens']),
+                      attention_mask=t(batch['encoder_input_tokens'] > 0),
+                      decoder_input_ids=t(batch['decoder_input_tokens']),
+                      decoder_attention_mask=t(batch['decoder_target_tokens'] > 0)).logits.numpy()
+    if family == 'bert':
+      tokens = batch['input_tokens']
+      return hf_model(input_ids=t(tokens), attention_mask=t(tokens > 0),
+                      token_type_ids=t(batch['segment_ids'])).prediction_logits.numpy()
+    return hf_model(input_ids=t(batch['decoder_input_tokens'])).logits.numpy()
+
+
+def _real(family, batch):
+  """Positions whose logits both sides define (not padding)."""
+  key = 'input_tokens' if family == 'bert' else 'decoder_target_tokens'
+  return batch[key] > 0
+
+
+def test_export_matches_transformers(exported):
+  family, model, params, vocabulary, out = exported
+  files = sorted(os.listdir(out))
+  assert {'config.json', 'model.safetensors'} <= set(files), files
+  assert ('generation_config.json' in files) == (family != 'bert')
+  hf_model = _hf_model(family, out)
+  batch = _batch(family, model, vocabulary)
+  ours = np.asarray(jax.jit(model.logits)(params, batch))
+  theirs = _hf_logits(family, hf_model, batch)
+  real = _real(family, batch)
+  assert real.sum() >= 15
+  np.testing.assert_allclose(ours[real], theirs[real], atol=1e-4, rtol=0)
+  if family == 't5':  # untied: transformers must keep its own lm_head
+    head, shared = hf_model.lm_head.weight, hf_model.shared.weight
+    assert head.data_ptr() != shared.data_ptr() and not torch.equal(head, shared)
+    assert not hf_model.config.scale_decoder_outputs
+    np.testing.assert_array_equal(head.detach().numpy(),
+                                  np.asarray(params['decoder']['logits_dense']['kernel']).T)
+
+
+def test_export_round_trips_bit_exactly(exported):
+  family, model, params, _, out = exported
+  _, back = hf.load(out, scan_layers=model.config.scan_layers)
+  ours = jax.tree_util.tree_map(np.asarray, params)
+  assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(ours)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, back, ours)
+
+
+def test_exported_tokenizer_gives_our_ids(exported):
+  _, _, _, vocabulary, out = exported
+  tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+  for text in HELD_OUT:
+    assert tokenizer(text, add_special_tokens=False)['input_ids'] == list(
+        vocabulary.encode(text)), text
+
+
+def test_greedy_generation_equals_ours(exported):
+  family, model, params, vocabulary, out = exported
+  if family == 'bert':
+    pytest.skip('BERT does not generate')
+  hf_model = _hf_model(family, out)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+  steps, eos = 6, vocabulary.eos_id
+  prompts = [HELD_OUT[0][:40], HELD_OUT[1][:12], HELD_OUT[2]]
+  if family == 'gpt':
+    ids = [vocabulary.encode(p) for p in prompts]
+    buffer = np.zeros((3, 1 + max(map(len, ids)) + steps), np.int32)  # id 0 starts each row
+    for i, x in enumerate(ids):
+      buffer[i, 1:len(x) + 1] = x
+    ours, _ = model.predict_batch(params, {'decoder_input_tokens': buffer,
+                                           'decoder_prompt_lengths': np.array(list(map(len, ids)))},
+                                  max_decode_length=steps, eos_id=eos)
+  else:
+    ids = [vocabulary.encode(p) + [eos] for p in prompts]
+    enc = np.zeros((3, max(map(len, ids))), np.int32)
+    for i, x in enumerate(ids):
+      enc[i, :len(x)] = x
+    ours, _ = model.predict_batch(params, {'encoder_input_tokens': enc},
+                                  max_decode_length=steps, eos_id=eos)
+  for i, prompt in enumerate(prompts):  # HF one prompt at a time: no padding on its side
+    hf_ids = tokenizer(prompt, return_tensors='pt')['input_ids']
+    if family == 'gpt':
+      hf_ids = torch.cat([torch.zeros((1, 1), dtype=torch.long), hf_ids], 1)
+    with torch.no_grad():
+      theirs = hf_model.generate(hf_ids, attention_mask=torch.ones_like(hf_ids),
+                                 max_new_tokens=steps, do_sample=False, num_beams=1)
+    theirs = theirs[0, hf_ids.shape[1]:] if family == 'gpt' else theirs[0, 1:]
+    mine = list(np.asarray(ours[i]))[:len(theirs)]
+    assert list(theirs.numpy()) == mine, (family, i)
+
+
+def test_bert_classifier_exports_with_its_labels(tmp_path):
+  config = families.config('bert', vocab_size=wordpiece.embedded_wordpiece_vocabulary().vocab_size)
+  model = classification.BertClassificationModel(config, num_classes=3)
+  batch = model.dummy_batch(2, 12)
+  params = jax.tree_util.tree_map(
+      np.asarray, nn.unbox(model.init(jax.random.key(0), batch))['params'])
+  tokens = np.random.default_rng(0).integers(5, config.vocab_size, (2, 12)).astype(np.int32)
+  tokens[1, 7:] = 0
+  batch.update(input_tokens=tokens, attention_mask=(tokens > 0).astype(np.int32))
+  out = tmp_path / 'cls'
+  export_hf.export(model, params, wordpiece.embedded_wordpiece_vocabulary(), str(out),
+                   label_names=['entailment', 'neutral', 'contradiction'], max_shard_bytes=40_000)
+  assert os.path.isfile(out / 'model.safetensors.index.json')  # sharded
+  hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+  assert hf_model.config.id2label == {0: 'entailment', 1: 'neutral', 2: 'contradiction'}
+  with torch.no_grad():
+    theirs = hf_model(input_ids=torch.from_numpy(tokens).long(),
+                      attention_mask=torch.from_numpy(tokens > 0).long()).logits.numpy()
+  np.testing.assert_allclose(np.asarray(model.logits(params, batch)), theirs, atol=1e-5)
+  _, back = hf.load(str(out))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
+
+
+def test_unsupported_model_is_one_clear_error(tmp_path):
+  model = classification.GptClassificationModel(families.config('gpt'), num_classes=2)
+  with pytest.raises(UserError, match='GPT-1 style classifier .* no Hugging Face counterpart'):
+    export_hf.export(model, {}, None, str(tmp_path / 'out'))
+  assert not os.path.exists(tmp_path / 'out')
