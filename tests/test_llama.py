@@ -109,3 +109,161 @@ def test_logits_match_hf(loaded, kernels):
     wide = llama.LlamaModel(dataclasses.replace(model.config, sliding_window=None))
     assert not np.allclose(np.asarray(jax.jit(wide.logits)(params, lm_batch(ids, mask)))[valid],
                            theirs[valid], atol=1e-2)
+
+
+def _no_eos(hf):
+  """HF generation without EOS (ours gets an unreachable eos_id): fixed length."""
+  hf.generation_config.eos_token_id = None
+  hf.generation_config.pad_token_id = 0
+  return hf
+
+
+# The cases generation and packing run on (the others' layers are the same code).
+DECODE_CASES = ('llama_gqa2_rope_scaling', 'mistral_gqa4_window')
+
+
+def test_greedy_generation_matches_hf_generate(loaded):
+  """Prompts of mixed lengths in one batch, KV cache of num_kv_heads heads;
+  Mistral's decodes run past its window of 5."""
+  name, hf, model, params = loaded
+  if name not in DECODE_CASES:
+    pytest.skip('generation runs on DECODE_CASES')
+  hf, steps = _no_eos(hf), 10
+  rng = np.random.default_rng(1)
+  lengths = [5, 2, 7]
+  buffer = np.zeros((3, 8), np.int32)  # BOS (0), then the prompt, then 0s
+  for i, n in enumerate(lengths):
+    buffer[i, 1:n + 1] = rng.integers(1, model.config.vocab_size, n)
+  batch = {'decoder_input_tokens': buffer, 'decoder_prompt_lengths': np.array(lengths)}
+  predict = jax.jit(lambda p, b: model.predict_batch(p, b, max_decode_length=steps,
+                                                     eos_id=model.config.vocab_size))
+  ours, _ = predict(params, batch)
+  cache = jax.eval_shape(lambda: model._prefill(params, batch, steps)[2])
+  key = jax.tree_util.tree_leaves_with_path(cache)
+  key = [x for path, x in key if 'cached_key' in jax.tree_util.keystr(path)][0]
+  cfg = model.config
+  assert math.prod(key.shape) == 3 * cfg.num_kv_heads * (8 + steps - 1) * cfg.head_dim
+  for i, n in enumerate(lengths):
+    prompt = torch.from_numpy(buffer[i:i + 1, :n + 1]).long()
+    with torch.no_grad():
+      theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps,
+                           do_sample=False, num_beams=1)
+    np.testing.assert_array_equal(np.asarray(ours[i]), theirs[0, n + 1:].numpy())
+  assert len({tuple(np.asarray(r)) for r in ours}) == 3  # rows really differ
+
+
+def test_packed_segments_match_hf_on_each_alone(loaded):
+  """Two examples packed in a row, positions restarting at the second: each
+  gets the logits HF gives it alone (RoPE and the window see segment positions)."""
+  name, hf, model, params = loaded
+  if name not in DECODE_CASES:
+    pytest.skip('packing runs on DECODE_CASES')
+  rng = np.random.default_rng(2)
+  a, b = rng.integers(1, model.config.vocab_size, 9), rng.integers(1, model.config.vocab_size, 11)
+  tokens = np.zeros((1, LENGTH), np.int32)
+  tokens[0, :20] = np.concatenate([a, b])
+  segments = np.zeros_like(tokens)
+  segments[0, :9], segments[0, 9:20] = 1, 2
+  positions = np.zeros_like(tokens)
+  positions[0, :9], positions[0, 9:20] = np.arange(9), np.arange(11)
+  batch = dict(decoder_input_tokens=tokens, decoder_target_tokens=tokens,
+               decoder_segment_ids=segments, decoder_positions=positions)
+  ours = np.asarray(jax.jit(model.logits)(params, batch))[0]
+  for ids, part in ((a, ours[:9]), (b, ours[9:20])):
+    theirs = hf_logits(hf, ids[None].astype(np.int32), np.ones((1, len(ids)), np.int32))[0]
+    np.testing.assert_allclose(part, theirs, atol=1e-4, rtol=0)
+
+
+def test_loss_scan_layers_and_state_dict_round_trip(loaded):
+  """The loss HF computes; scanned layers; our params and config back to HF's."""
+  name, hf, model, params = loaded
+  ids, mask = right_padded(model.config.vocab_size, np.random.default_rng(3))
+  batch = lm_batch(ids, mask)
+  with torch.no_grad():
+    out = hf(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
+             labels=torch.from_numpy(np.where(mask > 0, ids, -100)).long())
+  loss, _ = jax.jit(lambda p: model.loss_fn(p, batch, None))(params)
+  np.testing.assert_allclose(float(loss), float(out.loss), rtol=1e-5)
+  # Scanned layers: the same function of the stacked params.
+  scanned = llama.LlamaModel(dataclasses.replace(model.config, scan_layers=True))
+  stacked = hf_llama.from_hf_state_dict(state_of(hf), scanned.config)
+  if name in DECODE_CASES:
+    valid = mask > 0
+    np.testing.assert_allclose(np.asarray(jax.jit(scanned.logits)(stacked, batch))[valid],
+                               out.logits.numpy()[valid], atol=1e-4, rtol=0)
+  # Back to HF names and values (a tied head is written as the embedding).
+  state = hf_llama.to_hf_state_dict(stacked, scanned.config)
+  theirs = state_of(hf)
+  assert set(state) == set(theirs), set(state) ^ set(theirs)
+  for key, value in theirs.items():
+    np.testing.assert_array_equal(state[key], value, err_msg=key)
+  # And the config: ours -> HF's config class -> ours.
+  hf_config = hf_llama.config_to_hf(model.config)
+  rebuilt = type(hf.config)(**{k: v for k, v in hf_config.items() if k != 'model_type'})
+  assert hf_llama.config_from_hf(rebuilt.to_dict()) == model.config
+
+
+def state_of(model) -> dict:
+  return {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+def test_rope_frequencies_llama3_scaling_match_hf():
+  """Our Llama 3 frequency scaling against HF's own rope init function."""
+  from transformers import modeling_rope_utils
+  config = transformers.LlamaConfig(**{**HF_SMALL, 'head_dim': 64, 'hidden_size': 256},
+                                    rope_parameters=dict(ROPE_SCALING, rope_theta=500000.0))
+  theirs, _ = modeling_rope_utils.ROPE_INIT_FUNCTIONS['llama3'](config, 'cpu')
+  scaling = rotary.RopeScaling(**{k: v for k, v in ROPE_SCALING.items() if k != 'rope_type'})
+  ours = rotary.rope_frequencies(64, 500000.0, scaling)
+  np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-6)
+  plain = rotary.rope_frequencies(64, 500000.0)
+  assert not np.allclose(ours, plain)  # the scaling changes the long wavelengths
+
+
+# configs/models file: (published parameter count, HF config of the model).
+PUBLISHED = {
+    'llama3_2_1b': (1_235_814_400, 'LlamaConfig', dict(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
+        max_position_embeddings=131072, tie_word_embeddings=True,
+        rope_parameters={'rope_type': 'llama3', 'rope_theta': 500000.0, 'factor': 32.0,
+                         'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+                         'original_max_position_embeddings': 8192})),
+    'qwen2_5_0_5b': (494_032_768, 'Qwen2Config', dict(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, rms_norm_eps=1e-6,
+        max_position_embeddings=32768, tie_word_embeddings=True, sliding_window=32768,
+        use_sliding_window=False, max_window_layers=21,
+        rope_parameters={'rope_type': 'default', 'rope_theta': 1000000.0})),
+    'mistral_7b': (7_241_732_096, 'MistralConfig', dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
+        max_position_embeddings=32768, sliding_window=4096,
+        rope_parameters={'rope_type': 'default', 'rope_theta': 10000.0})),
+}
+
+
+@pytest.mark.parametrize('name', sorted(PUBLISHED))
+def test_published_configs_param_counts(name):
+  """configs/models/<name>.gin: the published count, counted from abstract
+  shapes (ours) and on the meta device (HF's), and the shape HF's config gives."""
+  import gin
+  from t5x_lite import gin_utils
+  count, config_cls, fields = PUBLISHED[name]
+  gin.clear_config()
+  try:
+    gin_utils.parse_gin([f'configs/models/{name}.gin'], [])
+    model = gin.query_parameter('%MODEL').scoped_configurable_fn()
+  finally:
+    gin.clear_config()
+  shapes = jax.eval_shape(model.init, jax.random.key(0), model.dummy_batch(1, 8))
+  ours = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(nn.unbox(shapes)['params']))
+  hf_config = getattr(transformers, config_cls)(**fields)
+  with torch.device('meta'):
+    theirs = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(
+        hf_config).parameters())
+  assert ours == theirs == count
+  expected = dataclasses.replace(hf_llama.config_from_hf(hf_config.to_dict()),
+                                 **{k: getattr(model.config, k) for k in (
+                                     'dtype', 'param_dtype', 'scan_layers')})
+  assert model.config == expected
