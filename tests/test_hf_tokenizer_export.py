@@ -7,12 +7,11 @@ runs, CJK, characters outside the vocabulary). The figures (lines, lines with
 equal ids) are printed; run with -s to see them.
 """
 
+import ast
 import io
 import json
 import os
 import re
-import subprocess
-import sys
 import unicodedata
 
 import pytest
@@ -39,8 +38,10 @@ SENTINEL_TEXT = 'The <extra_id_0> walks in <extra_id_1> park <extra_id_99> .'
 
 
 def _lines(path):
-  with open(path, encoding='utf-8') as f:
-    return f.read().split('\n')
+  """The file's lines (split at '\\n' only: the text keeps any other control character)."""
+  with open(path, encoding='utf-8', newline='') as f:
+    text = f.read()
+  return text[:-1].split('\n') if text.endswith('\n') else text.split('\n')
 
 
 @pytest.fixture(scope='module')
@@ -68,6 +69,13 @@ def exports(tmp_path_factory):
       ('wordpiece-bert', wordpiece.embedded_wordpiece_vocabulary(), 'bert')):
     out[name] = (vocabulary, *_export(vocabulary, root / name, model_type))
   return out
+
+
+@pytest.fixture(scope='module')
+def wordpiece_held_out(exports, wikitext):
+  """(texts, our ids) for the WordPiece tests: one TF call, shared."""
+  texts = wikitext + HAND_WRITTEN
+  return texts, _ours(exports['wordpiece-bert'][0], texts)
 
 
 def _ours(vocabulary, texts):
@@ -224,15 +232,14 @@ def _as_tf_text_normalises(text):
   return text.replace('\x0b', ' ').replace('\x0c', ' ')
 
 
-def test_wordpiece_ids(exports, wikitext):
+def test_wordpiece_ids(exports, wordpiece_held_out):
   """BertTokenizer equals ours except where ICU's NFKC case folding (ours,
   tensorflow_text) differs from lower-casing (BERT's normaliser), and at vertical
   tabs / form feeds: with the text normalised as tensorflow_text does first,
   every line is equal."""
   vocabulary, _, tok = exports['wordpiece-bert']
   assert type(tok).__name__ == 'BertTokenizer' and tok.do_lower_case
-  texts = wikitext + HAND_WRITTEN
-  ours = _ours(vocabulary, texts)
+  texts, ours = wordpiece_held_out
   theirs = tok(texts, add_special_tokens=False)['input_ids']
   equal = _count_equal('wordpiece-bert', ours, theirs, 'WikiText-2 test + hand-written')
   unequal = [t for t, a, b in zip(texts, ours, theirs) if a != b]
@@ -241,11 +248,10 @@ def test_wordpiece_ids(exports, wikitext):
   assert _count_equal('wordpiece-bert', ours, folded, 'normalised as tensorflow_text does') == len(texts)
 
 
-def test_wordpiece_decode_and_special_ids(exports, wikitext):
+def test_wordpiece_decode_and_special_ids(exports, wordpiece_held_out):
   """Decode: HF's WordPiece decoder also attaches . , ! ? to the word before."""
   vocabulary, ids, tok = exports['wordpiece-bert']
-  texts = wikitext + HAND_WRITTEN
-  our_ids = _ours(vocabulary, texts)
+  texts, our_ids = wordpiece_held_out
   ours = [re.sub(r' ([.,!?])(?= |$)', r'\1', vocabulary.decode(i)) for i in our_ids]
   theirs = tok.batch_decode(our_ids)
   equal = _count_equal('wordpiece-bert', ours, theirs, 'decode (BERT clean-up applied)')
@@ -275,9 +281,38 @@ def test_unsupported_vocabularies_and_model_types(tmp_path):
                          model_type='gpt2')
 
 
+def _imports(module):
+  """Top-level names of every module `module` imports (any depth in its source)."""
+  path = os.path.join(REPO, *module.split('.')) + '.py'
+  if not os.path.exists(path):
+    path = os.path.join(REPO, *module.split('.'), '__init__.py')
+  with open(path, encoding='utf-8') as f:
+    tree = ast.parse(f.read())
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      yield from (alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      yield node.module
+      if node.module == 't5x_lite' or node.module.startswith('t5x_lite.'):
+        yield from (f'{node.module}.{alias.name}' for alias in node.names)
+
+
 def test_import_loads_neither_torch_nor_transformers():
-  code = ('import sys; import t5x_lite.hf.tokenizer_files; '
-          'print(sorted(m for m in ("torch", "transformers") if m in sys.modules))')
-  out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
-                       text=True, check=True).stdout
-  assert out.strip().splitlines()[-1] == '[]'
+  """The module, its packages and the t5x_lite modules it imports (read from
+  their source, transitively) import neither torch nor transformers."""
+  seen, todo, third_party = set(), ['t5x_lite.hf.tokenizer_files'], set()
+  while todo:
+    module = todo.pop()
+    if module in seen:
+      continue
+    seen.add(module)
+    parts = module.split('.')
+    todo += ['.'.join(parts[:i]) for i in range(1, len(parts))]  # its packages' __init__
+    for name in _imports(module):
+      if name.split('.')[0] != 't5x_lite':
+        third_party.add(name.split('.')[0])
+      elif os.path.exists(os.path.join(REPO, *name.split('.')) + '.py') or os.path.isdir(
+          os.path.join(REPO, *name.split('.'))):
+        todo.append(name)
+  assert {'t5x_lite', 't5x_lite.hf', 't5x_lite.data.wordpiece'} <= seen
+  assert not third_party & {'torch', 'transformers'}, third_party

@@ -10,46 +10,56 @@ files are built with the `tokenizers` library and SentencePiece's protobuf.
 What is written, by vocabulary:
 
   seqio.SentencePieceVocabulary (unigram or BPE, ours or a user's):
-      tokenizer.json   the SentencePiece pipeline in `tokenizers` terms: the
-                       model's precompiled normaliser, its whitespace rules
-                       (dummy prefix, extra whitespace removal, `▁`), the
-                       Unigram or BPE model with its byte fallback, and the
-                       `<extra_id_N>` sentinels as special added tokens with
-                       our ids;
-      spiece.model     the SentencePiece model without the sentinels (as T5
-                       ships it; `extra_ids` in tokenizer_config.json says how
-                       many are appended);
-      tokenizer_config.json, special_tokens_map.json.
-  WordPieceVocabulary:
-      vocab.txt, tokenizer.json (BERT's normaliser and pre-tokeniser and a
-      WordPiece model), tokenizer_config.json with `BertTokenizer`,
-      `do_lower_case` and the `[PAD]`/`[UNK]`/`[CLS]`/`[SEP]`/`[MASK]` tokens,
+      tokenizer.json   SentencePiece's pipeline in `tokenizers` terms: the
+                       model's precompiled normaliser and whitespace rules
+                       (extra whitespace removal, dummy prefix, `▁`), the
+                       Unigram or BPE model with its byte fallback (BPE merges
+                       ranked by the score of the merged piece, as SentencePiece
+                       merges), and the sentinels `<extra_id_N>` as added
+                       tokens with seqio's ids (8099 down to 8000 for ours);
+      spiece.model     the SentencePiece model without the sentinels, as T5
+                       ships it (`extra_ids` in tokenizer_config.json);
+      tokenizer_config.json (`tokenizer_class` PreTrainedTokenizerFast),
       special_tokens_map.json.
+  WordPieceVocabulary:
+      vocab.txt, tokenizer.json (BERT's normaliser and pre-tokeniser over a
+      WordPiece model), tokenizer_config.json (`BertTokenizer`,
+      `do_lower_case`, [PAD] [UNK] [CLS] [SEP] [MASK]), special_tokens_map.json.
 
-Why `PreTrainedTokenizerFast` and not `T5Tokenizer` / `GPT2Tokenizer` /
-`BartTokenizer` for SentencePiece: transformers 5 rebuilds those classes'
-pipelines from their own fixed recipes (T5Tokenizer without byte fallback and
-with a whitespace pre-split; GPT2Tokenizer and BartTokenizer byte-level BPE over
-`vocab.json` + `merges.txt`), so none reproduces our ids. `tokenizer_class`
-`PreTrainedTokenizerFast` makes AutoTokenizer (transformers 4 and 5) load
-`tokenizer.json` as written, whatever `model_type` config.json names.
+Why PreTrainedTokenizerFast for SentencePiece, not T5Tokenizer, GPT2Tokenizer
+or BartTokenizer: transformers 5 rebuilds those classes from fixed recipes
+(T5Tokenizer without byte fallback, so characters outside the vocabulary
+become <unk> rather than our byte pieces; GPT2Tokenizer and BartTokenizer as
+byte-level BPE over vocab.json + merges.txt), so none gives our ids. With
+PreTrainedTokenizerFast, AutoTokenizer loads tokenizer.json as written,
+whatever model_type config.json names. `T5Tokenizer.from_pretrained` still
+works on the directory (sentinel ids equal; no byte fallback).
+
+Special tokens: the tokenizer ends T5 and BART inputs with EOS
+(`add_special_tokens=True`), as our pipelines do; GPT-2 inputs get none.
+`split_special_tokens` is set, so `</s>` or `[CLS]` written in text is
+characters, as for our vocabularies (the pipelines add special tokens as ids);
+the sentinels are plain added tokens, so `<extra_id_N>` written as a word in
+text is its id, as for seqio. BART's mask (<extra_id_0>) is returned as
+`mask_token_id` but not declared as the tokenizer's `mask_token`, which would
+make it special and split in text.
 
 Where the Hugging Face tokenizer and ours differ by construction:
-  * decoding a sentinel id: seqio's sentinel pieces are `▁<extra_id_N>`, so our
-    decode puts a space before a sentinel that follows other text; the
-    Hugging Face token is `<extra_id_N>` and decodes with no space;
-  * decoding pad / eos / unk: ours drops pad and eos and writes unk as ` ⁇ `;
-    Hugging Face writes `<pad>`, `</s>`, `<unk>` (or drops all three with
-    `skip_special_tokens=True`);
-  * the literal strings `<pad>`, `</s>`, `<unk>` (and `<extra_id_N>` not
-    preceded by whitespace) in input text: Hugging Face matches added tokens
-    anywhere, SentencePiece encodes these as characters (a sentinel only where
-    it starts a word);
-  * WordPiece: our encoder (tensorflow_text) lower-cases with ICU's NFKC case
-    folding, BERT's normaliser with plain lower-casing, so text whose case
-    folding differs from its lower case (`ß`, ligatures, full-width letters)
-    can get other ids; decode joins `##` pieces in both, but Hugging Face also
-    drops `[CLS]`/`[SEP]`/`[MASK]`... only with `skip_special_tokens=True`.
+  * decoding: seqio stops at the first EOS, drops pad and writes unk as
+    ` ⁇ `; Hugging Face writes `<pad>`, `</s>`, `<unk>`, or drops them with
+    `skip_special_tokens=True` (then, up to EOS, the texts are equal);
+  * a sentinel written in text not as a word (`a<extra_id_0>`), or with runs
+    of spaces around it: SentencePiece matches `▁<extra_id_N>` only at a word
+    start and keeps the other spaces, Hugging Face matches anywhere and takes
+    the spaces around it;
+  * a user's Unigram model without byte fallback: where a literal `<unk>`
+    (`</s>`, `<pad>`) in text has a character the model lacks, the Unigram of
+    `tokenizers` takes the control piece, SentencePiece unk and the rest;
+  * WordPiece: ours (tensorflow_text) lower-cases with ICU's NFKC case
+    folding and splits at vertical tab / form feed; BERT's normaliser
+    lower-cases (`ß`, ligatures, full-width and mathematical letters differ)
+    and deletes those two as control characters. Its decoder also attaches
+    `.`, `,`, `!`, `?` to the word before.
 """
 
 import json
@@ -190,7 +200,7 @@ def sentencepiece_tokenizer(proto, sentinels) -> tokenizers.Tokenizer:
 
   Args:
     proto: a SentencePiece ModelProto (unigram or BPE), without sentinels.
-    sentinels: [(token, id)] added as special tokens after the pieces.
+    sentinels: [(token, id)] added as (not special) tokens after the pieces.
   """
   trainer, pieces = proto.trainer_spec, proto.pieces
   byte_fallback = trainer.byte_fallback
