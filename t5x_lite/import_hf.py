@@ -69,7 +69,7 @@ def import_hf(hf_dir: str, output_dir: str, dtype: str = 'float32') -> str:
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
     ckptr.save(ckpt_dir, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-  text = hf.gin_text(model)
+  text = hf.gin_text(model) + seqio_ids_gin(model.config)
   tokenizer = ''
   if tokenizer_files:
     tokenizer_dir = os.path.join(output_dir, 'tokenizer')
@@ -85,6 +85,25 @@ def import_hf(hf_dir: str, output_dir: str, dtype: str = 'float32') -> str:
   return (f'imported {type(model).__name__} ({type(model.config).__name__}, '
           f'{count:,} params, {dtype}) from {hf_dir}: checkpoint {ckpt_dir}'
           f'{tokenizer}, gin {gin_path}')
+
+
+# The ids every seqio pipeline feeds a model: padding 0 and decoder inputs
+# that start with 0 (feature converters' make_autoregressive_inputs).
+SEQIO_IDS = {'pad_id': 0, 'decoder_start_id': 0}
+
+
+def seqio_ids_gin(config) -> str:
+  """Gin lines (after a model's `gin_text`) that rebind the config's padding
+  and decoder-start ids to seqio's 0 where the Hugging Face config has others
+  (BART: pad 1, start 2), so that a run's masks and generation match its data;
+  '' where they already agree."""
+  changed = {k: v for k, v in SEQIO_IDS.items() if getattr(config, k, v) != v}
+  if not changed:
+    return ''
+  name = f'{type(config).__module__.rsplit(".", 1)[1]}.{type(config).__name__}'
+  return ('\n# seqio pipelines pad with 0 and start decoder inputs with 0 (the values '
+          'above are Hugging Face\'s).\n' +
+          ''.join(f'{name}.{k} = {v!r}\n' for k, v in changed.items()))
 
 
 def vocabulary_gin(tokenizer_dir: str) -> str:

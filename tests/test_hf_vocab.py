@@ -188,6 +188,11 @@ def test_special_ids_and_size(pair):
   assert ours.bos_id == auto.bos_token_id
   assert ours.hf_pad_id == auto.pad_token_id
   assert ours.zero_is_text == name.startswith('gpt2')
+  for role in ('cls', 'sep', 'mask'):  # for BERT's objectives and BART's noise
+    expected = getattr(auto, f'{role}_token_id')
+    assert getattr(ours, f'{role}_id', None) == expected, role
+    assert hasattr(ours, f'{role}_id') == (expected is not None)
+  assert ours.special_ids == sorted(auto.all_special_ids)
   assert ours == hf_vocab.HfTokenizerVocabulary(ours.directory)
   # Special tokens in the text are matched whole, as transformers does.
   line = f'a {auto.unk_token} b {auto.mask_token or ""}  c{auto.eos_token}d'
@@ -331,3 +336,33 @@ TRAIN_STEPS = 2
   assert abs(rows[0]['loss'] - np.log(len(auto))) < 1.0, rows[0]
   operative = (model_dir / 'config.gin').read_text()
   assert 'hf_vocabulary' in operative and str(out / 'tokenizer') in operative
+
+
+def test_import_hf_bart_gin_speaks_seqio(tokenizer_dirs, tmp_path):
+  """An imported BART's model.gin: its tokenizer as the vocabulary, and
+  seqio's padding and decoder start (0) in place of Hugging Face's 1 and 2."""
+  auto = transformers.AutoTokenizer.from_pretrained(tokenizer_dirs['bart_vocab_merges'])
+  config = transformers.BartConfig(
+      vocab_size=len(auto), d_model=16, encoder_layers=1, decoder_layers=1,
+      encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+      decoder_ffn_dim=32, max_position_embeddings=32)
+  assert (config.pad_token_id, config.decoder_start_token_id) == (1, 2)
+  hf_dir, out = tmp_path / 'hf', tmp_path / 'imported'
+  transformers.BartForConditionalGeneration(config).save_pretrained(hf_dir)
+  for name in os.listdir(tokenizer_dirs['bart_vocab_merges']):  # the files, not tokenizer.json
+    shutil.copy(os.path.join(tokenizer_dirs['bart_vocab_merges'], name), hf_dir)
+  import_hf.import_hf(str(hf_dir), str(out))
+  assert set(os.listdir(out / 'tokenizer')) == {'vocab.json', 'merges.txt',
+                                                'tokenizer_config.json'}
+  gin.clear_config(clear_constants=True)
+  try:
+    gin.parse_config_file(str(out / 'model.gin'))
+    model = gin.query_parameter('%MODEL').scoped_configurable_fn()
+    imported = gin.query_parameter('%VOCABULARY').scoped_configurable_fn()
+  finally:
+    gin.clear_config(clear_constants=True)
+  assert (model.config.pad_id, model.config.decoder_start_id) == (0, 0)
+  assert model.config.vocab_size == imported.vocab_size == len(auto)
+  assert (imported.eos_id, imported.mask_id) == (auto.eos_token_id, auto.mask_token_id)
+  line = 'A <mask> in the middle, and  spaces.'
+  assert list(imported.encode(line)) == auto(line, add_special_tokens=False)['input_ids']

@@ -22,7 +22,9 @@ EOS, so EOS, padding and other special tokens do not reach the text.
 Ids: `vocab_size` is the tokenizer's full size, added tokens included (no
 extra ids on top). `eos_id` is the id of `eos_token`, or of `sep_token` for
 tokenizers without one (BERT's [SEP]); `unk_id` that of `unk_token`; `bos_id`
-that of `bos_token` (None where a token is not set).
+that of `bos_token` (None where a token is not set). `cls_id`, `sep_id`,
+`mask_id` and `special_ids`, which BERT's objectives and BART's noise use,
+exist where the tokenizer sets those tokens.
 
 Padding. seqio and every feature converter pad with id 0 and take id 0 for
 padding: loss weights are `targets != 0`, the models' attention masks treat
@@ -222,6 +224,23 @@ class HfTokenizerVocabulary(seqio.Vocabulary):
   @property
   def bos_id(self) -> Optional[int]:
     return self._role_ids.get('bos_token')
+
+  def _role_id(self, role: str) -> int:
+    token_id = self._role_ids.get(role)
+    if token_id is None:  # so hasattr() is False, as for vocabularies without it
+      raise AttributeError(f'{self!r} has no {role}')
+    return token_id
+
+  # The ids BERT's objectives and BART's noise ask a vocabulary for (absent
+  # attributes where the tokenizer does not set the token).
+  cls_id = property(lambda self: self._role_id('cls_token'))
+  sep_id = property(lambda self: self._role_id('sep_token'))
+  mask_id = property(lambda self: self._role_id('mask_token'))
+
+  @property
+  def special_ids(self) -> list[int]:
+    """Ids of every special token (never masked by BERT's MLM)."""
+    return sorted(self._special_ids)
 
   @property
   def hf_pad_id(self) -> Optional[int]:
