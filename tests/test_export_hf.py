@@ -20,7 +20,9 @@ from t5x_lite import export_hf
 from t5x_lite import hf
 from t5x_lite import train as train_module
 from t5x_lite.errors import UserError
+from t5x_lite.data import vocab
 from t5x_lite.models import classification
+from t5x_lite.models import encoder_decoder
 from t5x_lite.data import wordpiece
 
 import families
@@ -154,11 +156,16 @@ def test_export_round_trips_bit_exactly(exported):
 
 
 def test_exported_tokenizer_gives_our_ids(exported):
+  """transformers' tokenizer, and ours reading the export back (hf_vocabulary)."""
   _, _, _, vocabulary, out = exported
   tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+  back = vocab.hf_vocabulary(out)
   for text in HELD_OUT:
-    assert tokenizer(text, add_special_tokens=False)['input_ids'] == list(
-        vocabulary.encode(text)), text
+    ids = list(vocabulary.encode(text))
+    assert tokenizer(text, add_special_tokens=False)['input_ids'] == ids, text
+    assert list(back.encode(text)) == ids, text
+  assert back.unk_id == vocabulary.unk_id
+  assert vocabulary.eos_id is None or back.eos_id == vocabulary.eos_id  # WordPiece has none
 
 
 def test_greedy_generation_equals_ours(exported):
@@ -217,6 +224,26 @@ def test_bert_classifier_exports_with_its_labels(tmp_path):
   np.testing.assert_allclose(np.asarray(model.logits(params, batch)), theirs, atol=1e-5)
   _, back = hf.load(str(out))
   jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
+
+
+def test_t5_v1_0_exports_tied_and_rescaled(tmp_path):
+  """T5 v1.0: ReLU MLP, the LM head tied to the embedding, decoder output * d**-0.5."""
+  vocabulary = vocab.embedded_vocabulary()
+  config = families.config('t5', vocab_size=vocabulary.vocab_size, mlp_activations=('relu',),
+                           logits_via_embedding=True)
+  model = encoder_decoder.EncoderDecoderModel(config)
+  batch = model.dummy_batch(2, 10, 6)
+  params = jax.tree_util.tree_map(
+      np.asarray, nn.unbox(model.init(jax.random.key(1), batch))['params'])
+  rng = np.random.default_rng(1)
+  batch = {k: rng.integers(3, 500, v.shape).astype(np.int32) for k, v in batch.items()}
+  batch['encoder_input_tokens'][1, 6:] = 0
+  export_hf.export(model, params, vocabulary, str(tmp_path / 'v1_0'))
+  hf_model = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / 'v1_0').eval()
+  assert hf_model.config.scale_decoder_outputs and hf_model.config.feed_forward_proj == 'relu'
+  assert hf_model.lm_head.weight.data_ptr() == hf_model.shared.weight.data_ptr()
+  np.testing.assert_allclose(np.asarray(model.logits(params, batch)),
+                             _hf_logits('t5', hf_model, batch), atol=1e-4, rtol=0)
 
 
 def test_unsupported_model_is_one_clear_error(tmp_path):
