@@ -248,6 +248,24 @@ def test_wordpiece_ids(exports, wordpiece_held_out):
   assert _count_equal('wordpiece-bert', ours, folded, 'normalised as tensorflow_text does') == len(texts)
 
 
+def test_cased_wordpiece_ids(tmp_path, wordpiece_held_out):
+  """do_lower_case=False: equal except at vertical tab / form feed and, cased
+  only, format characters (zero-width joiner ...): tensorflow_text splits
+  there, BERT's normaliser deletes them."""
+  cased = wordpiece.WordPieceVocabulary(wordpiece.EMBEDDED_WORDPIECE_PATH, lower_case=False)
+  _, tok = _export(cased, tmp_path, 'bert')
+  assert not tok.do_lower_case
+  texts = wordpiece_held_out[0]
+  ours = _ours(cased, texts)
+  theirs = tok(texts, add_special_tokens=False)['input_ids']
+  equal = _count_equal('cased wordpiece-bert', ours, theirs, 'WikiText-2 test + hand-written')
+  assert equal >= len(texts) - 3
+  split = [''.join(' ' if c in '\x0b\x0c' or unicodedata.category(c) == 'Cf' else c for c in t)
+           for t in texts]
+  theirs = tok(split, add_special_tokens=False)['input_ids']
+  assert _count_equal('cased wordpiece-bert', ours, theirs, 'split as tensorflow_text does') == len(texts)
+
+
 def test_wordpiece_decode_and_special_ids(exports, wordpiece_held_out):
   """Decode: HF's WordPiece decoder also attaches . , ! ? to the word before."""
   vocabulary, ids, tok = exports['wordpiece-bert']

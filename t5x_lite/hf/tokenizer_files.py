@@ -58,8 +58,10 @@ Where the Hugging Face tokenizer and ours differ by construction:
   * WordPiece: ours (tensorflow_text) lower-cases with ICU's NFKC case
     folding and splits at vertical tab / form feed; BERT's normaliser
     lower-cases (`ß`, ligatures, full-width and mathematical letters differ)
-    and deletes those two as control characters. Its decoder also attaches
-    `.`, `,`, `!`, `?` to the word before.
+    and deletes those two as control characters (cased vocabularies also
+    differ at format characters such as the zero-width joiner, where
+    tensorflow_text splits and BERT deletes). Its decoder also attaches `.`,
+    `,`, `!`, `?` to the word before.
 """
 
 import json
