@@ -13,7 +13,7 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from conftest import main_in_process, read_metrics, require, require_shared_data
+from conftest import REPO, main_in_process, read_metrics, require, require_shared_data
 from t5x_lite import import_hf
 from t5x_lite import train as train_lib
 from t5x_lite.data import hf_vocab
@@ -366,3 +366,19 @@ def test_import_hf_bart_gin_speaks_seqio(tokenizer_dirs, tmp_path):
   assert (imported.eos_id, imported.mask_id) == (auto.eos_token_id, auto.mask_token_id)
   line = 'A <mask> in the middle, and  spaces.'
   assert list(imported.encode(line)) == auto(line, add_special_tokens=False)['input_ids']
+
+
+def test_readme_binding(tokenizer_dirs):
+  """The README's VOCABULARY lines, with a real directory, give the vocabulary."""
+  with open(os.path.join(REPO, 'README.md'), encoding='utf-8') as f:
+    text = f.read()
+  snippet = text.split('`model.gin` ends with', 1)[1].split('```', 2)[1]
+  directory = tokenizer_dirs['bert_wordpiece']
+  snippet = snippet.replace('/abs/path/OUT/tokenizer', directory)
+  gin.clear_config(clear_constants=True)
+  try:
+    gin.parse_config('from __gin__ import dynamic_registration\n' + snippet)
+    vocabulary = gin.query_parameter('%VOCABULARY').scoped_configurable_fn()
+  finally:
+    gin.clear_config(clear_constants=True)
+  assert vocabulary is vocab_lib.hf_vocabulary(directory)
