@@ -250,11 +250,9 @@ def _save_sentencepiece(vocabulary, directory, model_type):
   pad, eos, unk = (_piece_or_none(proto, i) for i in (trainer.pad_id, trainer.eos_id, trainer.unk_id))
   bos = _piece_or_none(proto, trainer.bos_id)
   tokenizer = sentencepiece_tokenizer(proto, sentinels)
-  if eos is not None:  # T5 and BART inputs end with EOS, as our pipelines' do
-    if model_type in ('t5', 'bart'):
-      tokenizer.post_processor = processors.TemplateProcessing(
-          single=['$A', eos], pair=['$A', eos, '$B', eos],
-          special_tokens=[(eos, trainer.eos_id)])
+  if eos is not None and model_type in ('t5', 'bart'):  # inputs end with EOS, as ours do
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=['$A', eos], pair=['$A', eos, '$B', eos], special_tokens=[(eos, trainer.eos_id)])
   tokenizer.save(os.path.join(directory, 'tokenizer.json'))
   with open(os.path.join(directory, 'spiece.model'), 'wb') as f:
     f.write(proto.SerializeToString())
@@ -273,7 +271,7 @@ def _save_sentencepiece(vocabulary, directory, model_type):
     ids['decoder_start_token_id'] = 0
   if model_type == 'bart' and sentinel_tokens:
     # BART's [MASK] is <extra_id_0> in our pipelines. It is not declared as
-    # the tokenizer's mask_token: a special token is split in text (above).
+    # the tokenizer's mask_token: special tokens in text are split (see save).
     ids['mask_token_id'] = dict(sentinels)[sentinel_tokens[0]]
   return ids, config
 
