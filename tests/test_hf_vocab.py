@@ -250,6 +250,22 @@ def test_id_zero_collision_as_documented(tokenizer_dirs):
     assert other.decode(list(other.encode('ok')) + [0, 0]) == other.decode(other.encode('ok'))
 
 
+def test_saved_truncation_and_padding_ignored(tokenizer_dirs, tmp_path):
+  """A tokenizer.json saved with truncation and padding on (as some are):
+  neither applies, as in transformers without truncation= / padding=."""
+  tok = tokenizers.Tokenizer.from_file(
+      os.path.join(tokenizer_dirs['sentencepiece_unigram'], 'tokenizer.json'))
+  tok.enable_truncation(max_length=4)
+  tok.enable_padding(length=64, pad_id=0, pad_token='<pad>')
+  shutil.copytree(tokenizer_dirs['sentencepiece_unigram'], tmp_path / 'tok')
+  tok.save(str(tmp_path / 'tok' / 'tokenizer.json'))
+  ours = hf_vocab.HfTokenizerVocabulary(tmp_path / 'tok')
+  auto = transformers.AutoTokenizer.from_pretrained(tmp_path / 'tok')
+  line = HAND_WRITTEN[2]
+  ids = auto(line, add_special_tokens=False)['input_ids']
+  assert 4 < len(ids) < 64 and list(ours.encode(line)) == ids
+
+
 def test_hf_vocabulary_cached_and_errors(tokenizer_dirs, tmp_path):
   directory = tokenizer_dirs['sentencepiece_unigram']
   same = os.path.join(directory, '..', os.path.basename(directory))

@@ -157,6 +157,10 @@ class HfTokenizerVocabulary(seqio.Vocabulary):
     else:
       tokenizer = _byte_level_bpe(path(VOCAB_JSON), path(MERGES_TXT),
                                   bool(config.get('add_prefix_space', False)))
+    # A saved tokenizer.json may truncate or pad; transformers does neither
+    # unless asked, and seqio trims and pads itself.
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
     # Added tokens the config declares, in id order (they may be new to the model).
     declared = sorted(((int(i), e) for i, e in
                        (config.get('added_tokens_decoder') or {}).items()),
