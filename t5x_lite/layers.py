@@ -247,8 +247,10 @@ def _cache_write(buffer: Array, new: Array, index: Array, axis: int) -> Array:
 
 
 class _Weights(nn.Module):
-  """One projection's `kernel` [in, out] and, with `use_bias`, `bias` [out],
-  cast to `dtype`; so attention params read `query/kernel`, `query/bias`."""
+  """One projection's `kernel` [in, out...] and, with `use_bias`, `bias`
+  [out...], cast to `dtype`; so attention params read `query/kernel`,
+  `query/bias`. A kernel with several output axes is initialised as the 2D
+  [in, prod(out)] matrix (as DenseGeneral's), so initialisers see its fans."""
   shape: Sequence[int]
   axes: Sequence[str]
   init: Initializer
@@ -259,12 +261,16 @@ class _Weights(nn.Module):
   @nn.compact
   def __call__(self):
     param_dtype, dtype = canonicalize_dtype(self.param_dtype), canonicalize_dtype(self.dtype)
-    kernel = self.param('kernel', nn.with_logical_partitioning(self.init, tuple(self.axes)),
+    def init_2d(rng, shape, dtype):
+      return self.init(rng, (shape[0], int(np.prod(shape[1:]))), dtype).reshape(shape)
+
+    init = init_2d if len(self.shape) > 2 else self.init
+    kernel = self.param('kernel', nn.with_logical_partitioning(init, tuple(self.axes)),
                         tuple(self.shape), param_dtype).astype(dtype)
     if not self.use_bias:
       return kernel, None
     bias = self.param('bias', nn.with_logical_partitioning(
-        nn.initializers.zeros, tuple(self.axes[-1:])), self.shape[-1:], param_dtype)
+        nn.initializers.zeros, tuple(self.axes[1:])), tuple(self.shape[1:]), param_dtype)
     return kernel, bias.astype(dtype)
 
 
@@ -291,8 +297,9 @@ class Attention(nn.Module):
 
   Llama-style options (off by default): `num_kv_heads` K < N gives
   grouped-query attention, keys and values (and the KV cache) with K heads,
-  each shared by N/K query heads: `{key,value}/kernel` [D, K*H] ('embed',
-  'kv_heads'). `rope_theta` rotates queries and keys by their positions
+  each shared by N/K query heads: `{key,value}/kernel` [D, K, H] ('embed',
+  'kv_heads', 'kv'), biases [K, H], the heads an axis of their own so that
+  the rules can shard them where the mesh divides K. `rope_theta` rotates queries and keys by their positions
   (`apply_rope`, with `rope_scaling`). `out_bias` False leaves `out` unbiased
   while `use_bias` biases the query, key and value projections (Qwen2).
   """
@@ -360,16 +367,18 @@ class Attention(nn.Module):
     if inv_freq is not None:
       q = apply_rope(q, positions, inv_freq, 'BTNH')
     q = named(q, 'BTNH')
+    kv_shape = (d, n * h)
     if self.num_kv_heads is not None:  # grouped: K key / value heads
-      layout, in_axes = layout.replace('N', 'K'), ('embed', 'kv_heads')
+      layout, in_axes = layout.replace('N', 'K'), ('embed', 'kv_heads', 'kv')
+      kv_shape = (d, kv_heads, h)
     if cache == 'cross' and self.has_variable('cache', 'cached_key'):
       k = self.get_variable('cache', 'cached_key')
       v = self.get_variable('cache', 'cached_value')
     else:
       x = inputs_kv.astype(dtype)
       kh, letter = kv_heads, 'K' if self.num_kv_heads is not None else 'N'
-      wk, bk = self._weights('key', (d, kh * h), in_axes, kernel_init)
-      wv, bv = self._weights('value', (d, kh * h), in_axes, kernel_init)
+      wk, bk = self._weights('key', kv_shape, in_axes, kernel_init)
+      wv, bv = self._weights('value', kv_shape, in_axes, kernel_init)
       k = ops.einsum(f'BSD,D{letter}H->{layout}', x, wk.reshape(d, kh, h))
       v = ops.einsum(f'BSD,D{letter}H->{layout}', x, wv.reshape(d, kh, h))
       k = k + _heads_bias(bk, layout.replace('K', 'N'), kh, h)

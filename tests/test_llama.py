@@ -2,6 +2,8 @@
 
 Random small HF models are built here (no downloads); logits, losses and greedy
 generation are compared, and the published configs' parameter counts checked.
+Sharding of the key / value heads on 8 fake devices:
+tests/multidevice/test_llama_kv_heads.py.
 """
 
 import dataclasses
@@ -267,3 +269,4 @@ def test_published_configs_param_counts(name):
                                  **{k: getattr(model.config, k) for k in (
                                      'dtype', 'param_dtype', 'scan_layers')})
   assert model.config == expected
+

@@ -6,7 +6,8 @@ them; the leading `model.` is optional, so a bare `LlamaModel` state dict
 works too (its LM head then must be tied). torch's Linear weights are
 [out, in], ours [in, out], so every projection is transposed; the query and
 key rows are in HF's "rotate half" order, which `t5x_lite.rotary` uses, so
-nothing is permuted. `rotary_emb.inv_freq` buffers of older checkpoints are
+nothing is permuted; our key and value kernels [D, K, H] are HF's [K*H, D]
+transposed and split by head. `rotary_emb.inv_freq` buffers of older checkpoints are
 ignored (the frequencies come from the config).
 
 Configs are read in both spellings: transformers 5's `rope_parameters`
@@ -164,7 +165,7 @@ def _layer_map(i: int) -> dict:
 
 
 def _shapes(config: LlamaConfig) -> dict:
-  """Our kernel shape [in, out] per module name."""
+  """HF's [in, out] per module name (our key / value kernels are [D, K, H])."""
   d, f = config.emb_dim, config.mlp_dim
   q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
   return {'query': (d, q), 'key': (d, kv), 'value': (d, kv), 'out': (q, d),
@@ -185,6 +186,7 @@ def from_hf_state_dict(state_dict: Mapping[str, Any], config: LlamaConfig) -> di
   params = {'token_embedder': {'embedding': get('embed_tokens.weight', (v, d))},
             'decoder': {'decoder_norm': {'scale': get('norm.weight', (d,))}}}
   shapes = _shapes(config)
+  heads = (config.num_kv_heads, config.head_dim)  # the key / value kernels' [K, H]
   for i in range(config.num_layers):
     for path, hf in _layer_map(i).items():
       name = path[-1]
@@ -192,9 +194,10 @@ def from_hf_state_dict(state_dict: Mapping[str, Any], config: LlamaConfig) -> di
         tree.set_path(params, path, {'scale': get(f'{hf}.weight', (d,))})
         continue
       n_in, n_out = shapes[name]
-      leaves = {'kernel': get(f'{hf}.weight', (n_out, n_in)).T}
+      out_dims = heads if name in ('key', 'value') else (n_out,)
+      leaves = {'kernel': get(f'{hf}.weight', (n_out, n_in)).T.reshape((n_in,) + out_dims)}
       if config.qkv_bias and name in ('query', 'key', 'value'):
-        leaves['bias'] = get(f'{hf}.bias', (n_out,))
+        leaves['bias'] = get(f'{hf}.bias', (n_out,)).reshape(out_dims)
       tree.set_path(params, path, leaves)
   if config.tie_word_embeddings:
     if 'lm_head.weight' in sd and not np.array_equal(
@@ -217,9 +220,11 @@ def to_hf_state_dict(params, config: LlamaConfig) -> dict:
       if path[-1] not in shapes:
         sd[f'model.{hf}.weight'] = p[path + ('scale',)]
         continue
-      sd[f'model.{hf}.weight'] = np.ascontiguousarray(p[path + ('kernel',)].T)
+      n_in, n_out = shapes[path[-1]]
+      sd[f'model.{hf}.weight'] = np.ascontiguousarray(
+          p[path + ('kernel',)].reshape(n_in, n_out).T)
       if path + ('bias',) in p:
-        sd[f'model.{hf}.bias'] = p[path + ('bias',)]
+        sd[f'model.{hf}.bias'] = p[path + ('bias',)].reshape(n_out)
   sd['lm_head.weight'] = (sd['model.embed_tokens.weight'] if config.tie_word_embeddings
                           else np.ascontiguousarray(p[('logits_dense', 'kernel')].T))
   return sd

@@ -16,8 +16,9 @@ Parameter tree (T5X decoder-only names; kernels are [in, out]):
   decoder/layers_{i}/pre_self_attention_layer_norm/scale          [D] (embed)
   decoder/layers_{i}/self_attention/query/kernel  [D, N*H] (embed, joined_kv)
   decoder/layers_{i}/self_attention/{key,value}/kernel
-                                                  [D, K*H] (embed, kv_heads)
-  decoder/layers_{i}/self_attention/{query,key,value}/bias   qkv_bias only
+                                           [D, K, H] (embed, kv_heads, kv)
+  decoder/layers_{i}/self_attention/{query,key,value}/bias
+                                  [N*H] / [K, H] (qkv_bias only, Qwen2)
   decoder/layers_{i}/self_attention/out/kernel    [N*H, D] (joined_kv, embed)
   decoder/layers_{i}/pre_mlp_layer_norm/scale
   decoder/layers_{i}/mlp/{wi_0,wi_1}/kernel [D, F] (embed, mlp): gate, up
