@@ -270,3 +270,57 @@ def test_published_configs_param_counts(name):
                                      'dtype', 'param_dtype', 'scan_layers')})
   assert model.config == expected
 
+
+
+def test_sliding_window_mask_by_hand():
+  """Window 2: each query sees itself and the one position before it."""
+  from t5x_lite import layers
+  positions = np.arange(4)[None]
+  mask = layers.make_attention_mask(None, None, causal=True, query_positions=positions,
+                                    key_positions=positions, sliding_window=2)
+  expected = [[1, 0, 0, 0],
+              [1, 1, 0, 0],
+              [0, 1, 1, 0],
+              [0, 0, 1, 1]]
+  np.testing.assert_array_equal(np.asarray(mask)[0, 0], np.array(expected, bool))
+
+
+def test_prefix_lm_attention_and_decoding():
+  """Bidirectional over the prefix, causal after it; a prefix-LM prompt
+  decodes (KV cache) to the argmax of the teacher-forced logits."""
+  cfg = llama.LlamaConfig(**{**SMALL, 'num_kv_heads': 2})
+  model = llama.LlamaModel(cfg)
+  ids = np.random.default_rng(4).integers(1, cfg.vocab_size, (1, 10)).astype(np.int32)
+  params = nn.unbox(model.init(jax.random.key(0), {'decoder_input_tokens': ids,
+                                                   'decoder_target_tokens': ids}))['params']
+  params = jax.tree_util.tree_map(lambda x: x * 3, params)  # logits far from flat
+  prefix = np.zeros_like(ids)
+  prefix[0, :5] = 1  # BOS and 4 prompt tokens
+  ids[0, 0] = 0
+  logits = jax.jit(model.logits)
+
+  def changed(position, causal_attention):
+    other = ids.copy()
+    other[0, position] = other[0, position] % (cfg.vocab_size - 1) + 1
+    batch = dict(decoder_input_tokens=ids, decoder_target_tokens=np.ones_like(ids))
+    if causal_attention is not None:
+      batch['decoder_causal_attention'] = causal_attention
+    before = np.asarray(logits(params, batch))
+    after = np.asarray(logits(params, dict(batch, decoder_input_tokens=other)))
+    return (before != after).any(-1)[0]  # [L] positions that changed (masked keys add 0)
+
+  np.testing.assert_array_equal(changed(3, prefix), [1] * 10)  # the prefix sees it both ways
+  np.testing.assert_array_equal(changed(3, None), [0] * 3 + [1] * 7)  # causal: later only
+  np.testing.assert_array_equal(changed(7, prefix), [0] * 7 + [1] * 3)
+
+  steps = 5
+  prompt = np.where(prefix > 0, ids, 0)
+  tokens, _ = model.predict_batch(params, {'decoder_input_tokens': prompt,
+                                           'decoder_causal_attention': prefix},
+                                  max_decode_length=steps, eos_id=cfg.vocab_size)
+  full = np.concatenate([ids[:, :5], np.asarray(tokens)], axis=1)
+  causal_attention = np.pad(prefix[:, :5], ((0, 0), (0, steps)))
+  forced = np.asarray(logits(params, dict(decoder_input_tokens=full,
+                                          decoder_target_tokens=np.ones_like(full),
+                                          decoder_causal_attention=causal_attention)))
+  np.testing.assert_array_equal(forced[0, 4:-1].argmax(-1), np.asarray(tokens)[0])
