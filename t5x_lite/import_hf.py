@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import seqio
 
 from t5x_lite import checkpoints
 from t5x_lite import hf
@@ -77,6 +78,8 @@ def import_hf(hf_dir: str, output_dir: str, dtype: str = 'float32') -> str:
     for name in tokenizer_files:
       shutil.copyfile(os.path.join(hf_dir, name), os.path.join(tokenizer_dir, name))
     text += vocabulary_gin(tokenizer_dir)
+    if vocabulary.zero_is_text and model.FEATURE_CONVERTER_CLS is seqio.DecoderFeatureConverter:
+      text += zero_is_text_gin(model)
     tokenizer = f', tokenizer {tokenizer_dir} ({vocabulary.vocab_size:,} ids)'
   with open(gin_path, 'w') as f:
     f.write(f'# Imported from {hf_dir} by t5x_lite.import_hf.\n')
@@ -104,6 +107,16 @@ def seqio_ids_gin(config) -> str:
   return ('\n# seqio pipelines pad with 0 and start decoder inputs with 0 (the values '
           'above are Hugging Face\'s).\n' +
           ''.join(f'{name}.{k} = {v!r}\n' for k, v in changed.items()))
+
+
+def zero_is_text_gin(model) -> str:
+  """Gin lines giving a decoder-only model the feature converter for a
+  tokenizer whose id 0 is a token (GPT-2's '!'; see `hf_vocab`)."""
+  name = f'{type(model).__module__.rsplit(".", 1)[1]}.{type(model).__name__}'
+  return ("\n# Id 0 is a token of this tokenizer (GPT-2's '!'), not padding: a converter that\n"
+          '# tells the two apart (seqio\'s takes every 0 for padding).\n'
+          'from t5x_lite.data import hf_vocab\n'
+          f'{name}.feature_converter_cls = @hf_vocab.ZeroIsTextDecoderFeatureConverter\n')
 
 
 def vocabulary_gin(tokenizer_dir: str) -> str:

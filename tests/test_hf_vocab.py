@@ -14,6 +14,7 @@ import seqio
 import tensorflow as tf
 
 from conftest import REPO, main_in_process, read_metrics, require, require_shared_data
+from t5x_lite import hf
 from t5x_lite import import_hf
 from t5x_lite import train as train_lib
 from t5x_lite.data import hf_vocab
@@ -250,6 +251,68 @@ def test_id_zero_collision_as_documented(tokenizer_dirs):
     assert other.decode(list(other.encode('ok')) + [0, 0]) == other.decode(other.encode('ok'))
 
 
+def _converted(converter, examples, lengths):
+  """All of `converter`'s output for 'targets' examples, stacked."""
+  ds = tf.data.Dataset.from_generator(
+      lambda: ({'targets': np.asarray(ids, np.int32)} for ids in examples),
+      output_signature={'targets': tf.TensorSpec([None], tf.int32)})
+  rows = list(converter(ds, lengths).as_numpy_iterator())
+  return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+
+
+def test_zero_is_text_converter(tokenizer_dirs, tmp_path):
+  """With GPT-2's '!' = 0, the converter import_hf binds gives the loss
+  weights and attention of the real tokens, and our logits on its batch equal
+  transformers' GPT-2 with the matching attention_mask."""
+  ours = vocab_lib.hf_vocabulary(tokenizer_dirs['gpt2_tokenizer_json'])
+  lines = ['Wow! ok', 'Hello world!! Yes!', 'no marks here', '!']
+  examples = [list(ours.encode(line)) + [ours.eos_id] for line in lines]
+  assert sum(ids.count(0) for ids in examples) >= 5
+  converter = hf_vocab.ZeroIsTextDecoderFeatureConverter
+  length = 16
+  got = _converted(converter(pack=False), examples, {'targets': length})
+  assert set(got) == {'decoder_target_tokens', 'decoder_input_tokens',
+                      'decoder_loss_weights', 'decoder_attention_mask'}
+  assert set(got) == set(converter(pack=False).get_model_feature_lengths({'targets': length}))
+  for i, ids in enumerate(examples):  # by hand: the ids, then padding
+    pad = [0] * (length - len(ids))
+    real = [1] * len(ids) + pad
+    assert got['decoder_target_tokens'][i].tolist() == ids + pad
+    assert got['decoder_input_tokens'][i].tolist() == ([0] + ids + pad)[:length]  # shifted right
+    assert got['decoder_loss_weights'][i].tolist() == real
+    assert got['decoder_attention_mask'][i].tolist() == real
+  # Packed: segment ids and positions as seqio packs the same lengths with no 0 in them.
+  packed = _converted(converter(pack=True), examples, {'targets': 24})
+  proxy = [[i or 7 for i in ids] for ids in examples]
+  reference = _converted(seqio.DecoderFeatureConverter(pack=True), proxy, {'targets': 24})
+  for k in ('decoder_segment_ids', 'decoder_positions', 'decoder_loss_weights'):
+    np.testing.assert_array_equal(packed[k], reference[k], err_msg=k)
+  np.testing.assert_array_equal(packed['decoder_attention_mask'],
+                                packed['decoder_segment_ids'] > 0)
+  real = packed['decoder_segment_ids'] > 0
+  assert packed['decoder_target_tokens'][real].tolist() == sum(examples, [])
+
+  # The model: a tiny GPT-2 through hf.load, against transformers.
+  config = transformers.GPT2Config(vocab_size=ours.vocab_size, n_positions=32, n_embd=32,
+                                   n_layer=2, n_head=4)
+  config._attn_implementation = 'eager'  # pylint: disable=protected-access
+  torch.manual_seed(0)
+  hf_model = transformers.GPT2LMHeadModel(config).eval()
+  hf_model.save_pretrained(tmp_path)
+  model, params = hf.load(str(tmp_path))
+  with torch.no_grad():
+    theirs = hf_model(input_ids=torch.from_numpy(got['decoder_input_tokens']).long(),
+                      attention_mask=torch.from_numpy(got['decoder_attention_mask']).long()
+                      ).logits.numpy()
+  valid = got['decoder_attention_mask'] > 0
+  ours_logits = np.asarray(model.logits(params, got))
+  np.testing.assert_allclose(ours_logits[valid], theirs[valid], atol=1e-4)
+  # seqio's own converter masks the positions whose target is '!': other logits.
+  plain = _converted(seqio.DecoderFeatureConverter(pack=False), examples, {'targets': length})
+  assert (plain['decoder_loss_weights'] < got['decoder_loss_weights']).sum() >= 5
+  assert np.abs(np.asarray(model.logits(params, plain))[valid] - theirs[valid]).max() > 1e-3
+
+
 def test_saved_truncation_and_padding_ignored(tokenizer_dirs, tmp_path):
   """A tokenizer.json saved with truncation and padding on (as some are):
   neither applies, as in transformers without truncation= / padding=."""
@@ -306,10 +369,12 @@ def test_import_hf_gpt2_trains_with_its_tokenizer(tokenizer_dirs, texts, tmp_pat
   try:
     gin.parse_config_file(str(out / 'model.gin'))
     imported = gin.query_parameter('%VOCABULARY').scoped_configurable_fn()
+    model = gin.query_parameter('%MODEL').scoped_configurable_fn()
   finally:
     gin.clear_config(clear_constants=True)
   assert imported == hf_vocab.HfTokenizerVocabulary(hf_dir)
   assert imported.directory == str(out / 'tokenizer')
+  assert issubclass(model.FEATURE_CONVERTER_CLS, hf_vocab.ZeroIsTextDecoderFeatureConverter)
   line = HAND_WRITTEN[3]
   assert list(imported.encode(line)) == auto(line, add_special_tokens=False)['input_ids']
 

@@ -32,15 +32,21 @@ padding: loss weights are `targets != 0`, the models' attention masks treat
 right where id 0 is the tokenizer's padding token (BERT's [PAD], T5's <pad>)
 and harmless where it is a special token that text does not produce (BART's
 <s>: encode adds no special tokens). Where id 0 is an ordinary token, as
-GPT-2's '!' (`zero_is_text` is True), the collision cannot be undone without
-renumbering the model's embeddings, and it is not: encode gives id 0 for '!'
-exactly as Hugging Face does, and then, in a seqio pipeline,
-  - a '!' in the targets gets loss weight 0 (it is never trained on), and the
-    position that predicts it is masked from attention as padding is;
-  - decoder inputs start with id 0, which the model reads as '!';
+GPT-2's '!' (`zero_is_text` is True), the ids are not renumbered (that would
+need another embedding table): encode gives id 0 for '!' exactly as Hugging
+Face does, and then
+  - seqio's own feature converters give a '!' target loss weight 0, and the
+    model masks the position that predicts it from attention as padding.
+    `ZeroIsTextDecoderFeatureConverter` (below) gives the real tokens' loss
+    weights and a `decoder_attention_mask` instead; `import_hf` binds it for
+    an imported decoder-only model (LM and prefix-LM tasks). A run whose gin
+    binds another converter (instruction, preference, classification gins)
+    and encoder-decoder models keep seqio's reading of 0;
+  - decoder inputs start with id 0 (seqio's BOS), which the model reads as
+    '!';
   - `decode` cannot tell trailing padding from '!': it cuts at the first EOS
     (as seqio's contract says, so padding after EOS never shows), but ids
-    without an EOS decode their padding as '!!!'. `decode_tf` cuts at EOS
+    without an EOS decode their padding as '!!'. `decode_tf` cuts at EOS
     too, without seqio's substitution of 0 after it.
 Text without '!' is unaffected.
 """
@@ -343,3 +349,45 @@ class HfTokenizerVocabulary(seqio.Vocabulary):
 
   def __repr__(self):
     return f'HfTokenizerVocabulary({self._directory!r}, size={self.vocab_size})'
+
+
+class ZeroIsTextDecoderFeatureConverter:
+  """`seqio.DecoderFeatureConverter` for a vocabulary whose id 0 is a token
+  (`zero_is_text`, GPT-2's '!'): what it gives for the same text with a
+  vocabulary whose id 0 is free, plus `decoder_attention_mask`.
+
+  Every id of 'inputs' / 'targets' goes up by one before seqio's converter
+  trims, packs and pads (so only padding is 0 there) and down by one after.
+  Loss weights, segment ids, positions and prefix-LM attention are then
+  those of the real tokens, '!' included, and `decoder_attention_mask` (1 on
+  real tokens) tells the decoder model the real positions in place of
+  `decoder_target_tokens > 0`. Decoder inputs still start with 0 (BOS), as
+  in every seqio pipeline. `import_hf` binds it as an imported decoder-only
+  model's `feature_converter_cls` when its tokenizer has this collision.
+  """
+
+  TOKEN_FEATURES = ('inputs', 'targets')
+
+  def __init__(self, pack: bool = True, **kwargs):
+    self._inner = seqio.DecoderFeatureConverter(pack=pack, **kwargs)
+    self.pack = pack
+
+  def __call__(self, ds: tf.data.Dataset, task_feature_lengths) -> tf.data.Dataset:
+    def up(ex):
+      return {k: v + 1 if k in self.TOKEN_FEATURES else v for k, v in ex.items()}
+
+    def down(ex):
+      ex = dict(ex)
+      ex['decoder_attention_mask'] = tf.cast(ex['decoder_target_tokens'] > 0, tf.int32)
+      for k in ('decoder_target_tokens', 'decoder_input_tokens'):
+        ex[k] = tf.maximum(ex[k] - 1, 0)
+      return ex
+
+    ds = ds.map(up, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = self._inner(ds, task_feature_lengths)
+    return ds.map(down, num_parallel_calls=tf.data.AUTOTUNE)
+
+  def get_model_feature_lengths(self, task_feature_lengths):
+    lengths = dict(self._inner.get_model_feature_lengths(task_feature_lengths))
+    lengths['decoder_attention_mask'] = lengths['decoder_target_tokens']
+    return lengths
