@@ -324,3 +324,18 @@ def test_prefix_lm_attention_and_decoding():
                                           decoder_target_tokens=np.ones_like(full),
                                           decoder_causal_attention=causal_attention)))
   np.testing.assert_array_equal(forced[0, 4:-1].argmax(-1), np.asarray(tokens)[0])
+
+
+def test_gin_text_rebuilds_the_model():
+  """`hf.gin_text` (what import_hf writes as model.gin) gives the same model,
+  rope_scaling included."""
+  import gin
+  model = llama.LlamaModel(llama.LlamaConfig(**SMALL, **CASES['llama_gqa2_rope_scaling'][2]))
+  try:
+    gin.parse_config(t5x_lite_hf.gin_text(model))
+    rebuilt = gin.query_parameter('%MODEL').scoped_configurable_fn()
+  finally:
+    gin.clear_config()
+  assert type(rebuilt) is llama.LlamaModel
+  assert rebuilt.config == model.config
+  assert isinstance(rebuilt.config.rope_scaling, rotary.RopeScaling)

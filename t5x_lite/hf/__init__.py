@@ -92,7 +92,9 @@ def gin_text(model: Any) -> str:
            f'{model_name}.config = @{config_name}()', '']
   for field in dataclasses.fields(config):
     value = getattr(config, field.name)
-    if not isinstance(value, (bool, int, float, str, tuple, type(None))):
+    if dataclasses.is_dataclass(value):  # e.g. Llama's rope_scaling: a dict in gin
+      value = dataclasses.asdict(value)
+    elif not isinstance(value, (bool, int, float, str, tuple, type(None))):
       value = np.dtype(value).name  # a dtype object
     lines.append(f'{config_name}.{field.name} = {value!r}')
   return '\n'.join(lines) + '\n'
