@@ -339,3 +339,27 @@ def test_gin_text_rebuilds_the_model():
   assert type(rebuilt) is llama.LlamaModel
   assert rebuilt.config == model.config
   assert isinstance(rebuilt.config.rope_scaling, rotary.RopeScaling)
+
+
+def test_scanned_remat_gradients_and_dropout():
+  """scan_layers + remat give the loop's loss and gradients; dropout (also on
+  the grouped attention weights) changes the loss only when given an rng."""
+  from t5x_lite import param_layout
+  cfg = llama.LlamaConfig(**{**SMALL, 'num_kv_heads': 2, 'dropout_rate': 0.1,
+                             'attention_dropout_rate': 0.1})
+  loop = llama.LlamaModel(cfg)
+  scanned = llama.LlamaModel(dataclasses.replace(cfg, scan_layers=True, remat_policy='full'))
+  ids, mask = right_padded(cfg.vocab_size, np.random.default_rng(5))
+  batch = lm_batch(ids, mask)
+  params = nn.unbox(loop.init(jax.random.key(1), batch))['params']
+
+  def grads(model, p, rng=None):
+    return jax.jit(jax.value_and_grad(lambda p: model.loss_fn(p, batch, rng)[0]))(p)
+
+  loss, g = grads(loop, params)
+  scanned_loss, scanned_g = grads(scanned, param_layout.stack_layers(params))
+  np.testing.assert_allclose(float(scanned_loss), float(loss), rtol=1e-6)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+                         scanned_g, param_layout.stack_layers(g))
+  dropped, _ = grads(loop, params, jax.random.key(2))
+  assert np.isfinite(float(dropped)) and float(dropped) != float(loss)
