@@ -164,7 +164,8 @@ def export(model: Any, params: Any, vocabulary: seqio.Vocabulary, output_dir: st
   os.makedirs(partial)
   try:
     token_ids = tokenizer_files.save(vocabulary, partial, model_type=hf_config['model_type'])
-    hf_config = {**{k: v for k, v in token_ids.items() if k.endswith('_token_id')}, **hf_config}
+    hf_config = {**{k: v for k, v in token_ids.items()
+                    if k.endswith('_token_id') and v is not None}, **hf_config}
     hf_config['dtype'] = sorted(stored)[0] if len(stored) == 1 else 'float32'
     with open(os.path.join(partial, 'config.json'), 'w') as f:
       json.dump(hf_config, f, indent=2, sort_keys=True)

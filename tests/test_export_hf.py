@@ -8,6 +8,7 @@ exported tokenizer, ours our vocabulary), tokenizer ids on held-out text, and
 `hf.load` of the export giving back the very same params.
 """
 
+import importlib.util
 import os
 
 from flax import linen as nn
@@ -15,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import SMALL_T5, main_in_process, require
+from conftest import REPO, SMALL_T5, main_in_process, require
 from t5x_lite import export_hf
 from t5x_lite import hf
 from t5x_lite import train as train_module
@@ -53,6 +54,17 @@ RUNS = {
 }
 HF_CLASSES = {'t5': 'AutoModelForSeq2SeqLM', 'gpt': 'AutoModelForCausalLM',
               'bart': 'AutoModelForSeq2SeqLM', 'bert': 'AutoModelForPreTraining'}
+
+
+def _export_table():
+  """benchmarks/export_table.py, whose comparisons these tests share."""
+  spec = importlib.util.spec_from_file_location('export_table', f'{REPO}/benchmarks/export_table.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+TABLE = _export_table()
 HELD_OUT = ['The tower is 324 metres (1,063 ft) tall, about the same height as an 81-storey '
             'building.', 'Café crème\tand  two   spaces, naïve résumé.', 'emoji 🙂 and 東京']
 
@@ -81,63 +93,16 @@ def _hf_model(family, out):
   return getattr(transformers, HF_CLASSES[family]).from_pretrained(out).eval()
 
 
-def _batch(family, model, vocabulary):
-  """A padded batch of held-out text for our model, and the same for HF."""
-  ids = [vocabulary.encode(t)[:14] for t in HELD_OUT]
-  if family in ('t5', 'bart'):
-    eos = vocabulary.eos_id
-    enc = np.zeros((3, 16), np.int32)
-    for i, x in enumerate(ids):
-      enc[i, :len(x) + 1] = x + [eos]
-    tgt = np.zeros((3, 8), np.int32)
-    tgt[0, :7], tgt[1, :3], tgt[2, :5] = enc[0, :7], enc[1, 2:5], enc[2, 1:6]
-    dec = np.zeros_like(tgt)
-    dec[:, 1:] = tgt[:, :-1]
-    if family == 'bart':
-      dec[:, 0] = model.config.decoder_start_id
-    return dict(encoder_input_tokens=enc, decoder_input_tokens=dec, decoder_target_tokens=tgt)
-  tokens = np.zeros((3, 16), np.int32)
-  for i, x in enumerate(ids):
-    tokens[i, :len(x)] = x
-  if family == 'bert':
-    return dict(input_tokens=tokens, segment_ids=np.zeros_like(tokens))
-  dec = np.zeros_like(tokens)
-  dec[:, 1:] = tokens[:, :-1]
-  return dict(decoder_input_tokens=dec, decoder_target_tokens=tokens)
-
-
-def _hf_logits(family, hf_model, batch):
-  t = lambda x: torch.from_numpy(np.asarray(x)).long()
-  with torch.no_grad():
-    if family in ('t5', 'bart'):
-      return hf_model(input_ids=t(batch['encoder_input_tokens']),
-                      attention_mask=t(batch['encoder_input_tokens'] > 0),
-                      decoder_input_ids=t(batch['decoder_input_tokens']),
-                      decoder_attention_mask=t(batch['decoder_target_tokens'] > 0)).logits.numpy()
-    if family == 'bert':
-      tokens = batch['input_tokens']
-      return hf_model(input_ids=t(tokens), attention_mask=t(tokens > 0),
-                      token_type_ids=t(batch['segment_ids'])).prediction_logits.numpy()
-    return hf_model(input_ids=t(batch['decoder_input_tokens'])).logits.numpy()
-
-
-def _real(family, batch):
-  """Positions whose logits both sides define (not padding)."""
-  key = 'input_tokens' if family == 'bert' else 'decoder_target_tokens'
-  return batch[key] > 0
-
-
 def test_export_matches_transformers(exported):
   family, model, params, vocabulary, out = exported
   files = sorted(os.listdir(out))
   assert {'config.json', 'model.safetensors'} <= set(files), files
   assert ('generation_config.json' in files) == (family != 'bert')
   hf_model = _hf_model(family, out)
-  batch = _batch(family, model, vocabulary)
+  batch, real = TABLE.batch(family, model, vocabulary, HELD_OUT)
   ours = np.asarray(jax.jit(model.logits)(params, batch))
-  theirs = _hf_logits(family, hf_model, batch)
-  real = _real(family, batch)
-  assert real.sum() >= 15
+  theirs = TABLE.hf_logits(family, hf_model, batch)
+  assert real.sum() >= 6
   np.testing.assert_allclose(ours[real], theirs[real], atol=1e-4, rtol=0)
   if family == 't5':  # untied: transformers must keep its own lm_head
     head, shared = hf_model.lm_head.weight, hf_model.shared.weight
@@ -174,33 +139,10 @@ def test_greedy_generation_equals_ours(exported):
     pytest.skip('BERT does not generate')
   hf_model = _hf_model(family, out)
   tokenizer = transformers.AutoTokenizer.from_pretrained(out)
-  steps, eos = 6, vocabulary.eos_id
-  prompts = [HELD_OUT[0][:40], HELD_OUT[1][:12], HELD_OUT[2]]
-  if family == 'gpt':
-    ids = [vocabulary.encode(p) for p in prompts]
-    buffer = np.zeros((3, 1 + max(map(len, ids)) + steps), np.int32)  # id 0 starts each row
-    for i, x in enumerate(ids):
-      buffer[i, 1:len(x) + 1] = x
-    ours, _ = model.predict_batch(params, {'decoder_input_tokens': buffer,
-                                           'decoder_prompt_lengths': np.array(list(map(len, ids)))},
-                                  max_decode_length=steps, eos_id=eos)
-  else:
-    ids = [vocabulary.encode(p) + [eos] for p in prompts]
-    enc = np.zeros((3, max(map(len, ids))), np.int32)
-    for i, x in enumerate(ids):
-      enc[i, :len(x)] = x
-    ours, _ = model.predict_batch(params, {'encoder_input_tokens': enc},
-                                  max_decode_length=steps, eos_id=eos)
-  for i, prompt in enumerate(prompts):  # HF one prompt at a time: no padding on its side
-    hf_ids = tokenizer(prompt, return_tensors='pt')['input_ids']
-    if family == 'gpt':
-      hf_ids = torch.cat([torch.zeros((1, 1), dtype=torch.long), hf_ids], 1)
-    with torch.no_grad():
-      theirs = hf_model.generate(hf_ids, attention_mask=torch.ones_like(hf_ids),
-                                 max_new_tokens=steps, do_sample=False, num_beams=1)
-    theirs = theirs[0, hf_ids.shape[1]:] if family == 'gpt' else theirs[0, 1:]
-    mine = list(np.asarray(ours[i]))[:len(theirs)]
-    assert list(theirs.numpy()) == mine, (family, i)
+  pairs = TABLE.greedy_pairs(family, model, params, vocabulary, hf_model, tokenizer,
+                             TABLE.PROMPTS, steps=6)
+  for ours, theirs in pairs:
+    assert ours == theirs and len(theirs) >= 1, (family, pairs)
 
 
 def test_bert_classifier_exports_with_its_labels(tmp_path):
@@ -243,7 +185,7 @@ def test_t5_v1_0_exports_tied_and_rescaled(tmp_path):
   assert hf_model.config.scale_decoder_outputs and hf_model.config.feed_forward_proj == 'relu'
   assert hf_model.lm_head.weight.data_ptr() == hf_model.shared.weight.data_ptr()
   np.testing.assert_allclose(np.asarray(model.logits(params, batch)),
-                             _hf_logits('t5', hf_model, batch), atol=1e-4, rtol=0)
+                             TABLE.hf_logits('t5', hf_model, batch), atol=1e-4, rtol=0)
 
 
 def test_unsupported_model_is_one_clear_error(tmp_path):
