@@ -291,7 +291,7 @@ def test_prefix_lm_attention_and_decoding():
   cfg = llama.LlamaConfig(**{**SMALL, 'num_kv_heads': 2})
   model = llama.LlamaModel(cfg)
   ids = np.random.default_rng(4).integers(1, cfg.vocab_size, (1, 10)).astype(np.int32)
-  params = nn.unbox(model.init(jax.random.key(0), {'decoder_input_tokens': ids,
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), {'decoder_input_tokens': ids,
                                                    'decoder_target_tokens': ids}))['params']
   params = jax.tree_util.tree_map(lambda x: x * 3, params)  # logits far from flat
   prefix = np.zeros_like(ids)
@@ -315,9 +315,9 @@ def test_prefix_lm_attention_and_decoding():
 
   steps = 5
   prompt = np.where(prefix > 0, ids, 0)
-  tokens, _ = model.predict_batch(params, {'decoder_input_tokens': prompt,
-                                           'decoder_causal_attention': prefix},
-                                  max_decode_length=steps, eos_id=cfg.vocab_size)
+  predict = jax.jit(lambda p, b: model.predict_batch(p, b, max_decode_length=steps,
+                                                     eos_id=cfg.vocab_size))
+  tokens, _ = predict(params, {'decoder_input_tokens': prompt, 'decoder_causal_attention': prefix})
   full = np.concatenate([ids[:, :5], np.asarray(tokens)], axis=1)
   causal_attention = np.pad(prefix[:, :5], ((0, 0), (0, steps)))
   forced = np.asarray(logits(params, dict(decoder_input_tokens=full,
@@ -351,15 +351,32 @@ def test_scanned_remat_gradients_and_dropout():
   scanned = llama.LlamaModel(dataclasses.replace(cfg, scan_layers=True, remat_policy='full'))
   ids, mask = right_padded(cfg.vocab_size, np.random.default_rng(5))
   batch = lm_batch(ids, mask)
-  params = nn.unbox(loop.init(jax.random.key(1), batch))['params']
+  params = nn.unbox(jax.jit(loop.init)(jax.random.key(1), batch))['params']
 
-  def grads(model, p, rng=None):
-    return jax.jit(jax.value_and_grad(lambda p: model.loss_fn(p, batch, rng)[0]))(p)
+  def grads(model, p):
+    return jax.jit(jax.value_and_grad(lambda p: model.loss_fn(p, batch, None)[0]))(p)
 
   loss, g = grads(loop, params)
   scanned_loss, scanned_g = grads(scanned, param_layout.stack_layers(params))
   np.testing.assert_allclose(float(scanned_loss), float(loss), rtol=1e-6)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                          scanned_g, param_layout.stack_layers(g))
-  dropped, _ = grads(loop, params, jax.random.key(2))
+  dropped = jax.jit(lambda p: loop.loss_fn(p, batch, jax.random.key(2))[0])(params)
   assert np.isfinite(float(dropped)) and float(dropped) != float(loss)
+
+
+def test_model_interface_and_dpo_wrapper():
+  """The capabilities every decoder-only family declares; DPO over a Llama
+  (policy = reference: loss log 2); scores per row."""
+  from t5x_lite.models import base, preference
+  model = llama.LlamaModel(llama.LlamaConfig(**{**SMALL, 'num_kv_heads': 2}))
+  assert isinstance(model, base.BaseModel)
+  assert model.DECODER_ONLY and model.GENERATES and model.max_length == 64
+  ids, mask = right_padded(model.config.vocab_size, np.random.default_rng(6))
+  batch = lm_batch(ids, mask)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), batch))['params']
+  assert jax.jit(model.score)(params, batch).shape == (3,)
+  dpo = preference.DPOModel(model)
+  pairs = {f'{side}_{k}': v for side in ('chosen', 'rejected') for k, v in batch.items()}
+  loss, _ = jax.jit(lambda p: dpo.loss_fn(p, pairs, None, frozen=dpo.frozen_state(p)))(params)
+  assert float(loss) == pytest.approx(np.log(2), rel=1e-6)
