@@ -3,6 +3,7 @@ tokenizers built here with the `tokenizers` library (nothing downloaded), and
 import_hf handing an imported GPT-2 its tokenizer for a training run."""
 
 import functools
+import io
 import json
 import os
 import shutil
@@ -44,7 +45,8 @@ HAND_WRITTEN = [
 ]
 TASK = 'test_hf_vocab_wikitext_lm'
 NAMES = ('gpt2_tokenizer_json', 'gpt2_vocab_merges', 'bart_tokenizer_json',
-         'bart_vocab_merges', 'bert_wordpiece', 'sentencepiece_unigram')
+         'bart_vocab_merges', 'bert_wordpiece', 'sentencepiece_unigram',
+         't5_sentencepiece')
 
 
 @pytest.fixture(scope='module')
@@ -135,6 +137,18 @@ def tokenizer_dirs(texts, tmp_path_factory):
       tokenizer_object=unigram._tokenizer, eos_token='</s>', unk_token='<unk>',  # pylint: disable=protected-access
       pad_token='<pad>').save_pretrained(root / 'sentencepiece_unigram')
   dirs['sentencepiece_unigram'] = str(root / 'sentencepiece_unigram')
+  # T5: a sentencepiece-trained unigram model that transformers converts (its
+  # T5Tokenizer class builds the pipeline), with 10 <extra_id_N> on top.
+  spm = require('sentencepiece')
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(train_lines), model_writer=model, vocab_size=500,
+      model_type='unigram', pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+  os.makedirs(root / 'spiece')
+  (root / 'spiece' / 'spiece.model').write_bytes(model.getvalue())
+  transformers.T5Tokenizer.from_pretrained(root / 'spiece', extra_ids=10).save_pretrained(
+      root / 't5_sentencepiece')
+  dirs['t5_sentencepiece'] = str(root / 't5_sentencepiece')
   assert set(dirs) == set(NAMES)
   return dirs
 

@@ -18,6 +18,11 @@ It behaves as `transformers.AutoTokenizer.from_pretrained(directory)` does:
 (seqio appends EOS itself), and `decode(ids)` gives
 `tokenizer.decode(ids, skip_special_tokens=True)` of the ids up to the first
 EOS, so EOS, padding and other special tokens do not reach the text.
+tokenizer.json is used as saved. transformers 5 rebuilds the normaliser and
+pre-tokeniser of some classes (T5Tokenizer, LlamaTokenizer, Qwen2Tokenizer,
+...) from the class instead; a tokenizer.json that the class saved agrees
+with that, but one made otherwise and labelled with such a class in
+tokenizer_config.json may not.
 
 Ids: `vocab_size` is the tokenizer's full size, added tokens included (no
 extra ids on top). `eos_id` is the id of `eos_token`, or of `sep_token` for
