@@ -271,12 +271,12 @@ def test_torch_bin_reader_refuses_code(tmp_path):
 
 # --- errors -----------------------------------------------------------------
 def test_unsupported_model_type_and_missing_weights(tmp_path):
-  (tmp_path / 'config.json').write_text(json.dumps({'model_type': 'llama'}))
+  (tmp_path / 'config.json').write_text(json.dumps({'model_type': 'gpt_neox'}))
   with pytest.raises(UserError) as e:
     hf.load(str(tmp_path))
   assert str(e.value).count('\n') == 0
-  assert "'llama'" in str(e.value)
-  assert 'supported: bart, bert, gpt2, mt5, t5.' in str(e.value)
+  assert "'gpt_neox'" in str(e.value)
+  assert 'supported: bart, bert, gpt2, llama, mistral, mt5, qwen2, t5.' in str(e.value)
   (tmp_path / 'config.json').write_text(json.dumps({'model_type': 't5'}))
   with pytest.raises(UserError, match='has no weights; looked for '
                      'model.safetensors, .*pytorch_model.bin') as e:
