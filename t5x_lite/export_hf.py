@@ -17,15 +17,18 @@ no other file:
   tokenizer files         written by `t5x_lite.hf.tokenizer_files` from the
                           vocabulary the model was trained with
 
-| ours                                   | Hugging Face                     |
-|----------------------------------------|----------------------------------|
-| encoder_decoder.EncoderDecoderModel    | T5ForConditionalGeneration       |
-| encoder.EncoderModel                   | BertForPreTraining (BertModel    |
-|                                        | without pretraining heads)       |
-| classification.BertClassificationModel | BertForSequenceClassification    |
-| decoder.DecoderModel                   | GPT2LMHeadModel                  |
-| bart.BartModel                         | BartForConditionalGeneration     |
-| preference.DPOModel                    | its policy's                     |
+| ours                                   | Hugging Face                       |
+|----------------------------------------|------------------------------------|
+| encoder_decoder.EncoderDecoderModel    | T5ForConditionalGeneration         |
+| encoder.EncoderModel                   | BertForPreTraining (BertModel      |
+|                                        | without pretraining heads)         |
+| classification.BertClassificationModel | BertForSequenceClassification      |
+| decoder.DecoderModel                   | GPT2LMHeadModel                    |
+| bart.BartModel                         | BartForConditionalGeneration       |
+| llama.LlamaModel                       | LlamaForCausalLM, Qwen2ForCausalLM |
+|                                        | (q/k/v biases), MistralForCausalLM |
+|                                        | (sliding window)                   |
+| preference.DPOModel                    | its policy's                       |
 
 A model with no exact Hugging Face counterpart (the GPT-1 style classifier,
 whose head reads the EXTRACT token) is refused with one line naming it;
@@ -59,6 +62,7 @@ from t5x_lite.hf import bart as hf_bart
 from t5x_lite.hf import bert as hf_bert
 from t5x_lite.hf import gpt2 as hf_gpt2
 from t5x_lite.hf import io as hf_io
+from t5x_lite.hf import llama as hf_llama
 from t5x_lite.hf import t5 as hf_t5
 from t5x_lite.hf import tokenizer_files
 from t5x_lite.models import bart
@@ -66,6 +70,7 @@ from t5x_lite.models import classification
 from t5x_lite.models import decoder
 from t5x_lite.models import encoder
 from t5x_lite.models import encoder_decoder
+from t5x_lite.models import llama
 from t5x_lite.models import preference
 from t5x_lite.partitioning import Partitioner
 
@@ -117,7 +122,7 @@ def hf_model(model: Any, params: Any, label_names: Optional[Sequence[str]] = Non
         state_dict = {k[len('bert.'):]: v for k, v in state_dict.items()}
       return dict(hf_bert.config_to_hf(config), architectures=[architecture]), state_dict
     families = ((encoder_decoder.EncoderDecoderModel, hf_t5), (decoder.DecoderModel, hf_gpt2),
-                (bart.BartModel, hf_bart))
+                (bart.BartModel, hf_bart), (llama.LlamaModel, hf_llama))
     for cls, module in families:
       if type(model) is cls:  # pylint: disable=unidiomatic-typecheck  (no subclass is the same)
         return module.config_to_hf(config), module.to_hf_state_dict(params, config)
@@ -125,7 +130,7 @@ def hf_model(model: Any, params: Any, label_names: Optional[Sequence[str]] = Non
     raise UserError(f'{type(model).__name__} cannot be exported: {e}') from None
   raise UserError(f'{type(model).__name__} has no Hugging Face export; exportable: '
                   'EncoderDecoderModel (T5), EncoderModel and BertClassificationModel (BERT), '
-                  'DecoderModel (GPT-2), BartModel, and a DPOModel of one of them.')
+                  'DecoderModel (GPT-2), BartModel, LlamaModel, and a DPOModel of one of them.')
 
 
 def _shard_bytes(text: str) -> int:

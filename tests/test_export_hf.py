@@ -19,11 +19,13 @@ import pytest
 from conftest import REPO, SMALL_T5, main_in_process, require
 from t5x_lite import export_hf
 from t5x_lite import hf
+from t5x_lite import import_hf
 from t5x_lite import train as train_module
 from t5x_lite.errors import UserError
 from t5x_lite.data import vocab
 from t5x_lite.models import classification
 from t5x_lite.models import encoder_decoder
+from t5x_lite.models import llama
 from t5x_lite.data import wordpiece
 
 import families
@@ -186,6 +188,78 @@ def test_t5_v1_0_exports_tied_and_rescaled(tmp_path):
   assert hf_model.lm_head.weight.data_ptr() == hf_model.shared.weight.data_ptr()
   np.testing.assert_allclose(np.asarray(model.logits(params, batch)),
                              TABLE.hf_logits('t5', hf_model, batch), atol=1e-4, rtol=0)
+
+
+LLAMA_CASES = {'llama': ('LlamaForCausalLM', dict(tie_word_embeddings=True)),
+               'mistral': ('MistralForCausalLM', dict(sliding_window=5)),
+               'qwen2': ('Qwen2ForCausalLM', dict(qkv_bias=True, num_kv_heads=1))}
+
+
+@pytest.mark.parametrize('kind', sorted(LLAMA_CASES))
+def test_llama_family_exports(kind, tmp_path):
+  """Llama (tied head), Mistral (a window shorter than the batch) and Qwen2
+  (q/k/v biases, one kv head): logits, greedy tokens and the round trip."""
+  architecture, fields = LLAMA_CASES[kind]
+  vocabulary = vocab.embedded_bpe_vocabulary()
+  config = llama.LlamaConfig(**{**dict(vocab_size=vocabulary.vocab_size, emb_dim=32, num_heads=4,
+                                       num_kv_heads=2, head_dim=8, mlp_dim=48, num_layers=2),
+                                **fields})
+  model = llama.LlamaModel(config)
+  params = nn.unbox(model.init(jax.random.key(2), model.dummy_batch(1, 8)))['params']
+  noise = iter(np.random.default_rng(2).standard_normal(10**6).astype(np.float32))
+  params = jax.tree_util.tree_map(  # norms and biases away from their 1 / 0 init
+      lambda x: np.asarray(x) + 0.05 * np.fromiter(noise, np.float32, x.size).reshape(x.shape),
+      params)
+  out = str(tmp_path / kind)
+  export_hf.export(model, params, vocabulary, out)
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  assert type(hf_model).__name__ == architecture
+  batch, real = TABLE.batch('gpt', model, vocabulary, HELD_OUT)
+  np.testing.assert_allclose(np.asarray(model.logits(params, batch))[real],
+                             TABLE.hf_logits('gpt', hf_model, batch)[real], atol=1e-4, rtol=0)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+  if kind == 'qwen2':  # transformers swaps in its Qwen2 (byte-level) recipe for model_type qwen2
+    assert type(tokenizer).__name__ == 'Qwen2Tokenizer'
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(out)  # tokenizer.json as is
+  for ours, theirs in TABLE.greedy_pairs('gpt', model, params, vocabulary, hf_model, tokenizer,
+                                         TABLE.PROMPTS, steps=6):
+    assert ours == theirs
+  _, back = hf.load(out)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
+
+
+def test_imported_gpt2_exports_with_its_own_tokenizer(tmp_path):
+  """import_hf (with its byte-level BPE tokenizer), then export_hf: the
+  tokenizer files come back as they were, and transformers runs the export."""
+  from tokenizers import decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(HELD_OUT * 20, trainers.BpeTrainer(
+      vocab_size=400, special_tokens=['<|endoftext|>'],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  hf_dir, imported, out = tmp_path / 'gpt2', tmp_path / 'imported', tmp_path / 'exported'
+  transformers.GPT2TokenizerFast(tokenizer_object=tok, eos_token='<|endoftext|>',
+                                 bos_token='<|endoftext|>').save_pretrained(hf_dir)
+  config = transformers.GPT2Config(vocab_size=tok.get_vocab_size(), n_embd=32, n_layer=2,
+                                   n_head=2, n_positions=64, eos_token_id=0, bos_token_id=0)
+  torch.manual_seed(0)
+  transformers.GPT2LMHeadModel(config).save_pretrained(hf_dir)
+  import_hf.import_hf(str(hf_dir), str(imported))
+  model, params = hf.load(str(hf_dir))
+  export_hf.export(model, params, vocab.hf_vocabulary(imported / 'tokenizer'), str(out))
+  for name in os.listdir(imported / 'tokenizer'):
+    assert (out / name).read_bytes() == (imported / 'tokenizer' / name).read_bytes(), name
+  theirs = transformers.AutoTokenizer.from_pretrained(hf_dir)
+  again = transformers.AutoTokenizer.from_pretrained(out)
+  for text in HELD_OUT:
+    assert again(text)['input_ids'] == theirs(text)['input_ids']
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  ids = torch.tensor([theirs(HELD_OUT[0])['input_ids'][:20]])
+  original = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+  with torch.no_grad():
+    assert torch.equal(reloaded(ids).logits, original(ids).logits)
 
 
 def test_unsupported_model_is_one_clear_error(tmp_path):

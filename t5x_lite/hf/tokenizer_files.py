@@ -66,6 +66,7 @@ Where the Hugging Face tokenizer and ours differ by construction:
 
 import json
 import os
+import shutil
 from typing import Dict, Optional
 
 import seqio
@@ -73,10 +74,13 @@ from sentencepiece import sentencepiece_model_pb2
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
+from t5x_lite.data import hf_vocab
 from t5x_lite.data import wordpiece
 from t5x_lite.errors import UserError
 
-MODEL_TYPES = ('t5', 'bert', 'gpt2', 'bart')
+MODEL_TYPES = ('t5', 'bert', 'gpt2', 'bart', 'llama', 'mistral', 'qwen2')
+# Decoder-only families: no EOS appended, generation starts from id 0.
+DECODER_ONLY = ('gpt2', 'llama', 'mistral', 'qwen2')
 _SPIECE = sentencepiece_model_pb2.ModelProto.SentencePiece
 # Pieces SentencePiece never produces from text: the model must not either.
 _NOT_FROM_TEXT = (_SPIECE.CONTROL, _SPIECE.UNKNOWN, _SPIECE.BYTE, _SPIECE.UNUSED)
@@ -89,8 +93,10 @@ def save(vocabulary: seqio.Vocabulary, directory: str, *, model_type: str,
   """Writes `vocabulary` as Hugging Face tokenizer files into `directory`.
 
   Args:
-    vocabulary: a `seqio.SentencePieceVocabulary` (unigram or BPE) or a
-      `wordpiece.WordPieceVocabulary`.
+    vocabulary: a `seqio.SentencePieceVocabulary` (unigram or BPE), a
+      `wordpiece.WordPieceVocabulary`, or a Hugging Face tokenizer read by
+      `hf_vocab.HfTokenizerVocabulary` (an imported model's), whose files are
+      copied as they are.
     directory: created if missing; config.json is the caller's.
     model_type: the Hugging Face model_type of the export ('t5', 'bert',
       'gpt2', 'bart'); it decides the special tokens added around a sequence
@@ -110,6 +116,14 @@ def save(vocabulary: seqio.Vocabulary, directory: str, *, model_type: str,
     raise UserError(f'Tokenizer export supports model_type {", ".join(MODEL_TYPES)}; '
                     f'got {model_type!r}.')
   os.makedirs(directory, exist_ok=True)
+  if isinstance(vocabulary, hf_vocab.HfTokenizerVocabulary):  # imported: its own files
+    for name in hf_vocab.tokenizer_files(vocabulary.directory):
+      shutil.copyfile(os.path.join(vocabulary.directory, name), os.path.join(directory, name))
+    ids = {'pad_token_id': vocabulary.hf_pad_id, 'eos_token_id': vocabulary.eos_id,
+           'unk_token_id': vocabulary.unk_id, 'bos_token_id': vocabulary.bos_id}
+    if model_type in ('t5', 'bart'):
+      ids['decoder_start_token_id'] = 0  # seqio's shifted-right targets start with 0
+    return ids
   if isinstance(vocabulary, wordpiece.WordPieceVocabulary):
     ids, config = _save_wordpiece(vocabulary, directory, model_type)
   elif isinstance(vocabulary, seqio.SentencePieceVocabulary):
@@ -263,7 +277,7 @@ def _save_sentencepiece(vocabulary, directory, model_type):
 
   ids = {'pad_token_id': _id(trainer.pad_id), 'eos_token_id': _id(trainer.eos_id),
          'unk_token_id': _id(trainer.unk_id), 'bos_token_id': _id(trainer.bos_id)}
-  if model_type == 'gpt2' and ids['bos_token_id'] is None:
+  if model_type in DECODER_ONLY and ids['bos_token_id'] is None:
     # Our decoders read inputs shifted right: generation starts from id 0.
     ids['bos_token_id'] = 0
   if model_type in ('t5', 'bart'):
