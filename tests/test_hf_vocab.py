@@ -331,6 +331,27 @@ def test_zero_is_text_converter(tokenizer_dirs, tmp_path):
   assert np.abs(np.asarray(logits(params, plain))[valid] - theirs[valid]).max() > 1e-3
 
 
+def test_older_directory_layout(tokenizer_dirs, tmp_path):
+  """GPT-2's files with the special tokens in special_tokens_map.json and
+  extra tokens in added_tokens.json (what older transformers saved)."""
+  directory = tmp_path / 'legacy'
+  shutil.copytree(tokenizer_dirs['gpt2_vocab_merges'], directory)
+  eot = '<|endoftext|>'
+  (directory / 'tokenizer_config.json').write_text(json.dumps({'tokenizer_class': 'GPT2Tokenizer'}))
+  (directory / 'special_tokens_map.json').write_text(
+      json.dumps({'eos_token': eot, 'bos_token': eot, 'unk_token': {'content': eot}}))
+  (directory / 'added_tokens.json').write_text(json.dumps({'<|bot|>': 502, '<|user|>': 501}))
+  ours = hf_vocab.HfTokenizerVocabulary(directory)
+  auto = transformers.AutoTokenizer.from_pretrained(directory)
+  assert ours.vocab_size == len(auto) == 503
+  assert (ours.eos_id, ours.unk_id) == (auto.eos_token_id, auto.unk_token_id) == (500, 500)
+  line = f'hi <|user|> there<|bot|>! ok{eot}x'
+  ids = auto(line, add_special_tokens=False)['input_ids']
+  assert list(ours.encode(line)) == ids and {500, 501, 502} <= set(ids)
+  before_eos = ids[:ids.index(500)]
+  assert ours.decode(ids) == auto.decode(before_eos, skip_special_tokens=True)
+
+
 def test_saved_truncation_and_padding_ignored(tokenizer_dirs, tmp_path):
   """A tokenizer.json saved with truncation and padding on (as some are):
   neither applies, as in transformers without truncation= / padding=."""

@@ -134,6 +134,49 @@ def _byte_level_bpe(vocab_path: str, merges_path: str, add_prefix_space: bool):
   return tokenizer
 
 
+def _add_token(tokenizer, directory: str, added, token_id: Optional[int] = None):
+  """Adds `added` unless the tokenizer has it as an added token already; a
+  stated `token_id` must be the id it gets."""
+  if added.content in {t.content for t in tokenizer.get_added_tokens_decoder().values()}:
+    return
+  expected = tokenizer.token_to_id(added.content)
+  if expected is None:
+    expected = tokenizer.get_vocab_size(with_added_tokens=True)
+  if token_id is not None and token_id != expected:
+    raise UserError(f'{directory}: added token {added.content!r} has id {token_id} but '
+                    f'would get id {expected}; save the tokenizer again with save_pretrained.')
+  (tokenizer.add_special_tokens if added.special else tokenizer.add_tokens)([added])
+
+
+def _read_tokenizer(directory: str, config: dict):
+  """The `tokenizers.Tokenizer` of the directory's files, with the added
+  tokens its config declares (truncation and padding off)."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  path = lambda name: os.path.join(directory, name)
+  if os.path.isfile(path(TOKENIZER_JSON)):
+    try:
+      tokenizer = tokenizers.Tokenizer.from_file(path(TOKENIZER_JSON))
+    except Exception as e:  # the Rust reader's own exception type
+      raise UserError(f'cannot read {path(TOKENIZER_JSON)} ({e}); save the '
+                      'tokenizer again with a current tokenizers library.') from None
+  else:
+    tokenizer = _byte_level_bpe(path(VOCAB_JSON), path(MERGES_TXT),
+                                bool(config.get('add_prefix_space', False)))
+  # A saved tokenizer.json may truncate or pad; transformers does neither
+  # unless asked, and seqio trims and pads itself.
+  tokenizer.no_truncation()
+  tokenizer.no_padding()
+  # Added tokens the files declare, in id order (they may be new to the model):
+  # tokenizer_config.json's added_tokens_decoder, older directories' added_tokens.json.
+  declared = [(int(i), _added_token(entry))
+              for i, entry in (config.get('added_tokens_decoder') or {}).items()]
+  declared += [(int(i), tokenizers.AddedToken(token, special=False))
+               for token, i in _read_json(path(ADDED_TOKENS)).items()]
+  for token_id, added in sorted(declared, key=lambda pair: pair[0]):
+    _add_token(tokenizer, directory, added, token_id)
+  return tokenizer
+
+
 def _text(s) -> str:
   """A string as tf.numpy_function hands it over (bytes, or a 0-d array)."""
   if isinstance(s, np.ndarray):
@@ -154,50 +197,16 @@ class HfTokenizerVocabulary(seqio.Vocabulary):
       raise UserError(f'{directory} holds no Hugging Face tokenizer: sought {SOUGHT} '
                       f'(with {TOKENIZER_CONFIG} for the special tokens); save one '
                       'there with save_pretrained.')
-    import tokenizers  # pylint: disable=g-import-not-at-top
     self._directory = directory
-    path = lambda name: os.path.join(directory, name)
-    config = _read_json(path(TOKENIZER_CONFIG))
-    special_map = _read_json(path(SPECIAL_TOKENS_MAP))
-    if os.path.isfile(path(TOKENIZER_JSON)):
-      try:
-        tokenizer = tokenizers.Tokenizer.from_file(path(TOKENIZER_JSON))
-      except Exception as e:  # the Rust reader's own exception type
-        raise UserError(f'cannot read {path(TOKENIZER_JSON)} ({e}); save the '
-                        'tokenizer again with a current tokenizers library.') from None
-    else:
-      tokenizer = _byte_level_bpe(path(VOCAB_JSON), path(MERGES_TXT),
-                                  bool(config.get('add_prefix_space', False)))
-    # A saved tokenizer.json may truncate or pad; transformers does neither
-    # unless asked, and seqio trims and pads itself.
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
-    # Added tokens the config declares, in id order (they may be new to the model).
-    declared = sorted(((int(i), e) for i, e in
-                       (config.get('added_tokens_decoder') or {}).items()),
-                      key=lambda pair: pair[0])
-    declared += sorted(((i, t) for t, i in _read_json(path(ADDED_TOKENS)).items()),
-                       key=lambda pair: pair[1])
-    def add(added, token_id=None):
-      if added.content in {t.content for t in tokenizer.get_added_tokens_decoder().values()}:
-        return
-      expected = tokenizer.token_to_id(added.content)
-      if expected is None:
-        expected = tokenizer.get_vocab_size(with_added_tokens=True)
-      if token_id is not None and token_id != expected:
-        raise UserError(f'{directory}: added token {added.content!r} has id {token_id} but '
-                        f'would get id {expected}; save the tokenizer again with '
-                        'save_pretrained.')
-      (tokenizer.add_special_tokens if added.special else tokenizer.add_tokens)([added])
-
-    for token_id, entry in declared:
-      add(_added_token(entry), token_id)
+    config = _read_json(os.path.join(directory, TOKENIZER_CONFIG))
+    tokenizer = _read_tokenizer(directory, config)
     # The special tokens by role: tokenizer_config.json, else special_tokens_map.json.
+    special_map = _read_json(os.path.join(directory, SPECIAL_TOKENS_MAP))
     self._special = {}
     for role in ROLES:
       token = _content(config.get(role)) or _content(special_map.get(role))
       if token is not None:
-        add(_added_token(token))
+        _add_token(tokenizer, directory, _added_token(token))
         self._special[role] = token
     self._tokenizer = tokenizer
     self._config_json = tokenizer.to_str()
@@ -211,11 +220,12 @@ class HfTokenizerVocabulary(seqio.Vocabulary):
         model_type != 'BPE' or bool(config.get(flag, False)))
     super().__init__(extra_ids=0)
 
-  # -- ids ------------------------------------------------------------------
-
   @property
   def directory(self) -> str:
+    """The tokenizer directory read (its files are what an export copies)."""
     return self._directory
+
+  # -- ids ------------------------------------------------------------------
 
   @property
   def tokenizer(self):
