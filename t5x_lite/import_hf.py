@@ -10,9 +10,12 @@ GPT-2, BART). Writes
   OUT/tokenizer/   DIR's tokenizer files, when it has a tokenizer
                    (tokenizer.json, or vocab.json + merges.txt; see
                    `t5x_lite.data.hf_vocab`)
-  OUT/model.gin    the model configuration and, with a tokenizer,
-                   `VOCABULARY = @vocab.hf_vocabulary()` over OUT/tokenizer,
-                   so every task of a run speaks the model's own ids
+  OUT/model.gin    the model configuration, with seqio's padding and
+                   decoder-start id 0 where the HF config has others
+                   (BART); with a tokenizer, `VOCABULARY =
+                   @vocab.hf_vocabulary()` over OUT/tokenizer, so every task
+                   of a run speaks the model's own ids (and, where id 0 is a
+                   token, GPT-2's '!', the feature converter for it)
 
 To fine-tune from it, in a run gin (model.gin after the run gin, whose
 `VOCABULARY = None` it overrides):
@@ -32,7 +35,6 @@ import os
 import shutil
 import sys
 from typing import Sequence
-
 
 import jax
 import jax.numpy as jnp
