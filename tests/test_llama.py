@@ -35,7 +35,7 @@ HF_SMALL = dict(vocab_size=97, hidden_size=32, num_attention_heads=4, head_dim=8
                 bos_token_id=0, eos_token_id=0, pad_token_id=0)
 # The same as our config fields.
 SMALL = dict(vocab_size=97, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=48, num_layers=2,
-             max_positions=64, initializer_range=0.2)
+             max_positions=64, initializer_range=0.2, tie_word_embeddings=False)
 # name: (HF config class name, HF fields, our config fields they give).
 CASES = {
     'llama_gqa2_rope_scaling': ('LlamaConfig', dict(
@@ -100,7 +100,7 @@ def loaded(request, tmp_path_factory):
 def test_logits_match_hf(loaded, kernels):
   name, hf, model, params = loaded
   assert isinstance(model, llama.LlamaModel)
-  assert model.config == llama.LlamaConfig(**SMALL, **CASES[name][2])
+  assert model.config == llama.LlamaConfig(**{**SMALL, **CASES[name][2]})
   ids, mask = right_padded(model.config.vocab_size, np.random.default_rng(0))
   ours = np.asarray(jax.jit(model.logits)(params, lm_batch(ids, mask)))
   theirs = hf_logits(hf, ids, mask)
@@ -330,7 +330,7 @@ def test_gin_text_rebuilds_the_model():
   """`hf.gin_text` (what import_hf writes as model.gin) gives the same model,
   rope_scaling included."""
   import gin
-  model = llama.LlamaModel(llama.LlamaConfig(**SMALL, **CASES['llama_gqa2_rope_scaling'][2]))
+  model = llama.LlamaModel(llama.LlamaConfig(**{**SMALL, **CASES['llama_gqa2_rope_scaling'][2]}))
   try:
     gin.parse_config(t5x_lite_hf.gin_text(model))
     rebuilt = gin.query_parameter('%MODEL').scoped_configurable_fn()

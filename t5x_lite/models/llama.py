@@ -43,7 +43,6 @@ from typing import Any, Mapping, Optional, Union
 from flax import linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from t5x_lite import layers
 from t5x_lite.errors import UserError
@@ -57,7 +56,7 @@ Batch = Mapping[str, Any]
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-  """Llama-family hyperparameters (defaults: a small CPU model).
+  """Llama-family hyperparameters (defaults: configs/models/llama_tiny.gin's).
 
   `rope_scaling` is None or Llama 3's scaling, given as a `RopeScaling` or a
   dict of its fields (e.g. from gin). `sliding_window` None attends to every
@@ -69,15 +68,15 @@ class LlamaConfig:
   num_heads: int = 4
   num_kv_heads: int = 2
   head_dim: int = 32
-  mlp_dim: int = 352
+  mlp_dim: int = 432
   num_layers: int = 4
   rope_theta: float = 10000.0
   rope_scaling: Optional[Union[RopeScaling, Mapping[str, Any]]] = None
   rms_norm_eps: float = 1e-5
   qkv_bias: bool = False  # Qwen2
   sliding_window: Optional[int] = None  # Mistral
-  tie_word_embeddings: bool = False
-  max_positions: int = 2048
+  tie_word_embeddings: bool = True
+  max_positions: int = 512
   dropout_rate: float = 0.0  # embedding and residual dropout
   attention_dropout_rate: float = 0.0
   initializer_range: float = 0.02
@@ -89,7 +88,10 @@ class LlamaConfig:
   def __post_init__(self):
     if isinstance(self.rope_scaling, Mapping):
       scaling = dict(self.rope_scaling)
-      scaling.pop('rope_type', None)
+      kind = scaling.pop('rope_type', 'llama3')
+      if kind != 'llama3':
+        raise UserError(f"LlamaConfig.rope_scaling has rope_type={kind!r}; only Llama 3's "
+                        "('llama3') scaling is supported.")
       fields = {f.name for f in dataclasses.fields(RopeScaling)}
       unknown = sorted(set(scaling) - fields)
       if unknown:
@@ -252,9 +254,3 @@ class LlamaModel(common.TokenLossModel):
   _cached_logits = decoder.DecoderModel._cached_logits
   dummy_batch = decoder.DecoderModel.dummy_batch
 
-
-def count_params(config: LlamaConfig) -> int:
-  """The number of parameters of `config`'s model, from abstract shapes only."""
-  model = LlamaModel(config)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), model.dummy_batch(1, 8))
-  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nn.unbox(shapes)['params']))
