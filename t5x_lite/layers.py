@@ -13,8 +13,8 @@ from this small set, and key activations carry logical constraints:
 
 (plus `kv_heads`, the key / value heads of grouped-query attention, which the
 rule sets shard like 'heads' where the mesh divides them and replicate
-otherwise; and `abspos`, the rows of small learned tables indexed by absolute position
-or token type, which no rule set maps, so they are replicated).
+otherwise; and `abspos`, the rows of small learned tables indexed by absolute
+position or token type, which no rule set maps, so they are replicated).
 
 Masks are boolean `[B|1, 1, T|1, S]` arrays (True = may attend), built once
 per stack by `make_attention_mask` for every family.
@@ -299,9 +299,10 @@ class Attention(nn.Module):
   grouped-query attention, keys and values (and the KV cache) with K heads,
   each shared by N/K query heads: `{key,value}/kernel` [D, K, H] ('embed',
   'kv_heads', 'kv'), biases [K, H], the heads an axis of their own so that
-  the rules can shard them where the mesh divides K. `rope_theta` rotates queries and keys by their positions
-  (`apply_rope`, with `rope_scaling`). `out_bias` False leaves `out` unbiased
-  while `use_bias` biases the query, key and value projections (Qwen2).
+  the rules can shard them where the mesh divides K. `rope_theta` rotates
+  queries and keys by their positions (`apply_rope`, with `rope_scaling`).
+  `out_bias` False leaves `out` unbiased while `use_bias` biases the query,
+  key and value projections (Qwen2).
   """
   num_heads: int
   head_dim: int
@@ -376,16 +377,16 @@ class Attention(nn.Module):
       v = self.get_variable('cache', 'cached_value')
     else:
       x = inputs_kv.astype(dtype)
-      kh, letter = kv_heads, 'K' if self.num_kv_heads is not None else 'N'
+      heads = 'K' if self.num_kv_heads is not None else 'N'
       wk, bk = self._weights('key', kv_shape, in_axes, kernel_init)
       wv, bv = self._weights('value', kv_shape, in_axes, kernel_init)
-      k = ops.einsum(f'BSD,D{letter}H->{layout}', x, wk.reshape(d, kh, h))
-      v = ops.einsum(f'BSD,D{letter}H->{layout}', x, wv.reshape(d, kh, h))
-      k = k + _heads_bias(bk, layout.replace('K', 'N'), kh, h)
+      k = ops.einsum(f'BSD,D{heads}H->{layout}', x, wk.reshape(d, kv_heads, h))
+      v = ops.einsum(f'BSD,D{heads}H->{layout}', x, wv.reshape(d, kv_heads, h))
+      k = k + _heads_bias(bk, layout.replace('K', 'N'), kv_heads, h)
       if inv_freq is not None:
         k = apply_rope(k, positions, inv_freq, layout)
       k = named(k, layout)
-      v = named(v + _heads_bias(bv, layout.replace('K', 'N'), kh, h), layout)
+      v = named(v + _heads_bias(bv, layout.replace('K', 'N'), kv_heads, h), layout)
       if cache is not None:
         k, v = self._cache(k, v, cache, layout, mask)
     dropout = None
