@@ -41,16 +41,23 @@ def fresh_process():
           "print(hashlib.sha256('\\x00'.join(corpus.embedded_documents())"
           '.encode()).hexdigest()); '
           "print(any(m in sys.modules for m in ('tkinter', 'turtle', 'antigravity')))")
-  out = subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True,
+  env = {k: v for k, v in os.environ.items() if k != corpus.CACHE_ENV}  # from the sources
+  out = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env, check=True,
                        capture_output=True, text=True).stdout.split()
   return out[0], out[1]
 
 
-def test_corpus_is_deterministic_in_and_across_processes(fresh_process):
+def test_corpus_is_deterministic_in_and_across_processes(fresh_process, monkeypatch, tmp_path):
   docs = corpus.embedded_documents()
-  corpus._documents.cache_clear()  # pylint: disable=protected-access
-  corpus._split.cache_clear()  # pylint: disable=protected-access
-  assert corpus.embedded_documents() == docs
+  # Built again from the sources (the cache file a process may name, see
+  # corpus.CACHE_ENV, does not exist yet), then read back from that file.
+  cache = tmp_path / 'corpus.json'
+  monkeypatch.setenv(corpus.CACHE_ENV, str(cache))
+  for _ in range(2):
+    corpus._documents.cache_clear()  # pylint: disable=protected-access
+    corpus._split.cache_clear()  # pylint: disable=protected-access
+    assert corpus.embedded_documents() == docs
+    assert cache.exists()
   assert fresh_process[0] == _digest(docs)
 
 

@@ -10,6 +10,11 @@ normalised with `inspect.cleandoc`, exact duplicates dropped (first wins) and
 very short ones skipped. The order is fixed (topics sorted by key, then files
 by path, then definitions in source order), so the corpus is identical across
 runs on the same Python version.
+
+Reading the sources takes seconds. A process may name a file in
+T5X_LITE_CORPUS_CACHE to keep the documents in: the first process that builds
+the corpus writes it there and later ones read it back (the test suite sets it
+for the many runs it starts; unset, nothing is cached).
 """
 
 if __name__ == '__main__':  # a run starts here: tune the host first
@@ -20,12 +25,14 @@ import ast
 import functools
 import hashlib
 import inspect
+import json
 import os
 import sysconfig
 import warnings
 
 MIN_CHARS = 40
 VALIDATION_PERCENT = 2
+CACHE_ENV = 'T5X_LITE_CORPUS_CACHE'
 
 # Directories under the stdlib that hold tests, test data or third-party code.
 _SKIP_DIRS = frozenset({
@@ -76,8 +83,27 @@ def _raw_documents():
       continue
 
 
+def _read_cache(path):
+  try:
+    with open(path, encoding='utf-8') as f:
+      return tuple(json.load(f))
+  except (OSError, ValueError):
+    return None
+
+
+def _write_cache(path, docs):
+  """Writes `docs` to `path` whole or not at all (processes may race)."""
+  tmp = f'{path}.{os.getpid()}.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(docs, f)
+  os.replace(tmp, path)
+
+
 @functools.cache
 def _documents():
+  cache = os.environ.get(CACHE_ENV)
+  if cache and (cached := _read_cache(cache)) is not None:
+    return cached
   seen = set()
   docs = []
   for doc in _raw_documents():
@@ -86,6 +112,8 @@ def _documents():
       continue
     seen.add(doc)
     docs.append(doc)
+  if cache:
+    _write_cache(cache, docs)
   return tuple(docs)
 
 
