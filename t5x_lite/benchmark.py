@@ -43,6 +43,7 @@ a = num_heads * head_dim, f = mlp_dim, m = number of MLP input projections
 decoder lengths (Te = B Le, Td = B Ld tokens):
 
   encoder layer      P_enc = 4 d a + (m + 1) d f          on Te tokens
+                     (grouped-query attention: 2 d a + 2 d a_kv for the 4 d a)
   decoder layer      P_dec = 4 d a + 2 d a + (m + 1) d f   on Td tokens
                      (self-attention, cross-attention q and o, MLP)
                      + 2 d a (cross-attention k and v)     on Te tokens
@@ -140,8 +141,9 @@ def model_flops_per_step(config: Any, batch_shapes: Mapping[str, Any],
   d, f = config.emb_dim, config.mlp_dim
   vocab = config.vocab_size if vocab_logits else 0
   a = config.num_heads * config.head_dim
+  kv = getattr(config, 'num_kv_heads', config.num_heads) * config.head_dim  # GQA: fewer
   mlp_inputs = len(getattr(config, 'mlp_activations', ('linear',)))
-  attention_proj, mlp = 4 * d * a, (mlp_inputs + 1) * d * f
+  attention_proj, mlp = 2 * d * a + 2 * d * kv, (mlp_inputs + 1) * d * f
   if hasattr(config, 'num_encoder_layers'):
     batch, le = batch_shapes['encoder_input_tokens'].shape
     ld = batch_shapes['decoder_input_tokens'].shape[1]

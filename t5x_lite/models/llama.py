@@ -38,7 +38,7 @@ prompt length (as `DecoderModel` does).
 """
 
 import dataclasses
-from typing import Any, Mapping, Optional, Union
+from typing import Any, ClassVar, Mapping, Optional, Tuple, Union
 
 from flax import linen as nn
 import jax
@@ -84,6 +84,8 @@ class LlamaConfig:
   param_dtype: Any = 'float32'
   scan_layers: bool = False  # see common.run_layers
   remat_policy: str = 'none'  # see common.REMAT_POLICIES
+  # The SwiGLU MLP's input projections (what FLOP counts read; not a setting).
+  mlp_activations: ClassVar[Tuple[str, ...]] = ('silu', 'linear')
 
   def __post_init__(self):
     if isinstance(self.rope_scaling, Mapping):
@@ -129,7 +131,7 @@ class LlamaLayer(nn.Module):
             cache='self' if self.decode else None, positions=positions)
     x = x + common.dropout(cfg, y, deterministic)
     y = norm('pre_mlp_layer_norm')(x)
-    y = layers.GatedMlp(cfg.mlp_dim, activations=('silu', 'linear'),
+    y = layers.GatedMlp(cfg.mlp_dim, activations=cfg.mlp_activations,
                         kernel_init=_init(cfg), name='mlp', **common.dtypes(cfg))(y)
     x = x + common.dropout(cfg, y, deterministic)
     return layers.constrain(x, ('batch', 'length', 'embed'))
