@@ -19,6 +19,7 @@ Needs the test extras (torch, transformers); the project itself does not.
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -138,6 +139,8 @@ def _env():
 def _tiny(family, work_dir, train_steps):
   """Trains the tiny gin, exports it with the entry point: (model dir, out, seconds)."""
   model_dir, out = os.path.join(work_dir, f'{family}_tiny'), os.path.join(work_dir, f'{family}_tiny_hf')
+  for path in (model_dir, out):  # a fresh run and export each time
+    shutil.rmtree(path, ignore_errors=True)
   subprocess.run([sys.executable, '-m', 't5x_lite.train', f'--gin_file={FAMILIES[family][0]}',
                   f"--gin.MODEL_DIR='{model_dir}'", f'--gin.TRAIN_STEPS={train_steps}',
                   f'--gin.CHECKPOINT_PERIOD={train_steps}', '--gin.BATCH_SIZE=8',
@@ -174,6 +177,7 @@ def _base(family, work_dir):
   shapes = model.dummy_batch(1, 8, 8) if family in ('t5', 'bart') else model.dummy_batch(1, 8)
   params = jax.device_get(nn.unbox(jax.jit(model.init)(jax.random.key(0), shapes))['params'])
   out = os.path.join(work_dir, f'{family}_base_hf')
+  shutil.rmtree(out, ignore_errors=True)
   start = time.time()
   export_hf.export(model, params, vocabulary, out)
   return model, params, vocabulary, out, time.time() - start
