@@ -251,6 +251,9 @@ def main(argv: Sequence[str]) -> None:
   parser.add_argument('--dtype', default=None, help="cast the weights, e.g. 'bfloat16'")
   parser.add_argument('--max_shard_size', default='5GB', help='shard above this size')
   args, gin_args = parser.parse_known_args(list(argv))
+  if not os.path.isdir(args.checkpoint_dir):
+    raise UserError(f'--checkpoint_dir {args.checkpoint_dir} not found; give a MODEL_DIR or '
+                    'a MODEL_DIR/checkpoints/<step> directory written by t5x_lite.')
   files, bindings = gin_utils.parse_flags(gin_args, require_file=False)
   if not files:
     files = [os.path.join(_model_dir(args.checkpoint_dir), 'config.gin')]
