@@ -267,3 +267,10 @@ def test_unsupported_model_is_one_clear_error(tmp_path):
   with pytest.raises(UserError, match='GPT-1 style classifier .* no Hugging Face counterpart'):
     export_hf.export(model, {}, None, str(tmp_path / 'out'))
   assert not os.path.exists(tmp_path / 'out')
+  with pytest.raises(UserError, match='--checkpoint_dir .* not found'):
+    export_hf.main([f'--checkpoint_dir={tmp_path / "nothing"}', f'--output_dir={tmp_path / "o"}'])
+  (tmp_path / 'full').mkdir()
+  (tmp_path / 'full' / 'keep.txt').write_text('mine')
+  with pytest.raises(UserError, match='is not empty'):
+    export_hf.export(model, {}, None, str(tmp_path / 'full'))
+  assert (tmp_path / 'full' / 'keep.txt').read_text() == 'mine'
