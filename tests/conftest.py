@@ -68,12 +68,59 @@ _own_cache = None
 if not os.environ.get(_CACHE_ENV):
   _own_cache = tempfile.mkdtemp(prefix='t5x_lite_tests_jax_cache_')
   os.environ[_CACHE_ENV] = _own_cache
+# The embedded corpus, built once (by whichever process needs it first) and
+# read back by the others from a file next to that cache (see corpus.CACHE_ENV).
+if not os.environ.get('T5X_LITE_CORPUS_CACHE'):
+  os.environ['T5X_LITE_CORPUS_CACHE'] = os.path.join(os.environ[_CACHE_ENV], 'corpus.json')
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      'markers', 'slow: a test that runs for most of a minute or more; starts first')
 
 
 def pytest_unconfigure(config):
   del config
   if _own_cache:
     shutil.rmtree(_own_cache, ignore_errors=True)
+
+
+# Modules whose tests share an expensive module fixture (a trained run, the
+# TPU compilations): under `make test` each runs whole on one xdist worker,
+# which builds the fixture once. Every other test is scheduled on its own.
+ONE_WORKER_MODULES = frozenset({'test_train.py', 'test_precompile.py', 'test_infer.py'})
+
+
+def _unit(nodeid: str) -> str:
+  """What `make test` hands to a worker at once: a module of
+  ONE_WORKER_MODULES, else the test alone."""
+  path = nodeid.split('::', 1)[0]
+  return path if os.path.basename(path) in ONE_WORKER_MODULES else nodeid
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests marked `slow` start first (with the rest of their unit), the others
+  keep their order: `make test` hands tests to its two workers in this order,
+  so that neither is left running a long test alone at the end."""
+  del config
+  first = {_unit(item.nodeid) for item in items if item.get_closest_marker('slow')}
+  items.sort(key=lambda item: _unit(item.nodeid) not in first)
+
+
+@pytest.hookimpl(optionalhook=True)  # known only where xdist is installed
+def pytest_xdist_make_scheduler(config, log):
+  """`--dist loadgroup` (make test) by `_unit`. (xdist's own grouping by the
+  xdist_group mark renames test ids in a way pytest 9 ignores, so it groups
+  nothing here.)"""
+  if config.getvalue('dist') != 'loadgroup':
+    return None
+  from xdist.scheduler import LoadGroupScheduling  # pylint: disable=g-import-not-at-top
+
+  class UnitScheduling(LoadGroupScheduling):
+    def _split_scope(self, nodeid):
+      return _unit(super()._split_scope(nodeid))
+
+  return UnitScheduling(config, log)
 
 
 # A T5.1.1 small enough that a step takes milliseconds, on the embedded corpus.

@@ -75,6 +75,7 @@ def _positive(result, key):
   return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.slow
 def test_train_and_decode_on_a_small_t5():
   env = run_env()
   proc = subprocess.run(

@@ -63,7 +63,9 @@ def dirs(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def trained(dirs):
-  """family -> MODEL_DIR of a run trained STEPS steps (evaluated at the last one)."""
+  """family -> MODEL_DIR of a run trained STEPS steps (evaluated at the last one).
+  make test runs this module on one xdist worker (conftest.ONE_WORKER_MODULES),
+  which trains once."""
   out = {}
   for family, flags in TINY.items():
     model_dir = str(dirs / family)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 
+import pytest
+
 from conftest import REPO, run_env
 
 MULTIDEVICE = os.path.join(REPO, 'tests', 'multidevice')
@@ -27,6 +29,7 @@ def run_multidevice(junit_path, *args):
   return proc, outcomes
 
 
+@pytest.mark.slow
 def test_multidevice_suite_on_eight_fake_devices(tmp_path):
   proc, outcomes = run_multidevice(str(tmp_path / 'results.xml'))
   report = '\n'.join(f'{outcome:8s} {name}' for name, outcome in outcomes.items())

@@ -19,8 +19,11 @@ from conftest import REPO, run_env
 from t5x_lite import host
 from t5x_lite import precompile
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
-                                reason='libtpu is not installed (pip install -e .[tpu])')
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
+                       reason='libtpu is not installed (pip install -e .[tpu])'),
+    pytest.mark.slow,
+]
 
 GiB = 2**30
 _TINY_BERT = ('encoder.BertConfig.num_layers=1', 'encoder.BertConfig.emb_dim=64',
@@ -59,6 +62,8 @@ for name, (gin_file, topology, bindings) in json.loads(sys.argv[1]).items():
 '''
 
 
+# make test runs this module on one xdist worker (conftest.ONE_WORKER_MODULES):
+# the cases compile once.
 @pytest.fixture(scope='module')
 def compiled():
   proc = subprocess.run([sys.executable, '-c', _SCRIPT, json.dumps(CASES)], cwd=REPO,

@@ -9,9 +9,12 @@ import signal
 import time
 
 import numpy as np
+import pytest
 
 from conftest import SMALL_T5, read_metrics
 from test_multihost import _expected_losses, launch_two_hosts
+
+pytestmark = pytest.mark.slow
 
 
 def _steps_logged(model_dir):

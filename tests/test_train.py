@@ -31,29 +31,43 @@ def _final_state(model_dir):
   return ocp.PyTreeCheckpointer().restore(path)
 
 
+# Many tests read one uninterrupted run: make test runs this module on one
+# xdist worker (conftest.ONE_WORKER_MODULES), which trains it once. The
+# learning rate does not depend on TRAIN_STEPS, so its first steps are those
+# of any shorter run of the same config.
+
+
 @pytest.fixture(scope='module')
-def uninterrupted(tmp_path_factory):
+def uninterrupted_run(tmp_path_factory):
+  """(MODEL_DIR, stdout) of a STEPS-step run, saved every 10 steps. Tests that
+  run more steps on it copy it first."""
   model_dir = str(tmp_path_factory.mktemp('uninterrupted'))
-  run_train(model_dir, *RUN)
-  return model_dir
+  return model_dir, run_train(model_dir, *RUN).stdout
 
 
-def test_outputs_and_loss_falls(tmp_path):
-  model_dir = str(tmp_path)
-  proc = run_train(model_dir, '--gin.TRAIN_STEPS=40', '--gin.CHECKPOINT_PERIOD=20')
-  assert f'MODEL_DIR: {model_dir}' in proc.stdout
+@pytest.fixture(scope='module')
+def uninterrupted(uninterrupted_run):
+  return uninterrupted_run[0]
+
+
+def test_outputs_and_loss_falls(tmp_path, uninterrupted_run, monkeypatch, capsys):
+  model_dir, stdout = uninterrupted_run
+  assert f'MODEL_DIR: {model_dir}' in stdout
   rows = read_metrics(model_dir)
-  assert [r['step'] for r in rows] == list(range(1, 41))
+  assert [r['step'] for r in rows] == list(range(1, STEPS + 1))
   for key in ('loss', 'accuracy', 'learning_rate', 'tokens_per_second', 'seconds_per_step'):
     assert all(np.isfinite(r[key]) for r in rows), key
   assert rows[0]['learning_rate'] == pytest.approx(1000 ** -0.5)  # WARMUP_STEPS = 1000
-  assert rows[-1]['loss'] < 0.75 * rows[0]['loss']
-  assert sorted(os.listdir(os.path.join(model_dir, 'checkpoints'))) == ['20', '40']
+  assert rows[39]['loss'] < 0.75 * rows[0]['loss']  # by step 40
+  # Saved every 10 steps, the last 3 kept.
+  assert sorted(os.listdir(os.path.join(model_dir, 'checkpoints'))) == ['40', '50', '60']
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(os.path.join(model_dir, 'train')))
   config = open(os.path.join(model_dir, 'config.gin')).read()
-  assert 'emb_dim = 32' in config and 'TRAIN_STEPS = 40' in config
-  again = run_train(model_dir, '--gin.TRAIN_STEPS=40')
-  assert 'nothing to do' in again.stdout
+  assert 'emb_dim = 32' in config and f'TRAIN_STEPS = {STEPS}' in config
+  again = str(tmp_path / 'again')
+  shutil.copytree(model_dir, again)
+  code, out, _ = _train_in_process(monkeypatch, capsys, again, f'--gin.TRAIN_STEPS={STEPS}')
+  assert code == 0 and 'nothing to do' in out, out
 
 
 def _wait_for(proc, done, timeout=300):
@@ -88,6 +102,7 @@ def _assert_same_run(model_dir, reference_dir):
   assert [r['step'] for r in read_metrics(model_dir)] == list(range(1, STEPS + 1))
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_is_bit_exact(tmp_path, uninterrupted):
   model_dir = str(tmp_path)
   first_checkpoint = os.path.join(model_dir, 'checkpoints', '10')
@@ -121,14 +136,16 @@ def test_sigterm_saves_then_resumes_exactly(tmp_path, uninterrupted):
   _assert_same_run(model_dir, uninterrupted)
 
 
-def test_eight_fake_devices_match_one(tmp_path):
-  """data 2 x fsdp 2 x model 2 (configs/meshes/cpu_8_fake.gin) against one device."""
-  one, eight = str(tmp_path / 'one'), str(tmp_path / 'eight')
-  run_train(one, '--gin.TRAIN_STEPS=3', devices=1)
+def test_eight_fake_devices_match_one(tmp_path, uninterrupted_run):
+  """data 2 x fsdp 2 x model 2 (configs/meshes/cpu_8_fake.gin) against one
+  device (the uninterrupted run's first 3 steps)."""
+  eight = str(tmp_path / 'eight')
   proc = run_train(eight, '--gin.TRAIN_STEPS=3', '--gin_file=configs/meshes/cpu_8_fake.gin',
                    devices=8)
   assert "mesh {'data': 2, 'fsdp': 2, 'model': 2}" in proc.stdout
-  for a, b in zip(read_metrics(one), read_metrics(eight), strict=True):
+  one, one_stdout = uninterrupted_run
+  assert "mesh {'data': 1, 'fsdp': 1, 'model': 1}" in one_stdout
+  for a, b in zip(read_metrics(one)[:3], read_metrics(eight), strict=True):
     assert b['loss'] == pytest.approx(a['loss'], rel=1e-5)
     assert b['accuracy'] == pytest.approx(a['accuracy'], rel=1e-5)
 
@@ -225,17 +242,18 @@ def test_readme_own_corpus_recipe(tmp_path):
 
 
 def _train_tiny(gin_file, model_dir, lengths, *extra):
-  proc = subprocess.run(
-      [sys.executable, '-m', 't5x_lite.train', f'--gin_file={gin_file}',
-       f"--gin.MODEL_DIR='{model_dir}'", '--gin.TRAIN_STEPS=40', '--gin.WARMUP_STEPS=5',
-       f'--gin.TASK_FEATURE_LENGTHS={lengths}', '--gin.BATCH_SIZE=16',
-       '--gin.train_script.train.log_every=1', '--gin.train_script.train.progress_bar=False',
-       *extra],
-      cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  """The train entry point's main, in this process (the subprocess around it
+  is tested above)."""
+  from t5x_lite import train  # pylint: disable=g-import-not-at-top
+  main_in_process(train, [
+      f'--gin_file={gin_file}', f"--gin.MODEL_DIR='{model_dir}'", '--gin.TRAIN_STEPS=40',
+      '--gin.WARMUP_STEPS=5', f'--gin.TASK_FEATURE_LENGTHS={lengths}', '--gin.BATCH_SIZE=16',
+      '--gin.train_script.train.log_every=1', '--gin.train_script.train.progress_bar=False',
+      *extra])
   return read_metrics(model_dir)
 
 
+@pytest.mark.slow
 def test_bert_tiny_trains_through_the_same_entry_point(tmp_path):
   rows = _train_tiny('gin/bert_tiny_mlm.gin', str(tmp_path), {'inputs': 64})
   assert {'mlm_loss', 'nsp_loss', 'mlm_accuracy', 'nsp_accuracy'} <= set(rows[-1])
@@ -243,12 +261,14 @@ def test_bert_tiny_trains_through_the_same_entry_point(tmp_path):
   assert rows[-1]['mlm_loss'] < 0.8 * rows[0]['mlm_loss']
 
 
+@pytest.mark.slow
 def test_gpt_tiny_trains_through_the_same_entry_point(tmp_path):
   rows = _train_tiny('gin/gpt_tiny_lm.gin', str(tmp_path), {'targets': 64})
   assert rows[-1]['tokens_per_second'] > 0
   assert rows[-1]['loss'] < 0.8 * rows[0]['loss']
 
 
+@pytest.mark.slow
 def test_bart_tiny_trains_through_the_same_entry_point(tmp_path):
   rows = _train_tiny('gin/bart_tiny_denoise.gin', str(tmp_path), {'inputs': 64, 'targets': 64})
   assert rows[-1]['loss'] < 0.8 * rows[0]['loss']
@@ -278,30 +298,31 @@ def _no_noise(stderr):
   assert 'Traceback' not in stderr and 'Event loop is closed' not in stderr, stderr[-3000:]
 
 
-def test_damaged_checkpoints_are_moved_aside_and_training_goes_past_them(tmp_path):
-  model_dir = str(tmp_path)
+def test_damaged_checkpoints_are_moved_aside_and_training_goes_past_them(tmp_path, uninterrupted):
+  """On a copy of the uninterrupted run (checkpoints 40, 50 and 60)."""
+  model_dir = str(tmp_path / 'run')
+  shutil.copytree(uninterrupted, model_dir)
   ckpts = os.path.join(model_dir, 'checkpoints')
-  run_train(model_dir, '--gin.TRAIN_STEPS=20', '--gin.CHECKPOINT_PERIOD=10')
-  for root, _, names in os.walk(os.path.join(ckpts, '20', 'state')):  # truncate the arrays
+  for root, _, names in os.walk(os.path.join(ckpts, '60', 'state')):  # truncate the arrays
     for name in names if os.path.basename(root) == 'd' else ():
       path = os.path.join(root, name)
       os.truncate(path, os.path.getsize(path) // 2)
-  proc = run_train(model_dir, '--gin.TRAIN_STEPS=30', '--gin.CHECKPOINT_PERIOD=10')
-  [aside] = [os.path.join(ckpts, d) for d in os.listdir(ckpts) if d.startswith('20.damaged-')]
-  [line] = [l for l in proc.stderr.splitlines() if 'damaged' in l]
-  assert f'checkpoint {ckpts}/20 is damaged ({ckpts}/20/state/' in line, line
+  proc = run_train(model_dir, '--gin.TRAIN_STEPS=70', '--gin.CHECKPOINT_PERIOD=10')
+  [aside] = [os.path.join(ckpts, d) for d in os.listdir(ckpts) if d.startswith('60.damaged-')]
+  [line] = [l for l in proc.stderr.splitlines() if ' is damaged (' in l]
+  assert f'checkpoint {ckpts}/60 is damaged ({ckpts}/60/state/' in line, line
   assert line.endswith(f' is cut short); moved it to {aside} and trying the previous one.'), line
-  assert f'resumed from {ckpts}/10 (data position 10, ' in proc.stdout
+  assert f'resumed from {ckpts}/50 (data position 50, ' in proc.stdout
   _no_noise(proc.stderr)
-  os.remove(os.path.join(ckpts, '30', 'state', '_METADATA'))  # a deleted metadata file
-  proc = run_train(model_dir, '--gin.TRAIN_STEPS=40', '--gin.CHECKPOINT_PERIOD=10')
-  assert (f'checkpoint {ckpts}/30 is damaged ({ckpts}/30/state/_METADATA is missing); moved '
-          f'it to {ckpts}/30.damaged-') in proc.stderr
-  assert f'resumed from {ckpts}/20 (data position 20, ' in proc.stdout
+  os.remove(os.path.join(ckpts, '70', 'state', '_METADATA'))  # a deleted metadata file
+  proc = run_train(model_dir, '--gin.TRAIN_STEPS=80', '--gin.CHECKPOINT_PERIOD=10')
+  assert (f'checkpoint {ckpts}/70 is damaged ({ckpts}/70/state/_METADATA is missing); moved '
+          f'it to {ckpts}/70.damaged-') in proc.stderr
+  assert f'resumed from {ckpts}/60 (data position 60, ' in proc.stdout
   _no_noise(proc.stderr)
-  assert sorted(d for d in os.listdir(ckpts) if d.isdigit()) == ['20', '30', '40']  # keep 3
+  assert sorted(d for d in os.listdir(ckpts) if d.isdigit()) == ['60', '70', '80']  # keep 3
   assert len([d for d in os.listdir(ckpts) if '.damaged-' in d]) == 2
-  assert [r['step'] for r in read_metrics(model_dir)] == list(range(1, 41))
+  assert [r['step'] for r in read_metrics(model_dir)] == list(range(1, 81))
 
 
 def test_a_changed_model_config_is_one_line_and_touches_no_checkpoint(tmp_path, uninterrupted):
@@ -342,8 +363,9 @@ def test_a_failed_save_is_one_line_and_the_run_resumes_from_the_survivor(
   assert line.endswith(f'the earlier checkpoints are intact (latest: {ckpts}/10); free space '
                        f'or fix the permissions of {ckpts}, then re-run to resume.')
   assert [d for d in os.listdir(ckpts) if d.isdigit()] == ['10']
-  proc = run_train(model_dir, *run)  # a re-run, once there is space
-  assert f'resumed from {ckpts}/10 (data position 10, ' in proc.stdout
+  code, out, err = _train_in_process(monkeypatch, capsys, model_dir, *run)  # once there is space
+  assert code == 0, err[-3000:]
+  assert f'resumed from {ckpts}/10 (data position 10, ' in out
   assert sorted(os.listdir(ckpts)) == ['10', '20']
   assert [r['step'] for r in read_metrics(model_dir)] == list(range(1, 21))
 
