@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 import families
-from conftest import read_metrics, require_shared_data, run_env, REPO, SHARED_DATA
+from conftest import main_in_process, read_metrics, require_shared_data, run_env, REPO, SHARED_DATA
 from t5x_lite.tasks import preferences as tp
 from t5x_lite import losses
 from t5x_lite import optimizers
@@ -368,17 +368,23 @@ def _run(module, *args, devices=1):
   return proc
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures('shared_samples')
-def test_precomputed_reference_trains_like_the_kept_reference_on_8_devices(tmp_path):
+def test_precomputed_reference_trains_like_the_kept_reference_on_8_devices(tmp_path, capsys):
   """gin/gpt_dpo.gin: the reference kept in the train state (8 fake devices, data x
-  fsdp x model) and the precomputed reference log-probs (1 device) give the same run."""
-  ref = str(tmp_path / 'ref.npz')
-  proc = _run('t5x_lite.precompute_reference', f"--gin.REFERENCE_LOGPS_PATH='{ref}'")
-  assert 'of 200 pairs' in proc.stdout
+  fsdp x model, an entry point's process of its own) and the precomputed
+  reference log-probs (1 device, the entry points' mains in this process) give
+  the same run."""
+  from t5x_lite import precompute_reference  # pylint: disable=g-import-not-at-top
+  from t5x_lite import train  # pylint: disable=g-import-not-at-top
   kept, cached = str(tmp_path / 'kept'), str(tmp_path / 'cached')
   _run('t5x_lite.train', f"--gin.MODEL_DIR='{kept}'", '--gin_file=configs/meshes/cpu_8_fake.gin',
        devices=8)
-  _run('t5x_lite.train', f"--gin.MODEL_DIR='{cached}'", f"--gin.REFERENCE_LOGPS_PATH='{ref}'")
+  ref = str(tmp_path / 'ref.npz')
+  main_in_process(precompute_reference, [*TINY_GPT_DPO, f"--gin.REFERENCE_LOGPS_PATH='{ref}'"])
+  assert 'of 200 pairs' in capsys.readouterr().out
+  main_in_process(train, [*TINY_GPT_DPO, f"--gin.MODEL_DIR='{cached}'",
+                          f"--gin.REFERENCE_LOGPS_PATH='{ref}'"])
   a, b = read_metrics(kept), read_metrics(cached)
   assert [r['step'] for r in a] == [1, 2, 3, 3]
   assert a[0]['loss'] == pytest.approx(math.log(2), abs=1e-5)  # policy = reference at step 1
