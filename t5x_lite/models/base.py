@@ -19,7 +19,9 @@ plus the capabilities callers may ask about without probing:
 
 State the trainer keeps but never updates (DPO's reference policy) is the
 model's `frozen_state(params)`, created with the params and passed to every
-`loss_fn` as `frozen`.
+`loss_fn` as `frozen`. A model with a `base_model` (`lora.LoraModel`) trains
+its params over that model's frozen params, which the trainer passes as
+`frozen['base']` and never checkpoints.
 
 Losses divide sums by `loss_denominators(batch)`. With the whole batch's
 denominators, the losses, metrics and gradients of its microbatches add up to
@@ -41,6 +43,8 @@ class BaseModel(abc.ABC):
   FRESH_PARAMS: Tuple[str, ...] = ()
   DECODER_ONLY: bool = False
   GENERATES: bool = False
+  # The model whose frozen params this one's params adapt (LoRA), or None.
+  base_model: Optional['BaseModel'] = None
   config: Any
 
   @property
