@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t5x_lite import lora
 from t5x_lite import ops
 from t5x_lite.rotary import RopeScaling, apply_rope, rope_frequencies
 
@@ -175,6 +176,12 @@ class DenseGeneral(nn.Module):
     dtype = canonicalize_dtype(self.dtype)
     spec = dense_spec(x.ndim - self.num_contract, self.num_contract, len(features))
     y = ops.einsum(spec, x.astype(dtype), kernel.astype(dtype))
+    adapter = lora.adapter(self)
+    if adapter is not None:
+      lead = 'abcdefg'[:x.ndim - self.num_contract]
+      y = y + lora.term(x.astype(dtype), lead + 'DEGHIJ'[:self.num_contract],
+                        adapter, 'FKLMOP'[:len(features)], lead + 'FKLMOP'[:len(features)],
+                        dtype)
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(
           self.bias_init, axes[self.num_contract:]), features, param_dtype)
@@ -250,7 +257,8 @@ class _Weights(nn.Module):
   """One projection's `kernel` [in, out...] and, with `use_bias`, `bias`
   [out...], cast to `dtype`; so attention params read `query/kernel`,
   `query/bias`. A kernel with several output axes is initialised as the 2D
-  [in, prod(out)] matrix (as DenseGeneral's), so initialisers see its fans."""
+  [in, prod(out)] matrix (as DenseGeneral's), so initialisers see its fans.
+  The third result is the projection's LoRA adapter (`lora.adapter`), or None."""
   shape: Sequence[int]
   axes: Sequence[str]
   init: Initializer
@@ -267,11 +275,12 @@ class _Weights(nn.Module):
     init = init_2d if len(self.shape) > 2 else self.init
     kernel = self.param('kernel', nn.with_logical_partitioning(init, tuple(self.axes)),
                         tuple(self.shape), param_dtype).astype(dtype)
+    adapter = lora.adapter(self)
     if not self.use_bias:
-      return kernel, None
+      return kernel, None, adapter
     bias = self.param('bias', nn.with_logical_partitioning(
         nn.initializers.zeros, tuple(self.axes[1:])), tuple(self.shape[1:]), param_dtype)
-    return kernel, bias.astype(dtype)
+    return kernel, bias.astype(dtype), adapter
 
 
 def _heads_bias(bias: Optional[Array], layout: str, n: int, h: int):
@@ -361,9 +370,12 @@ class Attention(nn.Module):
 
     layout = ops.kv_layout()  # of keys and values: 'BSNH', or 'BNSH' on CPU kernels
     in_axes = ('embed', 'joined_kv')
-    wq, bq = self._weights('query', (d, n * h), in_axes,
-                           kernel_init if self.scale_logits else query_init)
+    wq, bq, lq = self._weights('query', (d, n * h), in_axes,
+                               kernel_init if self.scale_logits else query_init)
     q = ops.einsum('BTD,DNH->BTNH', inputs_q.astype(dtype), wq.reshape(d, n, h))
+    if lq is not None:
+      q = q + lora.term(inputs_q.astype(dtype), 'BTD', lq, 'NH', 'BTNH', dtype,
+                        out_shape=(n, h))
     q = q + _heads_bias(bq, 'BTNH', n, h)
     if inv_freq is not None:
       q = apply_rope(q, positions, inv_freq, 'BTNH')
@@ -378,10 +390,14 @@ class Attention(nn.Module):
     else:
       x = inputs_kv.astype(dtype)
       heads = 'K' if self.num_kv_heads is not None else 'N'
-      wk, bk = self._weights('key', kv_shape, in_axes, kernel_init)
-      wv, bv = self._weights('value', kv_shape, in_axes, kernel_init)
+      wk, bk, lk = self._weights('key', kv_shape, in_axes, kernel_init)
+      wv, bv, lv = self._weights('value', kv_shape, in_axes, kernel_init)
       k = ops.einsum(f'BSD,D{heads}H->{layout}', x, wk.reshape(d, kv_heads, h))
       v = ops.einsum(f'BSD,D{heads}H->{layout}', x, wv.reshape(d, kv_heads, h))
+      if lk is not None:
+        k = k + lora.term(x, 'BSD', lk, f'{heads}H', layout, dtype, out_shape=(kv_heads, h))
+      if lv is not None:
+        v = v + lora.term(x, 'BSD', lv, f'{heads}H', layout, dtype, out_shape=(kv_heads, h))
       k = k + _heads_bias(bk, layout.replace('K', 'N'), kv_heads, h)
       if inv_freq is not None:
         k = apply_rope(k, positions, inv_freq, layout)
@@ -403,9 +419,11 @@ class Attention(nn.Module):
     scale = 1.0 / float(np.sqrt(h)) if self.scale_logits else 1.0
     x = ops.attention(q, k, v, bias=bias, mask=mask, scale=scale, dropout=dropout)
     x = named(x.astype(dtype), 'BTNH')
-    wo, bo = self._weights('out', (n * h, d), ('joined_kv', 'embed'),
-                           self.out_kernel_init or kernel_init, self.out_bias)
+    wo, bo, lo = self._weights('out', (n * h, d), ('joined_kv', 'embed'),
+                               self.out_kernel_init or kernel_init, self.out_bias)
     out = ops.einsum('BTNH,NHD->BTD', x, wo.reshape(n, h, d))
+    if lo is not None:
+      out = out + lora.term(x, 'BTNH', lo, 'D', 'BTD', dtype, in_shape=(n, h))
     return named(out + (0.0 if bo is None else bo), 'BTD')
 
   def _cache(self, k: Array, v: Array, mode: str, layout: str,

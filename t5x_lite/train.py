@@ -145,6 +145,8 @@ def _start(run: runs.Run, trainer: trainer_lib.Trainer, config: runs.TrainConfig
       say(f'initialised params from {config.initial_checkpoint_path}')
     return state, 0, iter(ds)
   state, meta, data_iterator = trainer_lib.TrainState.from_dict(restored[0]), *restored[1:]
+  state = trainer.with_base(state, run.seed, config.initial_checkpoint_path,  # LoRA's base
+                            config.fresh_params or run.model.FRESH_PARAMS)
   data_position, how = meta['data_position'], 'restored'
   if data_iterator is None:  # the checkpoint has no iterator: replay the pipeline
     data_iterator, how = iter(ds.skip(data_position)), 'replayed'
@@ -158,6 +160,9 @@ def _evaluation(run: runs.Run, trainer: trainer_lib.Trainer, e: EvalConfig, mode
   if e.period <= 0:
     return None
   name = e.mixture_or_task_name or run.data.mixture_or_task_name
+  if e.mode != 'loss' and run.model.base_model is not None:
+    raise UserError(f"EvalConfig.mode={e.mode!r} does not run LoRA models yet; set "
+                    "EvalConfig.mode = 'loss' or EVAL_PERIOD = 0.")
   if e.mode == 'loss':
     return _LossEvaluation(trainer, name, e.split, run.lengths, run.batch_size,
                            e.num_examples, run.data.vocabulary)

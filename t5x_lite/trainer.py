@@ -28,6 +28,9 @@ _ABSTRACT_KEY = jax.ShapeDtypeStruct((2,), jnp.uint32)
 
 
 _TRAINED = ('step', 'params', 'opt_state', 'rng')
+# Frozen state that checkpoints leave out: a LoRA model's base params, which
+# come from INITIAL_CHECKPOINT_PATH at every start (see Trainer.base_params).
+BASE = 'base'
 
 
 @flax.struct.dataclass
@@ -40,10 +43,12 @@ class TrainState:
   frozen: Optional[dict[str, Any]] = None
 
   def to_dict(self) -> dict[str, Any]:
-    """The checkpointed dict; the frozen state's entries sit beside the params."""
+    """The checkpointed dict; the frozen state's entries sit beside the params
+    (all but a LoRA model's base params, `BASE`)."""
     d = {'step': self.step, 'params': self.params, 'opt_state': self.opt_state,
          'rng': self.rng}
-    return {**(self.frozen or {}), **d}
+    frozen = {k: v for k, v in (self.frozen or {}).items() if k != BASE}
+    return {**frozen, **d}
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> 'TrainState':
@@ -65,7 +70,10 @@ class Trainer:
   """Builds the sharded train state and compiles the train step once.
 
   The model's `frozen_state` of the initial params (DPO's reference policy)
-  is kept in the state, never updated, and passed to its `loss_fn`.
+  is kept in the state, never updated, and passed to its `loss_fn`. A model
+  with a `base_model` (`lora.LoraModel`) trains its params (the adapters)
+  over that model's params, kept frozen as `frozen['base']`: random, or
+  INITIAL_CHECKPOINT_PATH's, and never checkpointed (see `base_params`).
   `num_microbatches` > 1 accumulates the gradients of that many equal parts
   of each batch (see `_grads`).
   """
@@ -85,51 +93,94 @@ class Trainer:
     self.opt_shardings = partitioner.opt_state_shardings(
         self.tx, self.abstract_params, self.param_shardings)
     replicated = partitioner.replicated
+    frozen_shardings = model.frozen_shardings(self.param_shardings)
+    self.base_model = model.base_model
+    self.abstract_base = None
+    if self.base_model is not None:
+      self.abstract_base, base_shardings = abstract_params(self.base_model, partitioner,
+                                                           batch_shapes)
+      frozen_shardings = {**(frozen_shardings or {}), BASE: base_shardings}
     self.state_shardings = TrainState(
         step=replicated, params=self.param_shardings, opt_state=self.opt_shardings,
-        rng=replicated, frozen=model.frozen_shardings(self.param_shardings))
+        rng=replicated, frozen=frozen_shardings)
     self.batch_sharding = partitioner.batch_sharding()
     self._compiled_step = None
     self._compiled_eval = None
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the train state, without computing it."""
-    abstract = jax.eval_shape(self._make_state, _ABSTRACT_KEY, self.abstract_params)
+    abstract = jax.eval_shape(self._make_state, _ABSTRACT_KEY, self.abstract_params,
+                              self.abstract_base)
     return jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract, self.state_shardings)
 
-  def _make_state(self, rng, params):
+  def _make_state(self, rng, params, base=None):
+    frozen = self.model.frozen_state(params)
+    if base is not None:
+      frozen = {**(frozen or {}), BASE: base}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=self.tx.init(params), rng=rng,
-                      frozen=self.model.frozen_state(params))
+                      opt_state=self.tx.init(params), rng=rng, frozen=frozen)
 
-  def init_state(self, seed: int, params: Optional[Any] = None) -> TrainState:
+  def init_state(self, seed: int, params: Optional[Any] = None,
+                 base: Optional[Any] = None) -> TrainState:
     """A fresh state, created already sharded (no full copy on one device).
 
     `params`, when given (fine-tuning from a checkpoint), replace the random
     ones; a leaf given as a ShapeDtypeStruct (a new head) keeps its random init.
+    `base` (a model with a `base_model` only): its frozen base params
+    (default: `base_params(seed)`).
     """
     rng = jax.random.PRNGKey(seed)
     init_rng, state_rng = jax.random.split(rng)
     is_fresh = lambda x: isinstance(x, jax.ShapeDtypeStruct)
     given = None if params is None else jax.tree_util.tree_map(
         lambda x: None if is_fresh(x) else x, params, is_leaf=is_fresh)
+    if self.base_model is not None and base is None:
+      base = self.base_params(seed)
 
-    def make(init_rng, state_rng, given):
+    def make(init_rng, state_rng, given, base):
       p = nn.unbox(self._init_variables(init_rng))['params']
       if given is not None:
         p = jax.tree_util.tree_map(lambda g, x: x if g is None else g, given, p,
                                    is_leaf=lambda g: g is None)
-      return self._make_state(state_rng, p)
+      return self._make_state(state_rng, p, base)
 
     with self.partitioner.activate():
-      return jax.jit(make, out_shardings=self.state_shardings)(init_rng, state_rng, given)
+      return jax.jit(make, out_shardings=self.state_shardings)(init_rng, state_rng, given, base)
+
+  def base_params(self, seed: int, initial_checkpoint_path: Optional[str] = None,
+                  fresh: Sequence[str] = ()) -> Any:
+    """The frozen base params of a model with a `base_model`, sharded:
+    `initial_checkpoint_path`'s, else the base model's random init of `seed`
+    (the same at every start, so that a resumed run finds the same base)."""
+    shardings = self.state_shardings.frozen[BASE]
+    if initial_checkpoint_path:
+      return jax.device_put(checkpoints.restore_params(
+          initial_checkpoint_path, self.abstract_base, fresh=fresh), shardings)
+    init_rng = jax.random.split(jax.random.PRNGKey(seed))[0]
+    variables = lambda rng: nn.unbox(self.base_model.init(rng, self.batch_shapes))['params']
+    with self.partitioner.activate():
+      return jax.jit(variables, out_shardings=shardings)(init_rng)
+
+  def with_base(self, state: TrainState, seed: int,
+                initial_checkpoint_path: Optional[str] = None,
+                fresh: Sequence[str] = ()) -> TrainState:
+    """A restored `state` with its base params put back (checkpoints leave
+    them out); `state` itself for a model without a `base_model`."""
+    if self.base_model is None:
+      return state
+    base = self.base_params(seed, initial_checkpoint_path, fresh)
+    return state.replace(frozen={**(state.frozen or {}), BASE: base})
 
   def initial_state(self, seed: int, initial_checkpoint_path: Optional[str] = None,
                     fresh: Sequence[str] = ()) -> TrainState:
     """`init_state` with the params of `initial_checkpoint_path` when given
-    (subtrees named in `fresh` may be missing from it and start at random)."""
+    (subtrees named in `fresh` may be missing from it and start at random).
+    For a model with a `base_model` the checkpoint holds the base params; the
+    adapters start fresh."""
+    if self.base_model is not None:
+      return self.init_state(seed, None, self.base_params(seed, initial_checkpoint_path, fresh))
     params = None
     if initial_checkpoint_path:
       params = checkpoints.restore_params(initial_checkpoint_path, self.abstract_params,
