@@ -34,8 +34,9 @@ under the same logical rules as the kernel.
 `LoraModel(base_model, config)` is the Model the trainer runs; its inference
 methods (`logits`, `score`, `predict_batch`) take `attach`ed params.
 `merge(base, adapters, config)` folds the adapters into the kernels
-(W + (alpha / r) A B) for export. DPO's reference policy can be the base
-itself: the adapters with B = 0 (a copy of the small adapter tree).
+(W + (alpha / r) A B) for export. Around a DPO model
+(`LoraModel(DPOModel(family))`), the reference policy is the base without
+adapters: the frozen base params themselves, no copy.
 """
 
 import dataclasses
@@ -307,10 +308,12 @@ class LoraModel(BaseModel):
               denominators: Optional[Mapping[str, Array]] = None, frozen: Any = None):
     if not frozen or 'base' not in frozen:
       raise ValueError("LoraModel.loss_fn needs the base params as frozen['base'].")
-    rest = {k: v for k, v in frozen.items() if k != 'base'} or None
+    # The wrapped model's own frozen state is made of the base params: DPO's
+    # reference is then the base without adapters (the same arrays, no copy).
+    inner = self.base_model.frozen_state(frozen['base'])
     full = attach(frozen['base'], params, self.lora_config, dropout_rng)
     return self.base_model.loss_fn(full, batch, dropout_rng, denominators=denominators,
-                                   frozen=rest)
+                                   frozen=inner)
 
   def logits(self, params: Any, batch) -> Array:
     return self.base_model.logits(params, batch)
@@ -322,7 +325,10 @@ class LoraModel(BaseModel):
     return self.base_model.predict_batch(params, batch, rng, **options)
 
   def frozen_state(self, params: Any) -> Any:
-    return self.base_model.frozen_state(params)
+    """Nothing beside the base params (see `loss_fn`)."""
+    del params
+    return None
 
   def frozen_shardings(self, param_shardings: Any) -> Any:
-    return self.base_model.frozen_shardings(param_shardings)
+    del param_shardings
+    return None

@@ -8,6 +8,7 @@ import shutil
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -15,7 +16,7 @@ from conftest import main_in_process, read_metrics
 from t5x_lite import layers, lora, optimizers
 from t5x_lite import trainer as trainer_lib
 from t5x_lite.errors import UserError
-from t5x_lite.models import llama
+from t5x_lite.models import llama, preference
 from t5x_lite.partitioning import Partitioner
 
 import families
@@ -189,6 +190,45 @@ def test_adapter_dropout_acts_in_training_only():
   again = model.loss_fn(adapters, s.batch, jax.random.PRNGKey(1), frozen=frozen)[0]
   other = model.loss_fn(adapters, s.batch, jax.random.PRNGKey(2), frozen=frozen)[0]
   assert float(one) == float(again) and float(one) != float(plain) and float(one) != float(other)
+
+
+def test_dpo_reference_is_the_base_without_adapters():
+  """LoRA around DPO: at step 0 the policy is the reference (the base), so
+  every margin is 0 and the loss is log 2; training raises the reward accuracy."""
+  gpt = families.tiny('gpt')
+  one, other = families.random_batch(gpt, ROWS), families.random_batch(gpt, ROWS, seed=1)
+  batch = {**{f'chosen_{k}': v for k, v in one.items()},
+           **{f'rejected_{k}': v for k, v in other.items()}}
+  model = lora.LoraModel(preference.DPOModel(gpt, beta=0.5), CONFIG)
+  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+  trainer = trainer_lib.Trainer(model, optimizers.adamw(1e-2), Partitioner(), shapes)
+  state = trainer.init_state(seed=0)
+  assert set(state.frozen) == {'base'}  # no reference copy
+  losses = []
+  for _ in range(5):
+    state, metrics = trainer.train_step(state, batch)
+    losses.append(float(metrics['loss']))
+  np.testing.assert_allclose(losses[0], np.log(2.0), rtol=1e-6)
+  assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_bfloat16_base_under_float32_adapters():
+  base = families.tiny('gpt', param_dtype='bfloat16')
+  batch = families.random_batch(base, ROWS)
+  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+  trainer = trainer_lib.Trainer(lora.LoraModel(base, CONFIG), optimizers.adamw(1e-2),
+                                Partitioner(), shapes)
+  state = trainer.init_state(seed=0)
+  base_before = jax.device_get(state.frozen['base'])
+  assert {x.dtype for x in jax.tree_util.tree_leaves(base_before)} == {jnp.dtype(jnp.bfloat16)}
+  for _ in range(2):
+    state, metrics = trainer.train_step(state, batch)
+  assert float(metrics['nonfinite_steps']) == 0.0
+  assert {x.dtype for x in jax.tree_util.tree_leaves(state.params)} == {jnp.dtype(jnp.float32)}
+  assert np.abs(np.asarray(state.params['decoder']['layers_0']['self_attention']['query']
+                           ['lora_b'])).max() > 0
+  jax.tree_util.tree_map(np.testing.assert_array_equal, base_before,
+                         jax.device_get(state.frozen['base']))
 
 
 def test_config_mistakes_are_user_errors():
