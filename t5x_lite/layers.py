@@ -149,7 +149,8 @@ class DenseGeneral(nn.Module):
   The kernel has shape `in_dims + features` and logical names `kernel_axes`
   (the bias, shape `features`, takes the output names); it is initialised
   as a 2D [fan_in, fan_out] matrix (as T5X does), so fan-in based
-  initialisers see the true fan-in.
+  initialisers see the true fan-in. With a LoRA adapter beside the kernel
+  (`lora.attach`) the output gains its low-rank update (`lora.term`).
   """
   features: Union[int, Sequence[int]]
   kernel_axes: Sequence[Optional[str]]
@@ -311,7 +312,9 @@ class Attention(nn.Module):
   the rules can shard them where the mesh divides K. `rope_theta` rotates
   queries and keys by their positions (`apply_rope`, with `rope_scaling`).
   `out_bias` False leaves `out` unbiased while `use_bias` biases the query,
-  key and value projections (Qwen2).
+  key and value projections (Qwen2). A projection with a LoRA adapter beside
+  its kernel (`lora.attach`) adds its low-rank update, in the layout of
+  that projection's output.
   """
   num_heads: int
   head_dim: int
