@@ -139,28 +139,28 @@ def test_trainable_params_are_the_lora_formula(name):
 
 @pytest.mark.parametrize('name', ['gpt', 'llama', 't5'])
 def test_training_moves_only_the_adapters(name):
-  s = _Setup(name)  # its own: it trains
+  s = setup(name)  # its compiled step, a state of its own
   # The synthetic task: every (non-padding) target is token 7.
-  s.batch = {k: np.where(v > 0, 7, 0).astype(v.dtype) if k.endswith('target_tokens') else v
-             for k, v in s.batch.items()}
+  batch = {k: np.where(v > 0, 7, 0).astype(v.dtype) if k.endswith('target_tokens') else v
+           for k, v in s.batch.items()}
   # A base whose (frozen) embeddings let the logits move far from flat.
   state = s.trainer.init_state(0, base=jax.tree_util.tree_map(lambda x: 3 * x,
                                                               s.state.frozen['base']))
   base_before = jax.device_get(state.frozen['base'])
-  before = s.base.logits(base_before, s.batch)
+  before = s.base.logits(base_before, batch)
   losses = []
   for _ in range(15):
-    state, metrics = s.trainer.train_step(state, s.batch)
+    state, metrics = s.trainer.train_step(state, batch)
     losses.append(float(metrics['loss']))
   assert losses[-1] < 0.5 * losses[0], losses
   jax.tree_util.tree_map(np.testing.assert_array_equal, base_before,
                          jax.device_get(state.frozen['base']))
-  after = s.model.logits(s.model.full_params(state.frozen['base'], state.params), s.batch)
+  after = s.model.logits(s.model.full_params(state.frozen['base'], state.params), batch)
   assert np.abs(np.asarray(after) - np.asarray(before)).max() > 1e-2
   # merge folds the trained adapters into the kernels: the base model reads them
   # (up to float32 rounding of logits that the x3 base makes large).
   merged = lora.merge(state.frozen['base'], state.params, CONFIG)
-  np.testing.assert_allclose(np.asarray(s.base.logits(merged, s.batch)), np.asarray(after),
+  np.testing.assert_allclose(np.asarray(s.base.logits(merged, batch)), np.asarray(after),
                              rtol=1e-4, atol=2e-4)
 
 
