@@ -292,8 +292,8 @@ def test_wordpiece_decode_and_special_ids(exports, wordpiece_held_out):
 def test_unsupported_vocabularies_and_model_types(tmp_path):
   with pytest.raises(UserError, match='ByteVocabulary'):
     tokenizer_files.save(seqio.ByteVocabulary(), str(tmp_path), model_type='t5')
-  with pytest.raises(UserError, match='llama'):
-    tokenizer_files.save(vocab_lib.embedded_vocabulary(), str(tmp_path), model_type='llama')
+  with pytest.raises(UserError, match='gpt_neox'):
+    tokenizer_files.save(vocab_lib.embedded_vocabulary(), str(tmp_path), model_type='gpt_neox')
   with pytest.raises(UserError, match='model_type bert'):
     tokenizer_files.save(wordpiece.embedded_wordpiece_vocabulary(), str(tmp_path),
                          model_type='gpt2')
