@@ -88,7 +88,8 @@ def pytest_unconfigure(config):
 # Modules whose tests share an expensive module fixture (a trained run, the
 # TPU compilations): under `make test` each runs whole on one xdist worker,
 # which builds the fixture once. Every other test is scheduled on its own.
-ONE_WORKER_MODULES = frozenset({'test_train.py', 'test_precompile.py', 'test_infer.py'})
+ONE_WORKER_MODULES = frozenset({'test_train.py', 'test_precompile.py', 'test_infer.py',
+                                'test_export_hf.py'})
 
 
 def _unit(nodeid: str) -> str:

@@ -213,7 +213,7 @@ def test_building_blocks_may_leave_their_macros_to_other_blocks():
 def test_no_shipped_macro_is_dead():
   """Every macro a shipped gin file sets is used (`%NAME`) by some shipped gin file."""
   paths = glob.glob(os.path.join(REPO, 'configs', '*', '*.gin')) + glob.glob(
-      os.path.join(REPO, 'gin', '*.gin'))
+      os.path.join(REPO, 'configs', '*.gin')) + glob.glob(os.path.join(REPO, 'gin', '*.gin'))
   texts = {os.path.relpath(p, REPO): open(p).read() for p in paths}
   used = {name for text in texts.values() for name in re.findall(r'%(\w+)', text)}
   dead = {(path, name) for path, text in texts.items()
