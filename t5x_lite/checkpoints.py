@@ -168,20 +168,26 @@ def _quiet_late_callbacks() -> None:
 
 class _OrbaxStorageErrors(logging.Filter):
   """Drops orbax's error logs (each with a traceback, from its background
-  threads) about a storage error: the Checkpointer reports it in one line."""
+  threads) about a storage error, and asyncio's 'Task exception was never
+  retrieved' for an orbax read that failed on a damaged file or the storage:
+  the Checkpointer reports each in one line."""
 
   def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    if record.name == 'asyncio':
+      return record.levelno < logging.ERROR or exc is None or not (
+          _is_damage(exc) or _storage_problem(exc))
     if record.levelno < logging.ERROR or f'{os.sep}orbax{os.sep}' not in record.pathname:
       return True
-    exc = record.exc_info[1] if record.exc_info else None
     return not ((exc is not None and _storage_problem(exc))
                 or any(w in record.getMessage() for w, _ in _STORAGE_WORDS))
 
 
 def _quiet_orbax_storage_errors() -> None:
-  absl_logger = logging.getLogger('absl')
-  if not any(isinstance(f, _OrbaxStorageErrors) for f in absl_logger.filters):
-    absl_logger.addFilter(_OrbaxStorageErrors())
+  for name in ('absl', 'asyncio'):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _OrbaxStorageErrors) for f in logger.filters):
+      logger.addFilter(_OrbaxStorageErrors())
 
 
 @contextlib.contextmanager
