@@ -323,12 +323,3 @@ class LoraModel(BaseModel):
 
   def predict_batch(self, params: Any, batch, rng: Optional[Array] = None, **options):
     return self.base_model.predict_batch(params, batch, rng, **options)
-
-  def frozen_state(self, params: Any) -> Any:
-    """Nothing beside the base params (see `loss_fn`)."""
-    del params
-    return None
-
-  def frozen_shardings(self, param_shardings: Any) -> Any:
-    del param_shardings
-    return None
