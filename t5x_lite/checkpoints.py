@@ -260,8 +260,11 @@ class Checkpointer:
   """Saves and restores train-state pytrees under `<model_dir>/checkpoints`."""
 
   def __init__(self, model_dir: str, save_period: int, keep: Optional[int] = 3,
-               async_save: bool = True):
+               async_save: bool = True, meta: Optional[dict[str, Any]] = None):
+    # `meta`: JSON written into every checkpoint's meta beside the step (e.g.
+    # the base checkpoint of LoRA adapters); `read_meta` reads it back.
     self.directory = os.path.join(os.path.abspath(model_dir), 'checkpoints')
+    self.extra_meta = dict(meta or {})
     self.save_period = save_period
     self.keep = keep
     self._checkpointable_iterator = None
@@ -305,7 +308,7 @@ class Checkpointer:
     left as they were.
     """
     self._finish()
-    meta = {'step': int(step), 'data_position': int(data_position),
+    meta = {**self.extra_meta, 'step': int(step), 'data_position': int(data_position),
             'fingerprint': _fingerprint_list(state),
             'shapes': {k: list(v) for k, v in _shapes(state).items()}}
     items = {'state': ocp.args.StandardSave(state)}
@@ -469,6 +472,21 @@ def _rename_aside(src: str) -> str:
                     f'({_storage_problem(e) or _first_line(e)}); move it away yourself, '
                     'then re-run.') from None
   return dst
+
+
+def read_meta(step_dir: str) -> dict[str, Any]:
+  """The meta JSON of a step directory (step, data position, `Checkpointer`'s
+  `meta`); {} for a step written without one."""
+  path = os.path.join(step_dir, 'meta', 'metadata')
+  if not os.path.isfile(path):
+    return {}
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f'cannot read {path} ({_first_line(e)}); use another step of the run, '
+                    'or put the checkpoint back from a backup.') from None
+  return meta if isinstance(meta, dict) else {}
 
 
 def resolve_step_dir(path: str) -> str:

@@ -34,6 +34,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from t5x_lite import lora
 from t5x_lite.data import pipeline
 from t5x_lite.data import registry
 from t5x_lite.errors import UserError
@@ -308,15 +309,31 @@ class Evaluator:
 
 def load_params(model: Any, partitioner: Partitioner, checkpoint_path: str,
                 batch_shapes: Mapping[str, jax.ShapeDtypeStruct]) -> Any:
-  """A checkpoint's params, restored straight into the model's shardings."""
+  """A checkpoint's params, restored straight into the model's shardings, as
+  the model's `logits` / `score` / `predict_batch` take them. A LoRA run's
+  checkpoint (adapters only) gives the base its meta names with the adapters
+  attached (`lora.attach`), which the family's model (a run's MODEL) and the
+  LoraModel around it both read."""
   from t5x_lite import checkpoints  # pylint: disable=g-import-not-at-top
   from t5x_lite import trainer  # pylint: disable=g-import-not-at-top
+  step_dir = checkpoints.resolve_step_dir(checkpoint_path)
+  base = checkpoints.read_meta(step_dir).get(lora.CHECKPOINT_META)
+  if base is None and model.base_model is not None:
+    raise UserError(f'{step_dir} names no base checkpoint for LoRA adapters; evaluate a '
+                    'checkpoint written by a LoRA run (configs/lora.gin).')
+  if base is not None and model.base_model is None:
+    model = lora.LoraModel(model, lora.LoraConfig(**base['config']))
   abstract, shardings = trainer.abstract_params(model, partitioner, dict(batch_shapes))
   abstract = jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  params = checkpoints.restore_params(checkpoint_path, abstract)
+  params = checkpoints.restore_params(step_dir, abstract)
   with partitioner.activate():
-    return jax.device_put(params, shardings)
+    params = jax.device_put(params, shardings)
+  if base is None:
+    return params
+  frozen = {'base': trainer.base_params(model.base_model, partitioner, dict(batch_shapes),
+                                        base['seed'], base['checkpoint'])}
+  return model.inference_params(params, frozen)
 
 
 def _classify(model: Any, params, batch) -> tuple[jax.Array, jax.Array]:

@@ -54,6 +54,11 @@ from t5x_lite.models.base import BaseModel
 
 Array = jax.Array
 
+# The entry of an adapter checkpoint's meta that names its base and its
+# LoraConfig: {'checkpoint': the base's step directory, or None for the random
+# init of 'seed', 'config': the LoraConfig's fields} (see `checkpoint_meta`).
+CHECKPOINT_META = 'lora_base'
+
 # The default targets: every attention projection of every family.
 ATTENTION = ('query', 'key', 'value', 'out')
 
@@ -255,6 +260,16 @@ def num_params(adapters: Any) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nn.unbox(adapters)))
 
 
+def checkpoint_meta(config: LoraConfig, base_checkpoint: Optional[str],
+                    seed: int) -> dict[str, Any]:
+  """What an adapter checkpoint records (CHECKPOINT_META): its base, the step
+  directory `base_checkpoint` or else the random init of `seed`, and `config`."""
+  fields = dataclasses.asdict(config)
+  fields['targets'] = list(fields['targets'])
+  return {'checkpoint': base_checkpoint, 'seed': None if base_checkpoint else seed,
+          'config': fields}
+
+
 # -----------------------------------------------------------------------------
 # The model the trainer runs.
 # -----------------------------------------------------------------------------
@@ -300,6 +315,9 @@ class LoraModel(BaseModel):
   def full_params(self, base: Any, adapters: Any) -> Any:
     """The params the base model's functions take (no dropout)."""
     return attach(base, adapters, self.lora_config)
+
+  def inference_params(self, params: Any, frozen: Any) -> Any:
+    return self.full_params(frozen['base'], params)
 
   def loss_denominators(self, batch) -> dict[str, Array]:
     return self.base_model.loss_denominators(batch)

@@ -31,6 +31,7 @@ from t5x_lite import checkpoints
 from t5x_lite import distributed
 from t5x_lite import gin_utils
 from t5x_lite import host
+from t5x_lite import lora
 from t5x_lite import progress
 from t5x_lite import runs
 from t5x_lite import trainer as trainer_lib
@@ -145,6 +146,7 @@ def _start(run: runs.Run, trainer: trainer_lib.Trainer, config: runs.TrainConfig
       say(f'initialised params from {config.initial_checkpoint_path}')
     return state, 0, iter(ds)
   state, meta, data_iterator = trainer_lib.TrainState.from_dict(restored[0]), *restored[1:]
+  _check_base(meta, ckpt)
   state = trainer.with_base(state, run.seed, config.initial_checkpoint_path,  # LoRA's base
                             config.fresh_params or run.model.FRESH_PARAMS)
   data_position, how = meta['data_position'], 'restored'
@@ -155,14 +157,31 @@ def _start(run: runs.Run, trainer: trainer_lib.Trainer, config: runs.TrainConfig
   return state, data_position, data_iterator
 
 
+def _base_record(run: runs.Run, config: runs.TrainConfig) -> dict[str, Any]:
+  """What a LoRA run's checkpoints record (lora.checkpoint_meta): the step
+  directory of INITIAL_CHECKPOINT_PATH, else the random init of `seed`."""
+  path = config.initial_checkpoint_path
+  return lora.checkpoint_meta(run.model.lora_config,
+                              checkpoints.resolve_step_dir(path) if path else None, run.seed)
+
+
+def _check_base(meta: dict[str, Any], ckpt: checkpoints.Checkpointer) -> None:
+  """Stops a LoRA run that would resume its adapters over another base."""
+  want, had = ckpt.extra_meta.get(lora.CHECKPOINT_META), meta.get(lora.CHECKPOINT_META)
+  base = lambda record: (record['checkpoint'], record['seed'])
+  if want is not None and had is not None and base(want) != base(had):
+    was = had['checkpoint'] or f"the random init of seed {had['seed']}"
+    now = want['checkpoint'] or f"the random init of seed {want['seed']}"
+    raise UserError(f'the adapters in {ckpt.directory} were trained over {was}, but this run '
+                    f'sets {now}; set INITIAL_CHECKPOINT_PATH back, or give the run a new '
+                    'MODEL_DIR.')
+
+
 def _evaluation(run: runs.Run, trainer: trainer_lib.Trainer, e: EvalConfig, model_dir: str):
   """The periodic evaluation of `e` (None when `e.period` is 0)."""
   if e.period <= 0:
     return None
   name = e.mixture_or_task_name or run.data.mixture_or_task_name
-  if e.mode != 'loss' and run.model.base_model is not None:
-    raise UserError(f"EvalConfig.mode={e.mode!r} does not run LoRA models yet; set "
-                    "EvalConfig.mode = 'loss' or EVAL_PERIOD = 0.")
   if e.mode == 'loss':
     return _LossEvaluation(trainer, name, e.split, run.lengths, run.batch_size,
                            e.num_examples, run.data.vocabulary)
@@ -203,8 +222,9 @@ def train(*,
                     'must be positive.')
   run = config.build()  # stops at once when data is missing
   trainer = run.trainer(config.optimizer, config.num_microbatches)
+  meta = {lora.CHECKPOINT_META: _base_record(run, config)} if run.model.base_model is not None else None
   ckpt = checkpoints.Checkpointer(model_dir, checkpoint.period, checkpoint.keep,
-                                  async_save=checkpoint.async_save)
+                                  async_save=checkpoint.async_save, meta=meta)
   state, data_position, data_iterator = _start(run, trainer, config, ckpt, say)
   start_step = int(state.step)
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_params))
@@ -402,9 +422,11 @@ class _Evaluation:
         model, partitioner, lengths, batch_size, split=split, mode=mode, decode=decode,
         num_examples=num_examples, vocabulary=vocabulary)
     self.model_dir = model_dir
+    self.model = model
 
   def __call__(self, state, step: int) -> dict[str, float]:
-    results = [_guarded(task.name, step, self.evaluator.evaluate, state.params, task)
+    params = self.model.inference_params(state.params, state.frozen)
+    results = [_guarded(task.name, step, self.evaluator.evaluate, params, task)
                for task in self.tasks]
     if jax.process_index() == 0:
       self._evaluation.write_results(

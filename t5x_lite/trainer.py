@@ -66,6 +66,23 @@ def abstract_params(model: BaseModel, partitioner: Partitioner,
   return nn.unbox(boxed)['params'], shardings
 
 
+def base_params(base_model: BaseModel, partitioner: Partitioner,
+                batch_shapes: dict[str, jax.ShapeDtypeStruct], seed: int,
+                initial_checkpoint_path: Optional[str] = None,
+                fresh: Sequence[str] = ()) -> Any:
+  """The frozen params a LoRA model adapts, sharded: `initial_checkpoint_path`'s,
+  else `base_model`'s random init of `seed` (the same at every start, so
+  that a resumed run, or an evaluation of its adapters, finds the same base)."""
+  abstract, shardings = abstract_params(base_model, partitioner, batch_shapes)
+  if initial_checkpoint_path:
+    return jax.device_put(checkpoints.restore_params(
+        initial_checkpoint_path, abstract, fresh=fresh), shardings)
+  init_rng = jax.random.split(jax.random.PRNGKey(seed))[0]
+  variables = lambda rng: nn.unbox(base_model.init(rng, batch_shapes))['params']
+  with partitioner.activate():
+    return jax.jit(variables, out_shardings=shardings)(init_rng)
+
+
 class Trainer:
   """Builds the sharded train state and compiles the train step once.
 
@@ -151,17 +168,10 @@ class Trainer:
 
   def base_params(self, seed: int, initial_checkpoint_path: Optional[str] = None,
                   fresh: Sequence[str] = ()) -> Any:
-    """The frozen base params of a model with a `base_model`, sharded:
-    `initial_checkpoint_path`'s, else the base model's random init of `seed`
-    (the same at every start, so that a resumed run finds the same base)."""
-    shardings = self.state_shardings.frozen[BASE]
-    if initial_checkpoint_path:
-      return jax.device_put(checkpoints.restore_params(
-          initial_checkpoint_path, self.abstract_base, fresh=fresh), shardings)
-    init_rng = jax.random.split(jax.random.PRNGKey(seed))[0]
-    variables = lambda rng: nn.unbox(self.base_model.init(rng, self.batch_shapes))['params']
-    with self.partitioner.activate():
-      return jax.jit(variables, out_shardings=shardings)(init_rng)
+    """The frozen base params of a model with a `base_model` (see the module
+    function `base_params`), in this trainer's shardings."""
+    return base_params(self.base_model, self.partitioner, self.batch_shapes, seed,
+                       initial_checkpoint_path, fresh)
 
   def with_base(self, state: TrainState, seed: int,
                 initial_checkpoint_path: Optional[str] = None,

@@ -15,6 +15,7 @@ import pytest
 from conftest import main_in_process, read_metrics
 from t5x_lite import layers, lora, optimizers
 from t5x_lite import trainer as trainer_lib
+from t5x_lite.data import vocab as vocab_lib
 from t5x_lite.errors import UserError
 from t5x_lite.models import llama, preference
 from t5x_lite.partitioning import Partitioner
@@ -263,13 +264,20 @@ def _lora_run(model_dir, steps):
   return read_metrics(model_dir)
 
 
+@pytest.fixture(scope='module')
+def lora_run(tmp_path_factory):
+  """(model dir, metrics) of 3 steps of gin/llama_tiny_lora.gin over a random base."""
+  model_dir = str(tmp_path_factory.mktemp('lora_run') / 'whole')
+  return model_dir, _lora_run(model_dir, 3)
+
+
 @pytest.mark.slow
-def test_lora_gin_run_resumes_bit_exactly(tmp_path):
-  """3 steps of gin/llama_tiny_lora.gin; then the same run resumed from its
-  step-2 checkpoint (step 3's removed) repeats step 3 bit for bit."""
+def test_lora_gin_run_resumes_bit_exactly(lora_run, tmp_path):
+  """The run resumed from its step-2 checkpoint (step 3's removed) repeats
+  step 3 bit for bit; the checkpoints hold the adapters only."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  whole, parts = str(tmp_path / 'whole'), str(tmp_path / 'parts')
-  rows = _lora_run(whole, 3)
+  whole, rows = lora_run
+  parts = str(tmp_path / 'parts')
   shutil.copytree(whole, parts)
   shutil.rmtree(os.path.join(parts, 'checkpoints', '3'))
   resumed = _lora_run(parts, 3)
@@ -280,6 +288,70 @@ def test_lora_gin_run_resumes_bit_exactly(tmp_path):
   assert set(state) == {'step', 'params', 'opt_state', 'rng'}  # no base params
   assert _leaf_names(state['params']) == {'lora_a', 'lora_b'}
   jax.tree_util.tree_map(np.testing.assert_array_equal, state, again)
+
+
+def test_lora_checkpoint_names_its_base_and_refuses_another(lora_run, tmp_path):
+  """Each checkpoint's meta names the base (here the random init of seed 0);
+  resuming over another base stops with one line, and the run is unchanged."""
+  from t5x_lite import checkpoints  # pylint: disable=g-import-not-at-top
+  whole, _ = lora_run
+  meta = checkpoints.read_meta(os.path.join(whole, 'checkpoints', '3'))
+  assert meta[lora.CHECKPOINT_META] == {'checkpoint': None, 'seed': 0, 'config': {
+      'targets': list(TARGETS[:4]) + ['wi_0', 'wi_1', 'wo'], 'rank': 8, 'alpha': 16.0,
+      'dropout_rate': 0.0, 'init': 'kaiming_uniform', 'param_dtype': 'float32'}}
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(whole, copy)
+  steps = sorted(os.listdir(os.path.join(copy, 'checkpoints')))
+  from t5x_lite import train  # pylint: disable=g-import-not-at-top
+  with pytest.raises(UserError, match='were trained over the random init of seed 0, but this '
+                     'run sets the random init of seed 1; set INITIAL_CHECKPOINT_PATH back'):
+    main_in_process(train, [
+        '--gin_file=gin/llama_tiny_lora.gin', f"--gin.MODEL_DIR='{copy}'",
+        '--gin.TRAIN_STEPS=4', '--gin.INITIAL_CHECKPOINT_PATH=None', '--gin.SEED=1',
+        "--gin.TASK_FEATURE_LENGTHS={'targets': 32}", '--gin.BATCH_SIZE=4',
+        '--gin.llama.LlamaConfig.num_layers=1', '--gin.train_script.train.progress_bar=False'])
+  assert sorted(os.listdir(os.path.join(copy, 'checkpoints'))) == steps
+
+
+def test_lora_checkpoint_infers_as_its_merged_model(lora_run, tmp_path):
+  """`python -m t5x_lite.infer` on a LoRA run's checkpoint continues a prompt
+  as greedy decoding (full forward passes) of the merged kernels W + (alpha/r) A B
+  does, with the base and adapters read straight from their checkpoints."""
+  import json  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from t5x_lite import infer  # pylint: disable=g-import-not-at-top
+  whole, _ = lora_run
+  prompt = 'The function returns'
+  (tmp_path / 'p.txt').write_text(prompt + '\n')
+  main_in_process(infer, [
+      '--gin_file=configs/runs/infer.gin', f'--gin_file={whole}/config.gin',
+      f"--gin.CHECKPOINT_PATH='{whole}'", f"--gin.INPUT_FILE='{tmp_path / 'p.txt'}'",
+      f"--gin.MODEL_DIR='{tmp_path}'"])
+  with open(tmp_path / 'infer' / 'p.jsonl') as f:
+    row, = [json.loads(l) for l in f]
+  # The reference: the merged kernels in the plain family model.
+  base_model = llama.LlamaModel(llama.LlamaConfig(num_layers=1))  # llama_tiny.gin's, 1 layer
+  batch = {'decoder_input_tokens': np.zeros([1, 32], np.int32),
+           'decoder_attention_mask': np.ones([1, 32], np.int32)}
+  base = nn.unbox(base_model.init(jax.random.split(jax.random.PRNGKey(0))[0], batch))['params']
+  adapters = ocp.PyTreeCheckpointer().restore(
+      os.path.join(whole, 'checkpoints', '3', 'state'))['params']
+  merged = lora.merge(base, adapters, lora.LoraConfig(
+      targets=('query', 'key', 'value', 'out', 'wi_0', 'wi_1', 'wo')))
+  v = vocab_lib.embedded_bpe_vocabulary()
+  ids, generated = [0] + v.encode(prompt), []
+  logits = jax.jit(lambda p, t, m: base_model.logits(p, {'decoder_input_tokens': t,
+                                                         'decoder_attention_mask': m}))
+  for _ in range(32):
+    tokens = np.zeros([1, 64], np.int32)
+    tokens[0, :len(ids)] = ids
+    real = (np.arange(64) < len(ids))[None].astype(np.int32)
+    nxt = int(jnp.argmax(logits(merged, tokens, real)[0, len(ids) - 1]))
+    if nxt == v.eos_id:
+      break
+    generated.append(nxt)
+    ids.append(nxt)
+  assert row['inputs'] == prompt and row['outputs'] == v.decode(generated)
 
 
 def _leaf_names(tree):

@@ -86,6 +86,12 @@ class BaseModel(abc.ABC):
     """Predictions of a batch: generated (tokens, scores) when GENERATES,
     else [B] classes or regression scores."""
 
+  def inference_params(self, params: Any, frozen: Any) -> Any:
+    """What `logits`, `score` and `predict_batch` take, given the trained
+    params and the frozen state (LoRA: the base with the adapters attached)."""
+    del frozen
+    return params
+
   def frozen_state(self, params: Any) -> Any:
     """State created with the params and never trained (None: nothing)."""
     del params
