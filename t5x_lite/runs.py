@@ -79,7 +79,9 @@ def converter_batch_shapes(model: BaseModel, task_feature_lengths: Mapping[str, 
   converter = model.FEATURE_CONVERTER_CLS(pack=pack)
   if hasattr(converter, 'get_model_feature_lengths'):  # seqio's converters
     lengths = converter.get_model_feature_lengths(dict(task_feature_lengths))
-    return {k: jax.ShapeDtypeStruct((batch_size, n), np.int32) for k, n in lengths.items()}
+    dtypes = getattr(converter, 'MODEL_FEATURE_DTYPES', {})  # WIT's float loss weights
+    return {k: jax.ShapeDtypeStruct((batch_size, n), dtypes.get(k, np.int32))
+            for k, n in lengths.items()}
   dummy = model.dummy_batch(batch_size, *task_feature_lengths.values())
   return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in dummy.items()}
 

@@ -327,6 +327,28 @@ def test_prompt_attention_is_causal(tiny_gpt):
     assert row.tolist() == [0] + p + [0] * (10 - len(p))
 
 
+@pytest.mark.parametrize('pack', [False, True])
+def test_batch_shapes_without_data_are_the_converted_batches(tiny_gpt, pack):
+  """runs.converter_batch_shapes (precompile, infer: no data read) gives the
+  names, lengths and dtypes of the features the WIT converters produce."""
+  model = tiny_gpt[0]
+  batch = _wit_batch(pack, 0.1, 0.9)
+  shapes = runs.converter_batch_shapes(model.__class__(
+      model.config, loss_normalizing_factor='NUM_WEIGHTED_TOKENS',
+      feature_converter_cls=lambda pack: fc.WitFeatureConverter(pack=pack)),
+      {'inputs': 6, 'targets': 5}, 2, pack)
+  assert {k: (v.shape[1], np.dtype(v.dtype)) for k, v in shapes.items()} == {
+      k: (v.shape[1], v.dtype) for k, v in batch.items()}
+  ds = tf.data.Dataset.from_tensors({'inputs': np.int32([5, 6, 1]), 'targets': np.int32([7, 1])})
+  lengths = {'inputs': 4, 'targets': 3}
+  converter = fc.WitEncDecFeatureConverter(pack=pack)
+  got = converter(ds, lengths).element_spec
+  want = runs.converter_batch_shapes(families.tiny('t5').__class__(
+      families.config('t5'), feature_converter_cls=lambda pack: converter), lengths, 1, pack)
+  assert {k: (v.shape[1], np.dtype(v.dtype)) for k, v in want.items()} == {
+      k: (v.shape[0], v.dtype.as_numpy_dtype) for k, v in got.items()}
+
+
 def test_encoder_decoder_weights_and_prompt_weight_error():
   with pytest.raises(UserError, match='PROMPT_LOSS_WEIGHT'):
     fc.WitEncDecFeatureConverter(prompt_weight=0.1)

@@ -110,6 +110,19 @@ class WitFeatureConverter:
 
     return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
 
+  def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]
+                                ) -> dict[str, int]:
+    """The model features' lengths (seqio's converter method), for shapes
+    without data; their dtypes are int32 but for MODEL_FEATURE_DTYPES."""
+    length = task_feature_lengths['inputs'] + task_feature_lengths['targets']
+    names = ['decoder_input_tokens', 'decoder_target_tokens', 'decoder_loss_weights',
+             'decoder_prompt_mask']
+    if self.pack:
+      names += ['decoder_segment_ids', 'decoder_positions']
+    return {name: length for name in names}
+
+  MODEL_FEATURE_DTYPES = {'decoder_loss_weights': 'float32'}
+
 
 class WitEncDecFeatureConverter:
   """Instruction examples → encoder-decoder features with the response loss × λr.
@@ -140,6 +153,15 @@ class WitEncDecFeatureConverter:
       return dict(ex, decoder_loss_weights=tf.cast(ex['decoder_loss_weights'], tf.float32) * weight)
 
     return ds.map(scale, num_parallel_calls=tf.data.AUTOTUNE)
+
+  def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]
+                                ) -> dict[str, int]:
+    """seqio.EncDecFeatureConverter's model feature lengths."""
+    import seqio  # pylint: disable=g-import-not-at-top
+    return seqio.EncDecFeatureConverter(pack=self.pack).get_model_feature_lengths(
+        task_feature_lengths)
+
+  MODEL_FEATURE_DTYPES = WitFeatureConverter.MODEL_FEATURE_DTYPES
 
 
 PREFERENCE_SIDES = ('chosen', 'rejected')
