@@ -43,7 +43,8 @@ setuptools.setup(
     extras_require={
         # Reference implementations for the parity tests (CPU wheel of torch).
         # importlib_resources: TFDS needs it to write the small datasets tests prepare.
-        'test': ['pytest>=8', 'pytest-xdist>=3', 'torch==2.13.0', 'transformers>=5,<6', 'importlib_resources'],
+        'test': ['pytest>=8', 'pytest-xdist>=3', 'torch==2.13.0', 'transformers>=5,<6',
+                 'peft>=0.21,<1', 'importlib_resources'],
         # libtpu, as jax[tpu] 0.10.2 pins it: runs on TPU VMs, and on any host
         # describes TPU slices for `python -m t5x_lite.precompile`.
         'tpu': ['libtpu==0.0.42.*'],

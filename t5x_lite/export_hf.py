@@ -2,7 +2,8 @@
 
     python -m t5x_lite.export_hf --checkpoint_dir=MODEL_DIR[/checkpoints/STEP] \\
         --output_dir=OUT [--gin_file=GIN ...] [--gin.NAME=VALUE ...] \\
-        [--dtype=bfloat16] [--max_shard_size=5GB]
+        [--dtype=bfloat16] [--max_shard_size=5GB] \\
+        [--merge_lora | --lora_only [--base_output_dir=BASE_OUT]]
 
 The model, its vocabulary and its task come from the run's gin (default
 MODEL_DIR/config.gin, the configuration `train` wrote), the params from the
@@ -33,6 +34,15 @@ no other file:
 A model with no exact Hugging Face counterpart (the GPT-1 style classifier,
 whose head reads the EXTRACT token) is refused with one line naming it;
 nothing is written. Layer-scanned checkpoints (`scan_layers`) are unstacked.
+
+A LoRA run's checkpoint (configs/lora.gin: the adapters only, over the base
+its meta names) exports in one of two ways, chosen by flag: `--merge_lora`,
+the family's model with the merged kernels W + (alpha / r) A B
+(`lora.merge`), as above; or `--lora_only`, a PEFT adapter directory
+(`t5x_lite.hf.peft_adapter`: adapter_config.json and
+adapter_model.safetensors) for `peft.PeftModel.from_pretrained`, with
+`--base_output_dir` also exporting the base there (and naming it as the
+adapters' base_model_name_or_path).
 """
 
 if __name__ == '__main__':  # a run starts here: tune the host before jax and TensorFlow load
@@ -47,6 +57,8 @@ import shutil
 import time
 from typing import Any, Optional, Sequence
 
+import functools
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,7 +66,9 @@ import seqio
 
 from t5x_lite import checkpoints
 from t5x_lite import gin_utils
+from t5x_lite import lora
 from t5x_lite import runs
+from t5x_lite import trainer
 from t5x_lite.data import glue_sources
 from t5x_lite.data import registry
 from t5x_lite.errors import UserError
@@ -63,6 +77,7 @@ from t5x_lite.hf import bert as hf_bert
 from t5x_lite.hf import gpt2 as hf_gpt2
 from t5x_lite.hf import io as hf_io
 from t5x_lite.hf import llama as hf_llama
+from t5x_lite.hf import peft_adapter
 from t5x_lite.hf import t5 as hf_t5
 from t5x_lite.hf import tokenizer_files
 from t5x_lite.models import bart
@@ -211,24 +226,110 @@ def _vocabulary_and_labels(task_name: Optional[str]) -> tuple[seqio.Vocabulary, 
   return vocabulary, labels
 
 
-def load(checkpoint_dir: str) -> tuple[Any, Any, seqio.Vocabulary, Optional[list], str]:
-  """(model, params, vocabulary, label names, step dir) of a checkpoint, with
-  the gin already parsed (MODEL, TASK_FEATURE_LENGTHS and the task or
-  VOCABULARY bound)."""
+def _gin_model() -> Any:
+  """MODEL (the run's family model), the gin already parsed."""
   model = gin_utils.macro('MODEL')
   if model is None:
     raise UserError('the gin binds no MODEL; pass the run\'s config.gin with --gin_file.')
-  if isinstance(model, preference.DPOModel):
-    model = model.model
-  step_dir = checkpoints.resolve_step_dir(checkpoint_dir)
+  return model
+
+
+def _shapes_and_data(model: Any) -> tuple[dict, seqio.Vocabulary, Optional[list]]:
+  """(batch shapes of one row, vocabulary, label names) from the parsed gin."""
   lengths = gin_utils.macro('TASK_FEATURE_LENGTHS')
   if not lengths:
     raise UserError('the gin binds no TASK_FEATURE_LENGTHS; pass the run\'s config.gin.')
   vocabulary, labels = _vocabulary_and_labels(gin_utils.macro('MIXTURE_OR_TASK_NAME'))
-  shapes = runs.converter_batch_shapes(model, lengths, 1, pack=False)
+  return runs.converter_batch_shapes(model, lengths, 1, pack=False), vocabulary, labels
+
+
+def load(checkpoint_dir: str) -> tuple[Any, Any, seqio.Vocabulary, Optional[list], str]:
+  """(model, params, vocabulary, label names, step dir) of a checkpoint, with
+  the gin already parsed (MODEL, TASK_FEATURE_LENGTHS and the task or
+  VOCABULARY bound)."""
+  model = _gin_model()
+  if isinstance(model, preference.DPOModel):
+    model = model.model
+  step_dir = checkpoints.resolve_step_dir(checkpoint_dir)
+  shapes, vocabulary, labels = _shapes_and_data(model)
   from t5x_lite import evaluation  # pylint: disable=g-import-not-at-top
   params = evaluation.load_params(model, Partitioner(), step_dir, shapes)
   return model, jax.device_get(params), vocabulary, labels, step_dir
+
+
+def _lora_model(model: Any, record: dict) -> Optional[lora.LoraModel]:
+  """The LoraModel a LoRA run trained: MODEL itself, else MODEL with the
+  LoraConfig the checkpoint's meta `record` holds, else the run's
+  `runs.TrainConfig.model` (configs/lora.gin binds that, MODEL staying the
+  family's); None if there is none of these."""
+  if isinstance(model, lora.LoraModel):
+    return model
+  if record.get('config') is not None:
+    return lora.LoraModel(model, lora.LoraConfig(**record['config']))
+  try:
+    value = gin.query_parameter('runs.TrainConfig.model')
+  except ValueError:
+    return None
+  if isinstance(value, gin.config.ConfigurableReference) and value.evaluate:
+    value = value.scoped_configurable_fn()
+  return value if isinstance(value, lora.LoraModel) else None
+
+
+def load_lora(checkpoint_dir: str) -> tuple[lora.LoraModel, Any, Any, seqio.Vocabulary,
+                                            Optional[list], str]:
+  """(LoRA model, base params, adapters, vocabulary, label names, step dir) of
+  a LoRA run's checkpoint (the gin parsed as for `load`): the adapters from
+  the checkpoint, the base from what its meta names (the base checkpoint, or
+  the random init of the run's seed)."""
+  step_dir = checkpoints.resolve_step_dir(checkpoint_dir)
+  record = checkpoints.read_meta(step_dir).get(lora.CHECKPOINT_META)
+  if record is None:
+    raise UserError(f'{step_dir} holds no LoRA adapters (its meta names no base); export it '
+                    'without --merge_lora / --lora_only.')
+  model = _lora_model(_gin_model(), record)
+  if model is None:
+    raise UserError(f'{step_dir} holds LoRA adapters but the gin trains no lora.LoraModel; '
+                    "pass the LoRA run's config.gin with --gin_file.")
+  shapes, vocabulary, labels = _shapes_and_data(model)
+  partitioner = Partitioner()
+  abstract, shardings = trainer.abstract_params(model, partitioner, shapes)
+  abstract = jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  adapters = checkpoints.restore_params(step_dir, abstract)
+  base = trainer.base_params(model.base_model, partitioner, shapes, record['seed'],
+                             record['checkpoint'])
+  return (model, jax.device_get(base), jax.device_get(adapters), vocabulary, labels,
+          step_dir)
+
+
+def export_lora(model: lora.LoraModel, base: Any, adapters: Any, vocabulary: seqio.Vocabulary,
+                output_dir: str, *, merge: bool, base_output_dir: Optional[str] = None,
+                label_names: Optional[Sequence[str]] = None, dtype: Optional[str] = None,
+                max_shard_bytes: int = 5 * 10**9) -> str:
+  """Exports LoRA `adapters` over `base`: with `merge`, the family's model
+  with the merged kernels (as `export`); else a PEFT adapter directory (and,
+  with `base_output_dir`, the base exported there). Returns a summary line;
+  a refusal writes nothing."""
+  family = model.base_model
+  if isinstance(family, preference.DPOModel):  # its policy's
+    family = family.model
+  if merge:
+    merged = jax.device_get(lora.merge(base, adapters, model.lora_config))
+    return 'merged LoRA adapters: ' + export(
+        family, merged, vocabulary, output_dir, label_names=label_names, dtype=dtype,
+        max_shard_bytes=max_shard_bytes)
+  for path in filter(None, (output_dir, base_output_dir)):
+    if os.path.exists(path) and os.listdir(path):
+      raise UserError(f'{os.path.abspath(path)} is not empty; remove it or choose another.')
+  base_name = None if base_output_dir is None else os.path.abspath(base_output_dir)
+  fields, tensors = peft_adapter.adapter_files(
+      functools.partial(hf_model, family, label_names=label_names), base, adapters,
+      model.lora_config, base_name=base_name, dtype=None if dtype is None else jnp.dtype(dtype))
+  summary = ''
+  if base_output_dir is not None:
+    summary = export(family, base, vocabulary, base_output_dir, label_names=label_names,
+                     dtype=dtype, max_shard_bytes=max_shard_bytes) + '; '
+  return summary + peft_adapter.write(output_dir, fields, tensors)
 
 
 def _model_dir(checkpoint_dir: str) -> str:
@@ -250,10 +351,20 @@ def main(argv: Sequence[str]) -> None:
   parser.add_argument('--output_dir', required=True, help='the directory to write (new or empty)')
   parser.add_argument('--dtype', default=None, help="cast the weights, e.g. 'bfloat16'")
   parser.add_argument('--max_shard_size', default='5GB', help='shard above this size')
+  how = parser.add_mutually_exclusive_group()
+  how.add_argument('--merge_lora', action='store_true',
+                   help='a LoRA checkpoint: export the model with the adapters merged')
+  how.add_argument('--lora_only', action='store_true',
+                   help='a LoRA checkpoint: write a PEFT adapter directory')
+  parser.add_argument('--base_output_dir', default=None,
+                      help='with --lora_only: also export the base model here')
   args, gin_args = parser.parse_known_args(list(argv))
   if not os.path.isdir(args.checkpoint_dir):
     raise UserError(f'--checkpoint_dir {args.checkpoint_dir} not found; give a MODEL_DIR or '
                     'a MODEL_DIR/checkpoints/<step> directory written by t5x_lite.')
+  if args.base_output_dir is not None and not args.lora_only:
+    raise UserError('--base_output_dir goes with --lora_only (the adapters\' base); drop it, '
+                    'or add --lora_only.')
   files, bindings = gin_utils.parse_flags(gin_args, require_file=False)
   if not files:
     files = [os.path.join(_model_dir(args.checkpoint_dir), 'config.gin')]
@@ -268,9 +379,19 @@ def main(argv: Sequence[str]) -> None:
   max_shard_bytes = _shard_bytes(args.max_shard_size)
   gin_utils.parse_gin(files, bindings, check_required=False)
   start = time.time()
-  model, params, vocabulary, labels, step_dir = load(args.checkpoint_dir)
-  summary = export(model, params, vocabulary, args.output_dir, label_names=labels,
-                   dtype=args.dtype, max_shard_bytes=max_shard_bytes)
+  step_dir = checkpoints.resolve_step_dir(args.checkpoint_dir)
+  if args.merge_lora or args.lora_only:
+    model, base, adapters, vocabulary, labels, step_dir = load_lora(step_dir)
+    summary = export_lora(model, base, adapters, vocabulary, args.output_dir,
+                          merge=args.merge_lora, base_output_dir=args.base_output_dir,
+                          label_names=labels, dtype=args.dtype, max_shard_bytes=max_shard_bytes)
+  else:
+    if lora.CHECKPOINT_META in checkpoints.read_meta(step_dir):
+      raise UserError(f'{step_dir} holds LoRA adapters; pass --merge_lora (the merged model) '
+                      'or --lora_only (a PEFT adapter directory).')
+    model, params, vocabulary, labels, step_dir = load(step_dir)
+    summary = export(model, params, vocabulary, args.output_dir, label_names=labels,
+                     dtype=args.dtype, max_shard_bytes=max_shard_bytes)
   print(f'{summary} from {step_dir} in {time.time() - start:.1f} s')
 
 
