@@ -219,7 +219,8 @@ def test_direct_adapters_export_as_peft(family, tmp_path):
 
 def test_gpt2_fused_qkv_is_refused_and_writes_nothing(tmp_path):
   """GPT-2's c_attn fuses query, key and value: no PEFT form; its Conv1D
-  projections ('out', 'wi', 'wo') export with fan_in_fan_out."""
+  projections ('out', 'wi', 'wo') export with fan_in_fan_out, here from a
+  scanned stack (adapters with a leading layers axis)."""
   vocabulary = vocab.embedded_bpe_vocabulary()
   model, base, adapters = _direct('gpt', ('query', 'out'), vocabulary, 4)
   out, base_dir = tmp_path / 'peft', tmp_path / 'base'
@@ -228,7 +229,7 @@ def test_gpt2_fused_qkv_is_refused_and_writes_nothing(tmp_path):
     export_hf.export_lora(model, base, adapters, vocabulary, str(out), merge=False,
                           base_output_dir=str(base_dir))
   assert _listing(tmp_path) == []
-  model, base, adapters = _direct('gpt', ('out', 'wi', 'wo'), vocabulary, 4)
+  model, base, adapters = _direct('gpt_scanned', ('out', 'wi', 'wo'), vocabulary, 4)
   export_hf.export_lora(model, base, adapters, vocabulary, str(out), merge=False,
                         base_output_dir=str(base_dir))
   config = json.loads((out / 'adapter_config.json').read_text())

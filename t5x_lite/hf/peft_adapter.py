@@ -94,7 +94,7 @@ def _probes(base: Any, blocks: list) -> tuple[Any, Any, np.ndarray, np.ndarray]:
 
 def _where(to_hf: Callable, base: Any, blocks: list) -> tuple[dict, list, dict]:
   """(HF config, [(HF module name, fan_in_fan_out)] per block, every HF tensor
-  name -> its shape) of the export of `base`; raises UserError naming an
+  name) of the export of `base`; raises UserError naming an
   adapted kernel the export does not write as one Linear / Conv1D weight."""
   probe_in, probe_out, starts_in, starts_out = _probes(base, blocks)
   hf_config, sd_in = to_hf(probe_in)
@@ -111,12 +111,11 @@ def _where(to_hf: Callable, base: Any, blocks: list) -> tuple[dict, list, dict]:
     cols = starts_out[i] + np.arange(starts_out[i + 1] - starts_out[i])
     kind = None
     if w_in.flat[0] >= 0 and name.endswith('.weight') and w_in.ndim == 2:
-      if (w_in.shape == (cols.size, rows.size) and np.array_equal(w_in, rows[None, :].repeat(
-          cols.size, 0)) and np.array_equal(w_out, cols[:, None].repeat(rows.size, 1))):
+      if (w_in.shape == (cols.size, rows.size) and np.all(w_in == rows[None, :])
+          and np.all(w_out == cols[:, None])):
         kind = False  # torch Linear: [out, in]
-      elif (w_in.shape == (rows.size, cols.size) and np.array_equal(
-          w_in, rows[:, None].repeat(cols.size, 1)) and np.array_equal(
-              w_out, cols[None, :].repeat(rows.size, 0))):
+      elif (w_in.shape == (rows.size, cols.size) and np.all(w_in == rows[:, None])
+            and np.all(w_out == cols[None, :])):
         kind = True  # Conv1D: [in, out]
     if kind is None:
       problems.append(name)
@@ -139,8 +138,7 @@ def _where(to_hf: Callable, base: Any, blocks: list) -> tuple[dict, list, dict]:
     raise UserError('these LoRA adapters mix Linear and Conv1D modules, which one PEFT config '
                     'cannot hold (fan_in_fan_out); adapt one kind, or export the merged '
                     'model with --merge_lora.')
-  return hf_config, [found[j] for j in range(len(blocks))], {k: np.shape(v) for k, v in
-                                                              sd_in.items()}
+  return hf_config, [found[j] for j in range(len(blocks))], list(sd_in)
 
 
 def _target_modules(adapted: set[str], hf_names) -> list[str]:
