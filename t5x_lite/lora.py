@@ -11,6 +11,8 @@ exactly what its base does.
 
 The adapters are a tree of their own, mirroring the modules they adapt:
 `{'decoder': {'layers_0': {'attention': {'query': {'lora_a', 'lora_b'}}}}}`.
+Modules named in `modules_to_save` (by default a classifier's new head) sit
+in the same tree with their full params, trained from the base's values.
 Only this tree is trained (the optimizer state holds nothing else); the base
 params are frozen state (`TrainState.frozen['base']`), read from
 INITIAL_CHECKPOINT_PATH and never written into the run's checkpoints. A
@@ -72,6 +74,10 @@ class LoraConfig:
   dropout_rate: dropout on each adapter's input (training only).
   init: 'kaiming_uniform' (PEFT's default for A) or 'gaussian' (std 1 / r).
   param_dtype: the adapters' dtype (float32 also under a bfloat16 base).
+  modules_to_save: module names or path globs whose params are trained in
+    full beside the adapters (PEFT's `modules_to_save`), starting from the
+    base's values; None: the base model's FRESH_PARAMS (a classifier's new
+    head), () none.
   """
   targets: Sequence[str] = ATTENTION
   rank: int = 8
@@ -79,6 +85,7 @@ class LoraConfig:
   dropout_rate: float = 0.0
   init: str = 'kaiming_uniform'
   param_dtype: str = 'float32'
+  modules_to_save: Optional[Sequence[str]] = None
 
   def __post_init__(self):
     if self.rank < 1:
@@ -149,24 +156,40 @@ def _is_boxed(x) -> bool:
   return isinstance(x, nn.LogicallyPartitioned)
 
 
+def _matches(module: Sequence[str], patterns: Sequence[str]) -> bool:
+  joined = '/'.join(module)
+  return any(t == module[-1] or fnmatch.fnmatchcase(joined, t) for t in patterns)
+
+
 def _targets(boxed_params: Any, config: LoraConfig) -> list[tuple[tuple[str, ...], Any]]:
   """(module path, boxed kernel) of every targeted kernel."""
   found = []
   flat = jax.tree_util.tree_flatten_with_path(boxed_params, is_leaf=_is_boxed)[0]
   for path, leaf in flat:
     keys = tuple(str(p.key) for p in path)
-    if keys[-1] != 'kernel' or len(keys) < 2:
+    if keys[-1] != 'kernel' or len(keys) < 2 or not _matches(keys[:-1], config.targets):
       continue
-    module = keys[:-1]
-    joined = '/'.join(module)
-    if any(t == module[-1] or fnmatch.fnmatchcase(joined, t) for t in config.targets):
-      if not _is_boxed(leaf):
-        raise ValueError(f'{joined}/kernel has no logical axis names.')
-      found.append((module, leaf))
+    if not _is_boxed(leaf):
+      raise ValueError(f"{'/'.join(keys)} has no logical axis names.")
+    found.append((keys[:-1], leaf))
   if not found:
     raise UserError(f'LoraConfig.targets={tuple(config.targets)} match no kernel of the '
                     "model; name modules such as 'query', 'value', 'wi', 'wo'.")
   return found
+
+
+def saved_params(params: Any, patterns: Sequence[str]) -> dict:
+  """The params (boxed or not) of the modules `patterns` name, as a tree of
+  the same paths: what `modules_to_save` trains in full."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_boxed)[0]:
+    keys = tuple(str(p.key) for p in path)
+    if any(_matches(keys[:i], patterns) for i in range(1, len(keys))):
+      _set(out, keys, leaf)
+  if patterns and not out:
+    raise UserError(f'LoraConfig.modules_to_save={tuple(patterns)} match no module of the '
+                    "model; name a module such as 'classifier', or set it to ().")
+  return out
 
 
 def _stacked(names: Sequence[Optional[str]]) -> int:
@@ -184,6 +207,14 @@ def _get(tree: Any, path: Sequence[str]) -> Any:
   for k in path:
     tree = tree[k]
   return tree
+
+
+def _has(tree: Any, path: Sequence[str]) -> bool:
+  for k in path:
+    if not isinstance(tree, Mapping) or k not in tree:
+      return False
+    tree = tree[k]
+  return True
 
 
 def init_adapters(rng: Array, boxed_params: Any, config: LoraConfig) -> dict:
@@ -213,7 +244,16 @@ def init_adapters(rng: Array, boxed_params: Any, config: LoraConfig) -> dict:
 
 def _adapter_paths(adapters: Any) -> list[tuple[str, ...]]:
   flat = jax.tree_util.tree_flatten_with_path(adapters, is_leaf=_is_boxed)[0]
-  return sorted({tuple(str(p.key) for p in path[:-1]) for path, _ in flat})
+  return sorted({tuple(str(p.key) for p in path[:-1]) for path, _ in flat
+                 if str(path[-1].key) in ('lora_a', 'lora_b')})
+
+
+def _put_saved(tree: Any, adapters: Any) -> None:
+  """Sets, in `tree`, the fully trained params (modules_to_save) of `adapters`."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(adapters, is_leaf=_is_boxed)[0]:
+    keys = tuple(str(p.key) for p in path)
+    if keys[-1] not in ('lora_a', 'lora_b'):
+      _get(tree, keys[:-1])[keys[-1]] = leaf
 
 
 def attach(base: Any, adapters: Any, config: LoraConfig,
@@ -238,6 +278,7 @@ def attach(base: Any, adapters: Any, config: LoraConfig,
         keys = jax.random.key_data(keys)
       node['lora_dropout'] = keys.reshape(layers + (-1,))
       node['lora_dropout_rate'] = jnp.full(layers, config.dropout_rate, jnp.float32)
+  _put_saved(out, adapters)
   return out
 
 
@@ -252,6 +293,7 @@ def merge(base: Any, adapters: Any, config: LoraConfig) -> Any:
     flat_b = b.reshape(b.shape[:lead + 1] + (-1,)).astype(jnp.float32)
     delta = jnp.einsum('...ir,...ro->...io', a.astype(jnp.float32), flat_b) * config.scale
     node['kernel'] = (w.astype(jnp.float32) + delta.reshape(w.shape)).astype(w.dtype)
+  _put_saved(out, adapters)
   return out
 
 
@@ -266,6 +308,8 @@ def checkpoint_meta(config: LoraConfig, base_checkpoint: Optional[str],
   directory `base_checkpoint` or else the random init of `seed`, and `config`."""
   fields = dataclasses.asdict(config)
   fields['targets'] = list(fields['targets'])
+  if fields['modules_to_save'] is not None:
+    fields['modules_to_save'] = list(fields['modules_to_save'])
   return {'checkpoint': base_checkpoint, 'seed': None if base_checkpoint else seed,
           'config': fields}
 
@@ -287,7 +331,10 @@ class LoraModel(BaseModel):
     if isinstance(base_model, LoraModel):
       raise UserError('LoraModel.base_model is already a LoraModel; wrap the family model.')
     self.base_model = base_model
+    if config.modules_to_save is None:  # a new head trains in full
+      config = dataclasses.replace(config, modules_to_save=tuple(base_model.FRESH_PARAMS))
     self.lora_config = config
+    self.FRESH_PARAMS = base_model.FRESH_PARAMS  # (of the base checkpoint)
     self.FEATURE_CONVERTER_CLS = base_model.FEATURE_CONVERTER_CLS
     self.DECODER_ONLY = base_model.DECODER_ONLY
     self.GENERATES = base_model.GENERATES
@@ -308,9 +355,27 @@ class LoraModel(BaseModel):
     return self.base_model.max_length
 
   def init(self, rng: Array, batch) -> Any:
-    base = self.base_model.init(rng, batch)
-    return {'params': init_adapters(jax.random.fold_in(rng, 1), base['params'],
-                                    self.lora_config)}
+    """The adapters, and the modules_to_save params (the base's init)."""
+    base = self.base_model.init(rng, batch)['params']
+    params = init_adapters(jax.random.fold_in(rng, 1), base, self.lora_config)
+    saved = saved_params(base, self.lora_config.modules_to_save)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(saved, is_leaf=_is_boxed)[0]:
+      keys = tuple(str(p.key) for p in path)
+      if _has(params, keys[:-1] + ('lora_a',)):
+        raise UserError(f"{'/'.join(keys[:-1])} is both a LoRA target and in "
+                        'modules_to_save; name it in one of LoraConfig.targets / '
+                        'modules_to_save.')
+      _set(params, keys, leaf)
+    return {'params': params}
+
+  def initial_params(self, params: Any, base: Any) -> Any:
+    """`params` with the modules_to_save params set to the base's: the
+    fully trained modules start from the base checkpoint's values."""
+    out = jax.tree_util.tree_map(lambda x: x, params)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(
+        saved_params(base, self.lora_config.modules_to_save))[0]:
+      _set(out, tuple(str(p.key) for p in path), leaf)
+    return out
 
   def full_params(self, base: Any, adapters: Any) -> Any:
     """The params the base model's functions take (no dropout)."""

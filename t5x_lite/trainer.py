@@ -74,13 +74,27 @@ def base_params(base_model: BaseModel, partitioner: Partitioner,
   else `base_model`'s random init of `seed` (the same at every start, so
   that a resumed run, or an evaluation of its adapters, finds the same base)."""
   abstract, shardings = abstract_params(base_model, partitioner, batch_shapes)
-  if initial_checkpoint_path:
-    return jax.device_put(checkpoints.restore_params(
-        initial_checkpoint_path, abstract, fresh=fresh), shardings)
   init_rng = jax.random.split(jax.random.PRNGKey(seed))[0]
   variables = lambda rng: nn.unbox(base_model.init(rng, batch_shapes))['params']
+  is_fresh = lambda x: isinstance(x, jax.ShapeDtypeStruct)
+  restored = None
+  if initial_checkpoint_path:
+    restored = checkpoints.restore_params(initial_checkpoint_path, abstract, fresh=fresh)
+    if not any(is_fresh(x) for x in jax.tree_util.tree_leaves(restored, is_leaf=is_fresh)):
+      return jax.device_put(restored, shardings)
+    # Subtrees in `fresh` the checkpoint lacks (a new head) take the random init.
+    restored = jax.tree_util.tree_map(lambda x: None if is_fresh(x) else x, restored,
+                                      is_leaf=is_fresh)
+
+  def make(rng, restored):
+    p = variables(rng)
+    if restored is None:
+      return p
+    return jax.tree_util.tree_map(lambda r, x: x if r is None else r, restored, p,
+                                  is_leaf=lambda r: r is None)
+
   with partitioner.activate():
-    return jax.jit(variables, out_shardings=shardings)(init_rng)
+    return jax.jit(make, out_shardings=shardings)(init_rng, restored)
 
 
 class Trainer:
@@ -161,6 +175,8 @@ class Trainer:
       if given is not None:
         p = jax.tree_util.tree_map(lambda g, x: x if g is None else g, given, p,
                                    is_leaf=lambda g: g is None)
+      if base is not None:
+        p = self.model.initial_params(p, base)
       return self._make_state(state_rng, p, base)
 
     with self.partitioner.activate():

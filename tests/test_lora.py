@@ -165,6 +165,51 @@ def test_training_moves_only_the_adapters(name):
                              rtol=1e-4, atol=2e-4)
 
 
+def test_classifier_head_trains_in_full_over_a_base_checkpoint_without_it(tmp_path):
+  """LoRA of a BERT classifier: its new head (FRESH_PARAMS, by default the
+  modules_to_save) trains in full beside the adapters, starting from the
+  base's init; the base comes from an MLM checkpoint that has no head."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  s = setup('bert_cls')
+  mlm = families.tiny('bert')
+  mlm_params = nn.unbox(mlm.init(jax.random.PRNGKey(5), families.random_batch(mlm, ROWS)))
+  step_dir = tmp_path / 'checkpoints' / '7'
+  ocp.PyTreeCheckpointer().save(str(step_dir / 'state'), {'params': mlm_params['params']})
+  base = s.trainer.base_params(0, str(step_dir), fresh=s.model.FRESH_PARAMS)
+  np.testing.assert_array_equal(  # the encoder is the checkpoint's
+      base['encoder']['layers_0']['attention']['query']['kernel'],
+      mlm_params['params']['encoder']['layers_0']['attention']['query']['kernel'])
+  state = s.trainer.init_state(0, base=base)
+  head = jax.device_get(state.params['classifier'])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, head,
+                         jax.device_get(base['classifier']))
+  kernels = _kernels(base)
+  targeted = [shape for path, shape in kernels.items() if path.split('/')[-1] in TARGETS]
+  adapters = sum(CONFIG.rank * (shape[0] + int(np.prod(shape[1:]))) for shape in targeted)
+  assert lora.num_params(state.params) == adapters + sum(x.size for x in
+                                                        jax.tree_util.tree_leaves(head))
+  base_before = jax.device_get(state.frozen['base'])
+  losses = []
+  for _ in range(10):
+    state, metrics = s.trainer.train_step(state, s.batch)
+    losses.append(float(metrics['loss']))
+  assert losses[-1] < losses[0]
+  assert np.abs(jax.device_get(state.params['classifier']['kernel']) - head['kernel']).max() > 0
+  jax.tree_util.tree_map(np.testing.assert_array_equal, base_before,
+                         jax.device_get(state.frozen['base']))
+  # attach and merge put the trained head in place of the base's.
+  full = s.model.full_params(state.frozen['base'], state.params)
+  merged = lora.merge(state.frozen['base'], state.params, s.model.lora_config)
+  np.testing.assert_array_equal(full['classifier']['kernel'],
+                                state.params['classifier']['kernel'])
+  np.testing.assert_allclose(np.asarray(s.base.logits(merged, s.batch)),
+                             np.asarray(s.model.logits(full, s.batch)), rtol=1e-5, atol=1e-5)
+  with pytest.raises(UserError, match='both a LoRA target and in modules_to_save'):
+    lora.LoraModel(s.base, lora.LoraConfig(targets=('query', 'classifier'),
+                                           modules_to_save=('classifier',))).init(
+                                               jax.random.PRNGKey(0), s.batch)
+
+
 @pytest.mark.parametrize('name', ['t5', 'gpt', 'llama', 'gpt_scanned'])
 def test_merged_kernels_compute_the_adapted_model(name):
   s = setup(name)
@@ -298,7 +343,8 @@ def test_lora_checkpoint_names_its_base_and_refuses_another(lora_run, tmp_path):
   meta = checkpoints.read_meta(os.path.join(whole, 'checkpoints', '3'))
   assert meta[lora.CHECKPOINT_META] == {'checkpoint': None, 'seed': 0, 'config': {
       'targets': list(TARGETS[:4]) + ['wi_0', 'wi_1', 'wo'], 'rank': 8, 'alpha': 16.0,
-      'dropout_rate': 0.0, 'init': 'kaiming_uniform', 'param_dtype': 'float32'}}
+      'dropout_rate': 0.0, 'init': 'kaiming_uniform', 'param_dtype': 'float32',
+      'modules_to_save': []}}
   copy = str(tmp_path / 'copy')
   shutil.copytree(whole, copy)
   steps = sorted(os.listdir(os.path.join(copy, 'checkpoints')))

@@ -236,3 +236,15 @@ def test_gpt2_fused_qkv_is_refused_and_writes_nothing(tmp_path):
   assert config['fan_in_fan_out'] and config['target_modules'] == ['c_fc', 'c_proj']
   _check_against_hf('gpt', model, base, adapters, vocabulary, 'AutoModelForCausalLM', out,
                     base_dir)
+
+
+def test_modules_trained_in_full_are_refused_by_lora_only(tmp_path):
+  """A classifier's head trained in full beside the adapters (modules_to_save)
+  has no place in --lora_only's files: one line pointing to --merge_lora."""
+  vocabulary = wordpiece.embedded_wordpiece_vocabulary()
+  model, base, adapters = _direct('bert', ('query',), vocabulary, 5)
+  adapters = dict(adapters, classifier={'kernel': np.zeros((16, 3), np.float32)})
+  with pytest.raises(UserError, match=r'trains classifier in full .*--merge_lora'):
+    export_hf.export_lora(model, base, adapters, vocabulary, str(tmp_path / 'peft'),
+                          merge=False)
+  assert _listing(tmp_path) == []

@@ -50,6 +50,11 @@ def _blocks(adapters: Any) -> list[tuple[tuple[str, ...], tuple[int, ...], Any, 
   """(module path, layer index, A [in, r], B [r, out...]) of every adapter,
   one per layer of a scanned stack."""
   flat = _flat(adapters)
+  saved = sorted({'/'.join(p[:-1]) for p in flat if p[-1] not in ('lora_a', 'lora_b')})
+  if saved:
+    raise UserError(f"the run trains {', '.join(saved)} in full (LoraConfig.modules_to_save), "
+                    'which --lora_only does not write; export the merged model with '
+                    '--merge_lora.')
   out = []
   for path in sorted({p[:-1] for p in flat}):
     a, b = np.asarray(flat[path + ('lora_a',)]), np.asarray(flat[path + ('lora_b',)])

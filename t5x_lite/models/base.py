@@ -92,6 +92,12 @@ class BaseModel(abc.ABC):
     del frozen
     return params
 
+  def initial_params(self, params: Any, base: Any) -> Any:
+    """A model with a `base_model`: its params at step 0 given the frozen base
+    params (LoRA: the modules it trains in full start from the base's)."""
+    del base
+    return params
+
   def frozen_state(self, params: Any) -> Any:
     """State created with the params and never trained (None: nothing)."""
     del params
