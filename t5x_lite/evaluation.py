@@ -332,7 +332,8 @@ def load_params(model: Any, partitioner: Partitioner, checkpoint_path: str,
   if base is None:
     return params
   frozen = {'base': trainer.base_params(model.base_model, partitioner, dict(batch_shapes),
-                                        base['seed'], base['checkpoint'])}
+                                        base['seed'], base['checkpoint'],
+                                        fresh=model.FRESH_PARAMS)}
   return model.inference_params(params, frozen)
 
 

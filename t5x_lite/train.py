@@ -222,7 +222,9 @@ def train(*,
                     'must be positive.')
   run = config.build()  # stops at once when data is missing
   trainer = run.trainer(config.optimizer, config.num_microbatches)
-  meta = {lora.CHECKPOINT_META: _base_record(run, config)} if run.model.base_model is not None else None
+  meta = None
+  if run.model.base_model is not None:  # LoRA: each checkpoint names its base
+    meta = {lora.CHECKPOINT_META: _base_record(run, config)}
   ckpt = checkpoints.Checkpointer(model_dir, checkpoint.period, checkpoint.keep,
                                   async_save=checkpoint.async_save, meta=meta)
   state, data_position, data_iterator = _start(run, trainer, config, ckpt, say)
