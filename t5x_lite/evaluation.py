@@ -212,6 +212,10 @@ class Evaluator:
     texts = [vocab.decode(_until_eos(t, vocab.eos_id)) for t in tokens.tolist()]
     return list(zip(texts, scores.tolist()))
 
+  def score_examples(self, params, task: seqio.Task, examples: Sequence[dict]) -> list[float]:
+    """The model's `score` of each (inputs, targets) example (a reward model's reward)."""
+    return self._run(self._score, params, self._convert(task, examples)).tolist()
+
   def continue_prompts(self, params, prompts: Sequence[np.ndarray],
                        vocab: seqio.Vocabulary) -> list[tuple[str, float]]:
     """(continuation, score) of a decoder-only language model per prompt (ids,

@@ -13,6 +13,9 @@ task's split. Each output line is {"inputs" (the text the model reads),
 "outputs" (generated text: a continuation for a language model; a
 classifier's label word), "score"}, plus "line" (the file's line number) or
 "targets" (a split's), in input order, written to MODEL_DIR/infer/<name>.jsonl.
+A reward model (`SCORES_RESPONSES`) reads INPUT_FILE lines {"prompt",
+"response"} and writes {"line", "inputs" (the prompt it read), "targets" (the
+response), "outputs" and "score" (both the reward)}.
 """
 
 if __name__ == '__main__':  # a run starts here: tune the host before jax and TensorFlow load
@@ -53,8 +56,15 @@ def _file_task(mixture_or_task_name: str,
 
 
 def _check_head(model: Any, task: seqio.Task) -> str:
-  """The task's kind (`infer_inputs.kind`), once it is known to suit the model."""
+  """The task's kind (`infer_inputs.kind`), once it is known to suit the model;
+  'reward' for a model that scores (prompt, response) pairs."""
   how = infer_inputs.kind(task)
+  if getattr(model, 'SCORES_RESPONSES', False):
+    if how != 'text_to_text':
+      raise UserError(f'{type(model).__name__} scores a prompt and a response; task '
+                      f"'{task.name}' has no such pair: set MIXTURE_OR_TASK_NAME to the "
+                      'preference task it was trained on (its config.gin).')
+    return 'reward'
   if (how == 'classification') == bool(model.GENERATES):
     want = 'a classifier (a _cls task)' if how == 'classification' else 'a generating model'
     raise UserError(f"task '{task.name}' needs {want}, and the model is "
@@ -68,6 +78,11 @@ def _predict_lines(evaluator: evaluation.Evaluator, params: Any, task: seqio.Tas
                    groups: Sequence[Sequence[dict]]) -> list[dict]:
   """One output row per line, from its examples `groups` (see the module doc)."""
   flat = [ex for group in groups for ex in group]
+  if how == 'reward':  # one example per line: its reward
+    rewards = evaluator.score_examples(params, task, flat)
+    return [{'line': line.lineno, 'inputs': ex['inputs_pretokenized'],
+             'targets': ex['targets_pretokenized'], 'outputs': reward, 'score': reward}
+            for line, ex, reward in zip(lines, flat, rewards)]
   if how == 'lm':
     outputs = evaluator.continue_prompts(params, [ex['inputs'] for ex in flat],
                                          task.output_features['targets'].vocabulary)
@@ -106,6 +121,9 @@ def infer(*,
   come from the feature lengths, the inputs from the file (`raw_inputs`: the
   lines as they are).
   """
+  if not input_file and getattr(model, 'SCORES_RESPONSES', False):
+    raise UserError(f'{type(model).__name__} scores responses; give INPUT_FILE, a .jsonl of '
+                    '{"prompt": ..., "response": ...} (one reward per line).')
   run = runs.Run(model, runs.Data(mixture_or_task_name, task_feature_lengths, batch_size,
                                    split=split, seed=seed, vocabulary=vocabulary),
                  partitioner, check_data=not input_file)
@@ -118,7 +136,8 @@ def infer(*,
     runs.check_vocab(model, pipeline.output_vocab_size(task))
     how = _check_head(model, task)
     lines = infer_inputs.read(input_file, raw_inputs)  # the file's mistakes before the load
-    groups = infer_inputs.examples(task, lines, evaluator.lengths, input_file, raw_inputs)
+    examples = infer_inputs.response_examples if how == 'reward' else infer_inputs.examples
+    groups = examples(task, lines, evaluator.lengths, input_file, raw_inputs)
     shapes = runs.converter_batch_shapes(model, task_feature_lengths, batch_size, pack=False)
     params = evaluation.load_params(model, partitioner, checkpoint_path, shapes)
     rows = _predict_lines(evaluator, params, task, how, lines, groups)

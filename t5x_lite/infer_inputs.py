@@ -33,6 +33,9 @@ Empty lines are skipped. What each line becomes, by the task's source:
   anything else          (corpora: span corruption, LM, denoising) the line is
                          the model input as is.
 
+A reward model (`SCORES_RESPONSES`) reads {"prompt", "response"} lines (or
+prompt TAB response), see `response_examples`.
+
 With `raw=True` (`--raw_inputs`) every line is the model input as is: the
 encoder input (EOS added where the task adds one), the classifier's text A
 (a TAB separates text B of a pair task), the decoder-only prompt.
@@ -321,6 +324,37 @@ def examples(task: seqio.Task, lines: Sequence[Line], lengths: Mapping[str, int]
         ex['inputs_pretokenized'] = ' | '.join(
             text(ex[k]) for k in ('text_a_pretokenized', 'text_b_pretokenized') if k in ex)
   return grouped
+
+
+def response_examples(task: seqio.Task, lines: Sequence[Line], lengths: Mapping[str, int],
+                      path: str, raw: bool = False) -> list[list[dict]]:
+  """A reward model's examples of each line: {"prompt", "response"} (a .jsonl
+  line) or prompt TAB response (a plain line) -> 'inputs' (the prompt as the
+  task renders its prompts, unless `raw`; the end kept) and 'targets' (the
+  response, cut as the task cuts its responses)."""
+  features = task.output_features
+  source = task.source
+  options = source.options if _is_instruction_source(source) else {}
+  out = []
+  for l in lines:
+    if l.record is None:
+      parts = l.text.split('\t', 1)
+      if len(parts) != 2:
+        raise UserError(f'{_where(path, l)}: a reward model scores a prompt and a response; '
+                        'write prompt TAB response, or a .jsonl of {"prompt", "response"}.')
+    else:
+      parts = [l.record.get(k) for k in ('prompt', 'response')]
+      if not all(isinstance(p, str) for p in parts):
+        raise UserError(f'{_where(path, l)}: a reward model reads string fields "prompt" and '
+                        f'"response"; the line has {sorted(l.record)}.')
+    prompt, response = parts
+    if not raw and options and options.get('format') != 'hh':  # hh: the dialogue as it is
+      prompt = instructions.render_prompt(prompt, system=options.get('system'))
+    out.append([{'inputs': _encode(features['inputs'], prompt, lengths.get('inputs'),
+                                   keep_end=True),
+                 'targets': _encode(features['targets'], response, lengths.get('targets')),
+                 'inputs_pretokenized': prompt, 'targets_pretokenized': response}])
+  return out
 
 
 def text(x: Any) -> str:

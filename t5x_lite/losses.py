@@ -1,4 +1,5 @@
-"""Token cross-entropy with z-loss and label smoothing.
+"""Token cross-entropy with z-loss and label smoothing; the DPO and reward-model
+pair losses.
 
 Labels are integer ids; no one-hot over the vocabulary is built. All math is
 float32 whatever the dtype of the logits.
@@ -174,3 +175,22 @@ def dpo_loss(policy_chosen: Array, policy_rejected: Array,
                    - label_smoothing * jax.nn.log_sigmoid(-beta * h))
   rewards = jax.lax.stop_gradient(beta * jnp.stack([chosen_ratio, rejected_ratio]))
   return pair_losses, rewards[0], rewards[1]
+
+
+def bradley_terry_loss(chosen_rewards: Array, rejected_rewards: Array,
+                       margin: Array | float = 0.0,
+                       center_rewards_coefficient: float = 0.0) -> Array:
+  """[B] reward-model losses of pairs from their scalar rewards, all [B].
+
+  The Bradley–Terry negative log-likelihood of the preference,
+  -log σ(r_c - r_r - m), with a margin m (Llama 2: larger for more clearly
+  preferred pairs; a scalar or [B]), plus the reward centring term
+  c (r_c + r_r)² (TRL's `center_rewards_coefficient`), which pins the
+  rewards' free offset near zero.
+  """
+  chosen = jnp.asarray(chosen_rewards, jnp.float32)
+  rejected = jnp.asarray(rejected_rewards, jnp.float32)
+  pair_losses = -jax.nn.log_sigmoid(chosen - rejected - jnp.asarray(margin, jnp.float32))
+  if center_rewards_coefficient:
+    pair_losses = pair_losses + center_rewards_coefficient * jnp.square(chosen + rejected)
+  return pair_losses

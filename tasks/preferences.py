@@ -1,4 +1,4 @@
-"""Preference tasks for DPO: (prompt, chosen, rejected) from local files.
+"""Preference tasks for DPO and reward models: (prompt, chosen, rejected) from local files.
 
 Every task has the features 'inputs' (the prompt), 'chosen' and 'rejected'
 (the two responses, each ending with EOS), their '*_pretokenized' texts, and
@@ -7,7 +7,9 @@ cache of reference log-probs (`t5x_lite.precompute_reference`). The prompt
 is fitted to the 'inputs' length keeping its end, each response to the
 'targets' length keeping its start. As for instruction tasks, a name ending
 in '_gpt' uses the embedded BPE vocabulary and no EOS after the prompt (one
-causal sequence), other names the embedded SentencePiece vocabulary (T5).
+causal sequence), a name ending in '_bert' the embedded WordPiece vocabulary
+and no EOS at all (a BERT reward model frames the texts with [CLS] / [SEP]),
+other names the embedded SentencePiece vocabulary (T5).
 
 Your own files:
 
@@ -18,7 +20,7 @@ Your own files:
 Built in, over the samples in ../shared/data/preferences next to the
 repository ($T5X_LITE_PREFERENCES_DIR overrides; always registered, a
 missing file being one error naming it and the setting when the task is
-used), each also with a '_gpt' twin:
+used), each also with a '_gpt' and a '_bert' twin:
 
   hh_rlhf_harmless_sample   HH-RLHF harmless-base (format 'hh'); the first
                             20 pairs are 'validation'
@@ -34,10 +36,12 @@ import seqio
 import tensorflow as tf
 
 from t5x_lite.data import preferences
+from t5x_lite.data import wordpiece
 from t5x_lite.tasks import instructions as instruction_tasks
 
 DATA_DIR_ENV = 'T5X_LITE_PREFERENCES_DIR'
 RESPONSES = ('chosen', 'rejected')
+BERT_SUFFIX = '_bert'
 # Separates the texts in the pair fingerprint.
 _SEP = '\x1f'
 
@@ -84,9 +88,16 @@ def trim_and_add_eos(dataset, sequence_length=None, output_features=None):
                                         keep_end=('inputs',))
 
 
-def output_features(gpt: bool = False, vocabulary: Optional[seqio.Vocabulary] = None):
-  """'inputs', 'chosen', 'rejected' (tokens) and 'pair_key' (int64, passed through)."""
-  features = instruction_tasks.output_features(gpt, vocabulary)
+def output_features(gpt: bool = False, vocabulary: Optional[seqio.Vocabulary] = None,
+                    bert: bool = False):
+  """'inputs', 'chosen', 'rejected' (tokens) and 'pair_key' (int64, passed through);
+  `bert`: the WordPiece vocabulary (default) and no EOS."""
+  if bert:
+    vocabulary = vocabulary or wordpiece.embedded_wordpiece_vocabulary()
+    token = seqio.Feature(vocabulary=vocabulary, add_eos=False)
+    features = {'inputs': token, 'targets': token}
+  else:
+    features = instruction_tasks.output_features(gpt, vocabulary)
   return {'inputs': features['inputs'],
           **{k: features['targets'] for k in RESPONSES},
           'pair_key': seqio.Feature(seqio.PassThroughVocabulary(1), add_eos=False,
@@ -98,12 +109,13 @@ def register_preference_task(name: str, paths, format: str = 'pairs',  # pylint:
                              validation_paths=None, num_validation: int = 0,
                              system_prompt: Optional[str] = None,
                              gpt: Optional[bool] = None,
+                             bert: Optional[bool] = None,
                              missing_hint: Optional[str] = None) -> seqio.Task:
   """Registers (or replaces) a preference task over local files.
 
   Args:
     name: the task name; ending in '_gpt' selects the GPT family's vocabulary
-      and prompt format.
+      and prompt format, '_bert' BERT's (WordPiece, no EOS).
     paths: a file, a glob, or a list of them.
     format: one of `t5x_lite.data.preferences.FORMATS`.
     vocabulary: overrides the family's vocabulary.
@@ -111,20 +123,21 @@ def register_preference_task(name: str, paths, format: str = 'pairs',  # pylint:
     num_validation: else the first N pairs of `paths` form 'validation' (and
       are left out of 'train').
     system_prompt: an instruction put before every prompt (Orca-style).
-    gpt: overrides the family chosen by the name.
+    gpt, bert: override the family chosen by the name.
     missing_hint: what a missing file's error adds (where the files come from).
 
   Returns:
     The seqio.Task.
   """
   gpt = instruction_tasks.is_gpt(name) if gpt is None else gpt
+  bert = name.endswith(BERT_SUFFIX) if bert is None else bert
   source = PreferenceSource(paths, format, validation_paths, num_validation, system_prompt,
                             missing_hint=missing_hint)
   seqio.TaskRegistry.remove(name)
   return seqio.TaskRegistry.add(
       name, source=source,
       preprocessors=[to_features, seqio.preprocessors.tokenize, trim_and_add_eos],
-      output_features=output_features(gpt, vocabulary))
+      output_features=output_features(gpt, vocabulary, bert))
 
 
 def register_shared_samples(directory: Optional[str] = None) -> list:
@@ -136,7 +149,7 @@ def register_shared_samples(directory: Optional[str] = None) -> list:
       directory, DATA_DIR_ENV, 'hh-rlhf/harmless-base/test_first200.jsonl and '
       'llama_factory/dpo_en_demo.json')
   names = []
-  for sfx in ('', instruction_tasks.GPT_SUFFIX):
+  for sfx in ('', instruction_tasks.GPT_SUFFIX, BERT_SUFFIX):
     found = [
         register_preference_task(
             'hh_rlhf_harmless_sample' + sfx,

@@ -396,8 +396,8 @@ def test_built_in_tasks_without_their_files_say_which_setting(tmp_path):
     names = ti.register_shared_samples(str(tmp_path))
     pairs = tp.register_shared_samples(str(tmp_path))
     assert {'alpaca_demo', 'self_instruct_seed_gpt', 'sni_task137', 'sni_task318_gpt'} <= set(names)
-    assert set(pairs) == {'hh_rlhf_harmless_sample', 'dpo_en_demo',
-                          'hh_rlhf_harmless_sample_gpt', 'dpo_en_demo_gpt'}
+    assert set(pairs) == {f'{name}{sfx}' for name in ('hh_rlhf_harmless_sample', 'dpo_en_demo')
+                          for sfx in ('', '_gpt', '_bert')}
     sni = tmp_path / 'super_natural_instructions' / 'tasks'
     cases = [('sni_train_mixture_gpt', str(sni / ti.SNI_FILES[0]), ti.DATA_DIR_ENV),
              ('alpaca_demo', str(tmp_path / 'alpaca' / 'alpaca_en_demo.json'), ti.DATA_DIR_ENV),

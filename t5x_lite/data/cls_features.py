@@ -16,12 +16,16 @@ to the length. The GPT-1 ids are three reserved extra ids of a SentencePiece
 vocabulary (default: the embedded BPE one): START = `<extra_id_99>`,
 DELIM = `<extra_id_98>`, EXTRACT = `<extra_id_97>` (ids 8000, 8001, 8002 of
 the embedded vocabulary). Examples are never packed.
+
+`PreferenceBertFeatureConverter` frames each side of a preference pair as
+`[CLS] prompt [SEP] response [SEP]` (a BERT reward model).
 """
 
 from typing import Mapping, Optional, Sequence
 
 import tensorflow as tf
 
+from t5x_lite.data import feature_converters
 from t5x_lite.data import vocab as vocab_lib
 from t5x_lite.data import wordpiece
 from t5x_lite.errors import UserError
@@ -160,3 +164,36 @@ class GptClassificationFeatureConverter:
               'label': _label(ex, self.num_classes)}
 
     return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+class PreferenceBertFeatureConverter(feature_converters.PreferenceFeatureConverter):
+  """Preference pairs → `[CLS] prompt [SEP] response [SEP]` rows per side (a
+  BERT reward model, `models.reward.RewardModel`).
+
+  Each side s has `s_input_tokens`, `s_segment_ids` (1 on the response) and
+  `s_attention_mask`, of length inputs + targets (the longer text is cut
+  first, as `_truncate_seq_pair`). Otherwise as `PreferenceFeatureConverter`
+  (one response under 'targets' gives unprefixed features).
+
+  Args:
+    pack: must be False.
+    vocabulary: a `WordPieceVocabulary` giving [CLS] / [SEP] (default: the
+      embedded one); or pass `cls_id` and `sep_id`.
+    **kwargs: of `PreferenceFeatureConverter`.
+  """
+  DECODER_ONLY = False
+
+  def __init__(self, pack: bool = False, vocabulary=None, cls_id: Optional[int] = None,
+               sep_id: Optional[int] = None, **kwargs):
+    super().__init__(pack, **kwargs)
+    if cls_id is None or sep_id is None:
+      vocabulary = vocabulary or wordpiece.embedded_wordpiece_vocabulary()
+      cls_id, sep_id = vocabulary.cls_id, vocabulary.sep_id
+    self.cls_id, self.sep_id = int(cls_id), int(sep_id)
+
+  def _side(self, ex, side, lengths):
+    length = lengths['inputs'] + lengths['targets']
+    ids, segments = _frame({'text_a': ex['inputs'], 'text_b': ex[side]}, length,
+                           self.cls_id, self.sep_id, self.sep_id)
+    return {'input_tokens': _pad(ids, length), 'segment_ids': _pad(segments, length),
+            'attention_mask': _pad(tf.ones_like(ids), length)}

@@ -204,6 +204,10 @@ class PreferenceFeatureConverter:
   by `t5x_lite.precompute_reference`) the features also carry
   `reference_chosen_logps` / `reference_rejected_logps`, looked up by the
   task's 'pair_key'; `keep_pair_key` passes that key on (int64, host only).
+  A task's float 'margin' per pair (a reward model's) passes on as it is.
+
+  An example with 'targets' and no responses (a prompt and ONE response, as
+  infer and RL rollouts score them) gives one side's features, unprefixed.
   """
   DECODER_ONLY = True
 
@@ -235,6 +239,10 @@ class PreferenceFeatureConverter:
 
     def convert(ex):
       out = self._shared(ex, task_feature_lengths)
+      if 'targets' in ex and PREFERENCE_SIDES[0] not in ex:  # one response
+        return {**out, **self._side(ex, 'targets', task_feature_lengths)}
+      if 'margin' in ex:
+        out['margin'] = tf.cast(ex['margin'], tf.float32)
       for side in PREFERENCE_SIDES:
         out.update({f'{side}_{k}': v for k, v in self._side(ex, side, task_feature_lengths).items()})
       if lookup:
