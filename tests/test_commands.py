@@ -2,6 +2,7 @@
 its gin files are found and its `--gin.` flags bind (nothing is trained), and
 its other flags are ones the entry point reads."""
 
+import importlib.util
 import os
 import re
 import shlex
@@ -19,16 +20,19 @@ _PLACEHOLDER = re.compile(r'(?<!\w)(' + '|'.join(map(re.escape, PLACEHOLDERS)) +
 COMMAND = re.compile(r'^(?:\S+=\S+ )*(?:\.venv/bin/)?python (-m t5x_lite\.[\w.]+|benchmarks/\w+\.py)\b')
 
 
+def _readme_walk():
+  """benchmarks/readme_walk.py, whose reading of the README's blocks this shares."""
+  spec = importlib.util.spec_from_file_location('readme_walk', f'{REPO}/benchmarks/readme_walk.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def _readme_commands() -> list[str]:
   """The commands in README.md: its fenced blocks' lines (continuations
   joined) and its inline code that is a command."""
   text = open(os.path.join(REPO, 'README.md'), encoding='utf-8').read()
-  commands = []
-  for block in re.findall(r'^```[a-z]*\n(.*?)^```', text, flags=re.MULTILINE | re.DOTALL):
-    for line in re.sub(r'\\\n\s*', ' ', block).splitlines():
-      line = line.split(' # ')[0].strip()
-      if COMMAND.match(line):
-        commands.append(line)
+  commands = [line for _, line in _readme_walk().fenced_lines(text) if COMMAND.match(line)]
   for span in re.findall(r'`([^`]+)`', re.sub(r'^```.*?^```', '', text,
                                               flags=re.MULTILINE | re.DOTALL)):
     span = ' '.join(span.split())
