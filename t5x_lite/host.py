@@ -87,6 +87,27 @@ def prepare(tensorflow: bool = True) -> str:
   return _malloc
 
 
+def with_raised_stack_limit(module: str) -> None:
+  """Runs this process again (`python -m module`, the same arguments) once,
+  with the stack size limit raised to its hard limit, unless it is there
+  already or T5X_LITE_KEEP_STACK_LIMIT is set.
+
+  glibc sizes every thread's stack from the limit in force when the process
+  starts, so raising it later does nothing; the TPU compiler that
+  `precompile` drives recurses deep enough on long sequences (e.g. Llama-3.2-1B
+  at 2048 tokens) to overflow the usual 8 MiB on its threads.
+  """
+  import resource  # pylint: disable=g-import-not-at-top
+  soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+  if soft == hard or os.environ.get('T5X_LITE_KEEP_STACK_LIMIT'):
+    return
+  resource.setrlimit(resource.RLIMIT_STACK, (hard, hard))
+  os.environ['T5X_LITE_KEEP_STACK_LIMIT'] = '1'  # (the new process keeps what it gets)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execv(sys.executable, [sys.executable, '-m', module, *sys.argv[1:]])
+
+
 def malloc_policy() -> str:
   """'reuse' when prepare() kept freed host memory in the heap, else 'system'
   (also when prepare() was not called: malloc is as glibc left it)."""

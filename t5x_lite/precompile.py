@@ -21,6 +21,7 @@ compare the two.
 
 if __name__ == '__main__':  # a run starts here: tune the host before jax and TensorFlow load
   from t5x_lite import host  # pylint: disable=g-import-not-at-top
+  host.with_raised_stack_limit('t5x_lite.precompile')  # the TPU compiler's threads
   host.prepare()
 
 import dataclasses

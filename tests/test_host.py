@@ -297,3 +297,24 @@ def test_a_step_that_cannot_fit_stops_in_one_line(monkeypatch):
       f"state (XLA's estimate for 1 CPU device(s)) and {(needed - 1) / 2**20:.1f} MiB is "
       "available; lower BATCH_SIZE, raise NUM_MICROBATCHES, or set the model config's "
       "remat_policy = 'full'.")
+
+
+def test_raised_stack_limit_reaches_a_new_process(tmp_path):
+  """with_raised_stack_limit runs the module again (same arguments) with the
+  soft stack limit at the hard one; that run does not go round again."""
+  import resource  # pylint: disable=g-import-not-at-top
+  _, hard = resource.getrlimit(resource.RLIMIT_STACK)
+  if hard != resource.RLIM_INFINITY and hard <= 8 << 20:
+    pytest.skip('the hard stack limit leaves nothing to raise')
+  (tmp_path / 'stack_probe.py').write_text(
+      'import resource, sys\n'
+      'from t5x_lite import host\n'
+      "print('start', sys.argv[1:], flush=True)\n"
+      "host.with_raised_stack_limit('stack_probe')\n"
+      "print('limit', resource.getrlimit(resource.RLIMIT_STACK)[0])\n")
+  env = dict(os.environ, PYTHONPATH=f'{tmp_path}{os.pathsep}{REPO}')
+  env.pop('T5X_LITE_KEEP_STACK_LIMIT', None)
+  low = lambda: resource.setrlimit(resource.RLIMIT_STACK, (8 << 20, hard))
+  out = subprocess.run([sys.executable, '-m', 'stack_probe', 'x', '--y=1'], env=env, cwd=tmp_path,
+                       preexec_fn=low, capture_output=True, text=True, check=True).stdout
+  assert out.splitlines() == ["start ['x', '--y=1']", "start ['x', '--y=1']", f'limit {hard}']
