@@ -150,11 +150,13 @@ def test_eight_fake_devices_match_one(tmp_path, uninterrupted_run):
     assert b['accuracy'] == pytest.approx(a['accuracy'], rel=1e-5)
 
 
-def test_initial_checkpoint_path_starts_from_pretrained_params(tmp_path, uninterrupted):
+def test_initial_checkpoint_path_starts_from_pretrained_params(
+    tmp_path, uninterrupted, monkeypatch, capsys):
   pretrained, finetuned = uninterrupted, str(tmp_path / 'finetuned')
-  proc = run_train(finetuned, '--gin.TRAIN_STEPS=2',
-                   f"--gin.INITIAL_CHECKPOINT_PATH='{pretrained}'")
-  assert f'initialised params from {pretrained}' in proc.stdout
+  code, out, err = _train_in_process(monkeypatch, capsys, finetuned, '--gin.TRAIN_STEPS=2',
+                                     f"--gin.INITIAL_CHECKPOINT_PATH='{pretrained}'")
+  assert code == 0, err[-3000:]
+  assert f'initialised params from {pretrained}' in out
   first_pretrained, first_finetuned = read_metrics(pretrained)[0], read_metrics(finetuned)[0]
   assert first_finetuned['step'] == 1  # a new run: step and optimizer start afresh
   # Same seed, so the same first batch: only the starting params differ.
@@ -164,28 +166,28 @@ def test_initial_checkpoint_path_starts_from_pretrained_params(tmp_path, uninter
 def test_finetune_then_eval_and_infer_on_sst2_files(tmp_path, uninterrupted, capsys):
   """Fine-tune the pretrained small T5 on SST-2 (original TSV files) with evaluation
   every 3 steps, then `t5x_lite.eval` and `t5x_lite.infer` on the result. Each
-  prints every metric once, as a row of the evaluation table."""
+  prints every metric once, as a row of the evaluation table. The three mains
+  run in this process (the subprocess around them is tested above)."""
   from t5x_lite import eval as eval_lib  # pylint: disable=g-import-not-at-top
   from t5x_lite import infer as infer_lib  # pylint: disable=g-import-not-at-top
+  from t5x_lite import train as train_lib  # pylint: disable=g-import-not-at-top
   model_dir = str(tmp_path / 'sst2')
   dims = [a for a in SMALL_T5 if 'T5Config' in a]
   glue = [f"--gin.glue_sources.data_settings.glue_dir='{require_shared_data('glue')}'"]
-  proc = subprocess.run(
-      [sys.executable, '-m', 't5x_lite.train', '--gin_file=gin/t5_tiny_sst2_finetune.gin',
-       *dims, *glue, f"--gin.MODEL_DIR='{model_dir}'", '--gin.TRAIN_STEPS=6',
-       '--gin.EVAL_PERIOD=3', '--gin.EVAL_NUM_EXAMPLES=20', '--gin.BATCH_SIZE=8',
-       f"--gin.INITIAL_CHECKPOINT_PATH='{uninterrupted}'",
-       '--gin.train_script.train.progress_bar=False'],
-      cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  main_in_process(train_lib, [
+      '--gin_file=gin/t5_tiny_sst2_finetune.gin', *dims, *glue, f"--gin.MODEL_DIR='{model_dir}'",
+      '--gin.TRAIN_STEPS=6', '--gin.EVAL_PERIOD=3', '--gin.EVAL_NUM_EXAMPLES=20',
+      '--gin.BATCH_SIZE=8', f"--gin.INITIAL_CHECKPOINT_PATH='{uninterrupted}'",
+      '--gin.train_script.train.progress_bar=False'])
+  stdout = capsys.readouterr().out
   evals = [r for r in read_metrics(model_dir) if 'eval/glue_sst2_v002/accuracy' in r]
   assert [r['step'] for r in evals] == [3, 6]
   assert all(0 <= r['eval/glue_sst2_v002/accuracy'] <= 100 for r in evals)
-  assert [l for l in proc.stdout.splitlines() if 'accuracy' in l] == [
+  assert [l for l in stdout.splitlines() if 'accuracy' in l] == [
       f"eval at step {r['step']}: glue_sst2_v002  accuracy "
       f"{r['eval/glue_sst2_v002/accuracy']:.2f}" for r in evals]
-  assert 'compiling the train step ...\n' in proc.stdout
-  assert re.search(r'^compiled the train step in \d+\.\ds$', proc.stdout, re.M), proc.stdout
+  assert 'compiling the train step ...\n' in stdout
+  assert re.search(r'^compiled the train step in \d+\.\ds$', stdout, re.M), stdout
   rows = [json.loads(l) for l in open(os.path.join(model_dir, 'eval', '6', 'glue_sst2_v002.jsonl'))]
   assert len(rows) == 20 and rows[0]['inputs'].startswith('sst2 sentence: ')
 
@@ -277,7 +279,9 @@ def test_bart_tiny_trains_through_the_same_entry_point(tmp_path):
 
 
 # Checkpoint faults through the entry point (tests/test_checkpoints.py covers
-# the Checkpointer alone). A fault that needs injecting runs in this process.
+# the Checkpointer alone). A fault that needs injecting, or one that stops the
+# run before it trains, runs in this process; damaged files, which orbax reads
+# on threads of its own, in a process of their own.
 
 def _train_in_process(monkeypatch, capsys, model_dir, *extra):
   """`python -m t5x_lite.train` in this process: (exit status, stdout, stderr)."""
@@ -327,17 +331,19 @@ def test_damaged_checkpoints_are_moved_aside_and_training_goes_past_them(tmp_pat
   assert [r['step'] for r in read_metrics(model_dir)] == list(range(1, 81))
 
 
-def test_a_changed_model_config_is_one_line_and_touches_no_checkpoint(tmp_path, uninterrupted):
+def test_a_changed_model_config_is_one_line_and_touches_no_checkpoint(
+    tmp_path, uninterrupted, monkeypatch, capsys):
   from test_checkpoints import digest_files  # pylint: disable=g-import-not-at-top
   model_dir = str(tmp_path / 'run')
   shutil.copytree(uninterrupted, model_dir)
   ckpts = os.path.join(model_dir, 'checkpoints')
   before = digest_files(model_dir)
-  proc = run_train(model_dir, f'--gin.TRAIN_STEPS={STEPS + 10}',
-                   '--gin.encoder_decoder.T5Config.num_encoder_layers=3', check=False)
-  assert proc.returncode == 2, proc.stderr[-3000:]
-  _no_noise(proc.stderr)
-  [line] = [l for l in proc.stderr.splitlines() if 'error' in l.lower()]
+  code, _, err = _train_in_process(monkeypatch, capsys, model_dir,
+                                   f'--gin.TRAIN_STEPS={STEPS + 10}',
+                                   '--gin.encoder_decoder.T5Config.num_encoder_layers=3')
+  assert code == 2, err[-3000:]
+  _no_noise(err)
+  [line] = [l for l in err.splitlines() if 'error' in l.lower()]
   assert line.startswith(f'error: checkpoint {ckpts}/{STEPS} does not fit the configured model '
                          '(params/encoder/layers_2/')
   assert ': model (32, 32), checkpoint absent; ' in line
