@@ -305,7 +305,9 @@ def _no_noise(stderr):
 
 
 def test_damaged_checkpoints_are_moved_aside_and_training_goes_past_them(tmp_path, uninterrupted):
-  """On a copy of the uninterrupted run (checkpoints 40, 50 and 60)."""
+  """On a copy of the uninterrupted run (checkpoints 40, 50 and 60): 60's arrays
+  cut short and 50's metadata file deleted; one run moves both aside, resumes
+  from 40 and trains past them."""
   model_dir = str(tmp_path / 'run')
   shutil.copytree(uninterrupted, model_dir)
   ckpts = os.path.join(model_dir, 'checkpoints')
@@ -313,22 +315,20 @@ def test_damaged_checkpoints_are_moved_aside_and_training_goes_past_them(tmp_pat
     for name in names if os.path.basename(root) == 'd' else ():
       path = os.path.join(root, name)
       os.truncate(path, os.path.getsize(path) // 2)
+  os.remove(os.path.join(ckpts, '50', 'state', '_METADATA'))  # a deleted metadata file
   proc = run_train(model_dir, '--gin.TRAIN_STEPS=70', '--gin.CHECKPOINT_PERIOD=10')
-  [aside] = [os.path.join(ckpts, d) for d in os.listdir(ckpts) if d.startswith('60.damaged-')]
-  [line] = [l for l in proc.stderr.splitlines() if ' is damaged (' in l]
+  aside = {d.split('.')[0]: os.path.join(ckpts, d) for d in os.listdir(ckpts) if '.damaged-' in d}
+  assert sorted(aside) == ['50', '60'], aside
+  [line] = [l for l in proc.stderr.splitlines() if f'{ckpts}/60 is damaged (' in l]
   assert f'checkpoint {ckpts}/60 is damaged ({ckpts}/60/state/' in line, line
-  assert line.endswith(f' is cut short); moved it to {aside} and trying the previous one.'), line
-  assert f'resumed from {ckpts}/50 (data position 50, ' in proc.stdout
+  assert line.endswith(f" is cut short); moved it to {aside['60']} and trying the previous one."), \
+      line
+  assert (f'checkpoint {ckpts}/50 is damaged ({ckpts}/50/state/_METADATA is missing); moved '
+          f"it to {aside['50']} and trying the previous one.") in proc.stderr
+  assert f'resumed from {ckpts}/40 (data position 40, ' in proc.stdout
   _no_noise(proc.stderr)
-  os.remove(os.path.join(ckpts, '70', 'state', '_METADATA'))  # a deleted metadata file
-  proc = run_train(model_dir, '--gin.TRAIN_STEPS=80', '--gin.CHECKPOINT_PERIOD=10')
-  assert (f'checkpoint {ckpts}/70 is damaged ({ckpts}/70/state/_METADATA is missing); moved '
-          f'it to {ckpts}/70.damaged-') in proc.stderr
-  assert f'resumed from {ckpts}/60 (data position 60, ' in proc.stdout
-  _no_noise(proc.stderr)
-  assert sorted(d for d in os.listdir(ckpts) if d.isdigit()) == ['60', '70', '80']  # keep 3
-  assert len([d for d in os.listdir(ckpts) if '.damaged-' in d]) == 2
-  assert [r['step'] for r in read_metrics(model_dir)] == list(range(1, 81))
+  assert sorted(d for d in os.listdir(ckpts) if d.isdigit()) == ['50', '60', '70']  # keep 3
+  assert [r['step'] for r in read_metrics(model_dir)] == list(range(1, 71))
 
 
 def test_a_changed_model_config_is_one_line_and_touches_no_checkpoint(
