@@ -68,16 +68,21 @@ class PreferenceSource(instruction_tasks.InstructionSource):
 
   def _dataset_fn(self, split, shuffle_files, seed=None):
     pairs = self.shuffled_examples(split, shuffle_files, seed)
-    return tf.data.Dataset.from_tensor_slices(
-        {k: tf.constant([p[k] for p in pairs], tf.string)
-         for k in ('prompt',) + RESPONSES})
+    texts = {k: tf.constant([p[k] for p in pairs], tf.string) for k in ('prompt',) + RESPONSES}
+    if pairs and 'margin' in pairs[0]:  # per-pair margins (a reward model's)
+      texts['margin'] = tf.constant([p['margin'] for p in pairs], tf.float32)
+    return tf.data.Dataset.from_tensor_slices(texts)
 
 
 @seqio.map_over_dataset
 def to_features(x):
-  """{'prompt', 'chosen', 'rejected'} -> 'inputs', 'chosen', 'rejected', 'pair_key'."""
-  return {'inputs': x['prompt'], 'chosen': x['chosen'], 'rejected': x['rejected'],
-          'pair_key': pair_key(x['prompt'], x['chosen'], x['rejected'])}
+  """{'prompt', 'chosen', 'rejected'} -> 'inputs', 'chosen', 'rejected', 'pair_key'
+  (and 'margin' as it is, where the pairs have one)."""
+  out = {'inputs': x['prompt'], 'chosen': x['chosen'], 'rejected': x['rejected'],
+         'pair_key': pair_key(x['prompt'], x['chosen'], x['rejected'])}
+  if 'margin' in x:
+    out['margin'] = x['margin']
+  return out
 
 
 def trim_and_add_eos(dataset, sequence_length=None, output_features=None):

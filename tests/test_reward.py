@@ -104,6 +104,30 @@ def test_bert_pair_layout_by_hand_and_single_responses_as_one_side():
   assert single['decoder_loss_weights'][0].tolist() == [0, 0, 0, 1, 1, 0, 0]
 
 
+def test_pairs_files_carry_per_pair_margins_to_the_batch(tmp_path):
+  """A 'pairs' file whose records have a 'margin' gives it to every pair, through
+  the task and the converter; a file with some margins missing, or one that is
+  not a number, is one error naming the file and line."""
+  from t5x_lite.data import preferences  # pylint: disable=g-import-not-at-top
+  from t5x_lite.tasks import preferences as tasks  # pylint: disable=g-import-not-at-top
+  rows = [{'prompt': 'p1', 'chosen': 'good', 'rejected': 'bad', 'margin': 2},
+          {'prompt': 'p2', 'chosen': 'fine', 'rejected': 'poor', 'margin': 0.5}]
+  path = tmp_path / 'm.jsonl'
+  path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  assert [p['margin'] for p in preferences.read_pairs_files(str(path), 'pairs')] == [2.0, 0.5]
+  task = tasks.register_preference_task('reward_margin_test_gpt', str(path))
+  ds = task.get_dataset(LENGTHS, split='train', shuffle=False)
+  batch = _stack(fc.PreferenceFeatureConverter()(ds, LENGTHS))
+  assert batch['margin'].tolist() == [2.0, 0.5]
+  path.write_text(''.join(json.dumps(r) + '\n' for r in [rows[0], dict(rows[1], margin=None)]))
+  with pytest.raises(UserError, match="m.jsonl:2: field 'margin' must be a number"):
+    preferences.read_pairs_files(str(path), 'pairs')
+  del rows[1]['margin']
+  path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  with pytest.raises(UserError, match="m.jsonl:1 has a 'margin' but 1 pairs have none"):
+    preferences.read_pairs_files(str(path), 'pairs')
+
+
 def _tiny(family, **overrides):
   cfg = families.config(family, vocab_size=V, emb_dim=32, head_dim=16, mlp_dim=64,
                         num_layers=1)
@@ -148,8 +172,6 @@ def test_loss_fn_is_bradley_terry_of_the_single_response_rewards(family):
   assert float(metrics['accuracy']) == pytest.approx(np.mean(rc > rr))
   assert float(metrics['reward_margin']) == pytest.approx(np.mean(rc - rr), rel=1e-4, abs=1e-6)
   assert float(metrics['chosen_rewards']) == pytest.approx(rc.mean(), rel=1e-4, abs=1e-6)
-  np.testing.assert_allclose(jax.jit(model.predict_batch)(params, _convert_single(
-      model, [(p, c) for p, c, _ in pairs])), rc, rtol=1e-5, atol=1e-6)
   if family == 'gpt':  # the classifier's own head, read at the EOS by hand
     p, c, _ = pairs[0]
     tokens = np.zeros([1, 9], np.int32)
@@ -160,11 +182,10 @@ def test_loss_fn_is_bradley_terry_of_the_single_response_rewards(family):
     assert float(logits[0, 0]) == pytest.approx(rc[0], rel=1e-5, abs=1e-6)
 
 
-@pytest.mark.parametrize('family', ['gpt', 'bert'])
-def test_reward_model_learns_a_synthetic_preference(family):
-  """Trained on pairs whose chosen responses come from one token set and the
-  rejected from another: held-out pairwise accuracy >= 0.95."""
-  model = _tiny(family)
+def test_reward_model_learns_a_synthetic_preference():
+  """A tiny GPT reward model trained on pairs whose chosen responses come from
+  one token set and the rejected from another: held-out pairwise accuracy >= 0.95."""
+  model = _tiny('gpt')
   train = _convert(model, _synthetic(480, 1))
   heldout = _convert(model, _synthetic(64, 2))
   shapes = {k: jax.ShapeDtypeStruct((16,) + v.shape[1:], v.dtype) for k, v in train.items()}
@@ -178,11 +199,11 @@ def test_reward_model_learns_a_synthetic_preference(family):
     return {k: np.mean([float(r[k]) for r in rows]) for k in ('accuracy', 'reward_margin')}
 
   before = held_out(state)
-  for step in range(60):
+  for step in range(30):
     i = (step * 16) % 480
     state, _ = trainer.train_step(state, {k: v[i:i + 16] for k, v in train.items()})
   after = held_out(state)
-  assert after['accuracy'] >= 0.95, (before, after)
+  assert before['accuracy'] < 0.8 and after['accuracy'] >= 0.95, (before, after)
   assert after['reward_margin'] > before['reward_margin'] + 1.0
 
 

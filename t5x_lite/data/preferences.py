@@ -19,9 +19,12 @@ Formats (`FORMATS`):
             turns as history, see `instructions.render_prompt`).
 
 An optional system instruction (Orca-style) is put before `pairs` and
-`sharegpt` prompts. A record that is not what its format needs raises
-`UserError` naming the file and line; a pair whose responses are equal is
-one too (it carries no preference).
+`sharegpt` prompts. A `pairs` record may carry a number 'margin' (how
+clearly the chosen response wins, e.g. Llama 2's rating gap), which a reward
+model's loss subtracts; then every record of the files must have one. A
+record that is not what its format needs raises `UserError` naming the file
+and line; a pair whose responses are equal is one too (it carries no
+preference).
 """
 
 import os
@@ -52,8 +55,16 @@ def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
 def read_pairs(path: str, system: Optional[str] = None) -> Iterator[dict]:
   for lineno, r in instructions._json_records(path):  # pylint: disable=protected-access
     field = lambda k: instructions._field(r, k, path, lineno)  # pylint: disable=protected-access,cell-var-from-loop
-    yield _pair(instructions.render_prompt(field('prompt'), system=system),
-                field('chosen'), field('rejected'), path, lineno)
+    pair = _pair(instructions.render_prompt(field('prompt'), system=system),
+                 field('chosen'), field('rejected'), path, lineno)
+    if 'margin' in r:
+      margin = r['margin']
+      if not isinstance(margin, (int, float)) or isinstance(margin, bool):
+        raise UserError(f"{path}:{lineno}: field 'margin' must be a number, got "
+                        f'{type(margin).__name__}.')
+      pair['margin'] = float(margin)
+      pair['where'] = f'{path}:{lineno}'
+    yield pair
 
 
 def read_hh(path: str, system: Optional[str] = None) -> Iterator[dict]:
@@ -110,4 +121,8 @@ def read_pairs_files(paths: instructions.Paths, format: str,  # pylint: disable=
   out = []
   for path in instructions.resolve_paths(paths):
     out.extend(_READERS[format](path, system=system))
+  with_margin = [p.pop('where') for p in out if 'where' in p]
+  if with_margin and len(with_margin) < len(out):
+    raise UserError(f"{with_margin[0]} has a 'margin' but {len(out) - len(with_margin)} pairs "
+                    'have none; give every pair a margin, or none.')
   return out
