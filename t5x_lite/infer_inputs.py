@@ -333,6 +333,7 @@ def response_examples(task: seqio.Task, lines: Sequence[Line], lengths: Mapping[
   task renders its prompts, unless `raw`; the end kept) and 'targets' (the
   response, cut as the task cuts its responses)."""
   features = task.output_features
+  response_feature = features.get('targets', features.get('chosen'))  # a pair task's
   source = task.source
   options = source.options if _is_instruction_source(source) else {}
   out = []
@@ -352,7 +353,7 @@ def response_examples(task: seqio.Task, lines: Sequence[Line], lengths: Mapping[
       prompt = instructions.render_prompt(prompt, system=options.get('system'))
     out.append([{'inputs': _encode(features['inputs'], prompt, lengths.get('inputs'),
                                    keep_end=True),
-                 'targets': _encode(features['targets'], response, lengths.get('targets')),
+                 'targets': _encode(response_feature, response, lengths.get('targets')),
                  'inputs_pretokenized': prompt, 'targets_pretokenized': response}])
   return out
 

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 import families
 from conftest import main_in_process, read_metrics, require_shared_data
+from t5x_lite import infer_inputs
 from t5x_lite import losses
 from t5x_lite import optimizers
 from t5x_lite import trainer as trainer_lib
@@ -24,6 +25,7 @@ from t5x_lite.models import classification
 from t5x_lite.models import decoder
 from t5x_lite.models import reward
 from t5x_lite.partitioning import Partitioner
+from t5x_lite.tasks import preferences as tasks
 
 
 def _neg_log_sigmoid(x):
@@ -109,7 +111,6 @@ def test_pairs_files_carry_per_pair_margins_to_the_batch(tmp_path):
   the task and the converter; a file with some margins missing, or one that is
   not a number, is one error naming the file and line."""
   from t5x_lite.data import preferences  # pylint: disable=g-import-not-at-top
-  from t5x_lite.tasks import preferences as tasks  # pylint: disable=g-import-not-at-top
   rows = [{'prompt': 'p1', 'chosen': 'good', 'rejected': 'bad', 'margin': 2},
           {'prompt': 'p2', 'chosen': 'fine', 'rejected': 'poor', 'margin': 0.5}]
   path = tmp_path / 'm.jsonl'
@@ -238,10 +239,19 @@ def test_bad_configs_are_one_line_user_errors():
       (lambda: reward.RewardModel(classification.GptClassificationModel(cfg, num_classes=1),
                                   center_rewards_coefficient=-1), 'must be >= 0'),
   ]
+  task = tasks.register_preference_task('reward_lines_test_gpt', 'unread.jsonl', format='hh')
+  read = lambda *lines: infer_inputs.response_examples(task, lines, LENGTHS, 'in.jsonl')
+  cases += [
+      (lambda: read(infer_inputs.Line(3, 'a prompt, no response')), 'in.jsonl:3: .*prompt TAB'),
+      (lambda: read(infer_inputs.Line(4, '{}', {'prompt': 'p'})),
+       'in.jsonl:4: .*"prompt" and "response"; the line has'),
+  ]
   for make, match in cases:
     with pytest.raises(UserError, match=match) as e:
       make()
     assert '\n' not in str(e.value)
+  ex, = read(infer_inputs.Line(5, 'Hi\tthere'))[0]  # 'hh': the prompt as it is
+  assert ex['inputs_pretokenized'] == 'Hi' and ex['targets'][-1] == 1  # EOS
 
 
 # ----------------------------------------------------------------------------
