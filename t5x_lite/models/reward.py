@@ -91,8 +91,8 @@ class RewardModel(base.BaseModel):
                       'GptClassificationModel or BertClassificationModel with num_classes = 1; '
                       f'got {got}.')
     if getattr(model, 'lm_weight', 0.0):
-      raise UserError('RewardModel trains the reward head only; set the classification '
-                      'model\'s lm_weight = 0.')
+      raise UserError('a RewardModel\'s loss is the preference loss alone; set the '
+                      'classification model\'s lm_weight = 0.')
     if center_rewards_coefficient < 0:
       raise UserError(f'center_rewards_coefficient={center_rewards_coefficient} must be >= 0 '
                       '(0 turns reward centring off; TRL suggests 0.01).')
