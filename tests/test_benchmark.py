@@ -4,7 +4,7 @@ of it and of benchmarks/hf_reference.py."""
 import dataclasses
 import json
 import math
-import subprocess
+import os
 import sys
 
 import gin
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from conftest import REPO, SMALL_T5, run_env
+from conftest import REPO, SMALL_T5, main_in_process
 from t5x_lite import benchmark
 from t5x_lite import gin_utils
 from t5x_lite import host
@@ -76,14 +76,13 @@ def _positive(result, key):
 
 
 @pytest.mark.slow
-def test_train_and_decode_on_a_small_t5():
-  env = run_env()
-  proc = subprocess.run(
-      [sys.executable, '-m', 't5x_lite.benchmark', *SMALL_T5, '--mode=train,decode', '--steps', '2',
-       '--decode_runs=1', '--input_seconds=0.3', '--profile=40', '--peak_flops=1e12'],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  lines = proc.stdout.strip().splitlines()
+def test_train_and_decode_on_a_small_t5(capsys):
+  """The benchmark's main in this process, which conftest prepared as an entry
+  point prepares its own (host.prepare)."""
+  main_in_process(benchmark, [*SMALL_T5, '--mode=train,decode', '--steps', '2',
+                              '--decode_runs=1', '--input_seconds=0.3', '--profile=40',
+                              '--peak_flops=1e12'])
+  lines = capsys.readouterr().out.strip().splitlines()
   result = json.loads(lines[-1])
   assert 'tokens/s' in lines[-2]
   for key in TRAIN_KEYS + DECODE_KEYS:
@@ -98,8 +97,8 @@ def test_train_and_decode_on_a_small_t5():
   assert 1 / 3 < ratio < 3, ratio
   assert result['decode_length'] == 16 and result['decode_batch_size'] == 8
   applies = sys.platform.startswith('linux') and not host.host_has_accelerator()
-  assert result['host_malloc'] == ('reuse' if applies and env.get('T5X_LITE_MALLOC') != 'system'
-                                   else 'system')
+  assert result['host_malloc'] == ('reuse' if applies and os.environ.get('T5X_LITE_MALLOC')
+                                   != 'system' else 'system')
   assert result['kernels'] == 'cpu'  # 'auto' compiling for the CPU
   assert result['peak_flops_per_second'] == 1e12
   assert result['mfu'] == pytest.approx(result['model_flops_per_second'] / 1e12)
