@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import REPO, read_metrics, require, run_env
+from conftest import REPO, main_in_process, read_metrics, require, run_env
 from t5x_lite import checkpoints
 from t5x_lite import hf
 from t5x_lite import import_hf
@@ -353,13 +353,11 @@ train_script.train.log_every = 1
 train_script.train.progress_bar = False
 """)
   model_dir = tmp_path / 'run'
-  proc = subprocess.run(
-      [sys.executable, '-m', 't5x_lite.train', f'--gin_file={run_gin}',
-       f"--gin.MODEL_DIR='{model_dir}'"],
-      cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert f"initialised params from {out / 'checkpoint'}" in proc.stdout
-  assert f'model: {n_params:,} params' in proc.stdout
+  from t5x_lite import train  # pylint: disable=g-import-not-at-top
+  main_in_process(train, [f'--gin_file={run_gin}', f"--gin.MODEL_DIR='{model_dir}'"])
+  stdout = capsys.readouterr().out
+  assert f"initialised params from {out / 'checkpoint'}" in stdout
+  assert f'model: {n_params:,} params' in stdout
   assert [row['step'] for row in read_metrics(model_dir)] == [1, 2]
   # It trained from them: two small steps later they have moved by < 5%.
   trained = checkpoints.restore_params(str(model_dir), abstract)
