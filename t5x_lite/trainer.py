@@ -67,14 +67,16 @@ def abstract_params(model: BaseModel, partitioner: Partitioner,
 
 
 def base_params(base_model: BaseModel, partitioner: Partitioner,
-                batch_shapes: dict[str, jax.ShapeDtypeStruct], seed: int,
+                batch_shapes: dict[str, jax.ShapeDtypeStruct], seed: Optional[int],
                 initial_checkpoint_path: Optional[str] = None,
                 fresh: Sequence[str] = ()) -> Any:
   """The frozen params a LoRA model adapts, sharded: `initial_checkpoint_path`'s,
   else `base_model`'s random init of `seed` (the same at every start, so
   that a resumed run, or an evaluation of its adapters, finds the same base)."""
   abstract, shardings = abstract_params(base_model, partitioner, batch_shapes)
-  init_rng = jax.random.split(jax.random.PRNGKey(seed))[0]
+  # A checkpoint's base is recorded without a seed (lora.checkpoint_meta); its init
+  # then fills only subtrees the checkpoint lacks (a new head, trained as a copy).
+  init_rng = jax.random.split(jax.random.PRNGKey(0 if seed is None else seed))[0]
   variables = lambda rng: nn.unbox(base_model.init(rng, batch_shapes))['params']
   is_fresh = lambda x: isinstance(x, jax.ShapeDtypeStruct)
   restored = None

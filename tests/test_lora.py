@@ -402,3 +402,22 @@ def test_lora_checkpoint_infers_as_its_merged_model(lora_run, tmp_path):
 
 def _leaf_names(tree):
   return {str(path[-1].key) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_a_base_checkpoint_is_read_without_a_seed(tmp_path):
+  """A LoRA run over INITIAL_CHECKPOINT_PATH records its base with no seed
+  (`lora.checkpoint_meta`); eval, infer and export read that base back with
+  `base_params(seed=None)`, which gives the checkpoint's params."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  model = _base('llama')
+  batch = model.dummy_batch(1, 8)
+  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+  saved = jax.tree_util.tree_map(
+      lambda x: np.random.default_rng(0).normal(size=x.shape).astype(x.dtype),
+      nn.unbox(jax.eval_shape(model.init, jax.random.key(1), batch))['params'])
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    ckptr.save(tmp_path / 'checkpoint', args=ocp.args.Composite(
+        state=ocp.args.StandardSave({'params': saved})))
+  assert lora.checkpoint_meta(lora.LoraConfig(), str(tmp_path / 'checkpoint'), 0)['seed'] is None
+  base = trainer_lib.base_params(model, Partitioner(), shapes, None, str(tmp_path / 'checkpoint'))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, base, saved)
