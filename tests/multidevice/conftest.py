@@ -16,9 +16,11 @@ import pytest
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO = os.path.dirname(TESTS)
 DEVICES = 8
-# Many small compilations: skip LLVM's slow passes (results differ only in rounding).
+# Many small compilations: skip LLVM's slow passes and emit fusions with the
+# loop emitters, as tests/conftest.py does (results differ only in rounding).
 XLA_FLAGS = (f'--xla_force_host_platform_device_count={DEVICES}'
-             ' --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true')
+             ' --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+             ' --xla_cpu_use_fusion_emitters=false')
 
 if 'jax' not in sys.modules and '--xla_force_host_platform_device_count' not in os.environ.get(
     'XLA_FLAGS', ''):
