@@ -59,7 +59,7 @@ def _check_head(model: Any, task: seqio.Task) -> str:
   """The task's kind (`infer_inputs.kind`), once it is known to suit the model;
   'reward' for a model that scores (prompt, response) pairs."""
   how = infer_inputs.kind(task)
-  if getattr(model, 'SCORES_RESPONSES', False):
+  if model.SCORES_RESPONSES:
     if how != 'text_to_text':
       raise UserError(f'{type(model).__name__} scores a prompt and a response; task '
                       f"'{task.name}' has no such pair: set MIXTURE_OR_TASK_NAME to the "
@@ -121,7 +121,7 @@ def infer(*,
   come from the feature lengths, the inputs from the file (`raw_inputs`: the
   lines as they are).
   """
-  if not input_file and getattr(model, 'SCORES_RESPONSES', False):
+  if not input_file and model.SCORES_RESPONSES:
     raise UserError(f'{type(model).__name__} scores responses; give INPUT_FILE, a .jsonl of '
                     '{"prompt": ..., "response": ...} (one reward per line).')
   run = runs.Run(model, runs.Data(mixture_or_task_name, task_feature_lengths, batch_size,

@@ -338,6 +338,7 @@ class LoraModel(BaseModel):
     self.FEATURE_CONVERTER_CLS = base_model.FEATURE_CONVERTER_CLS
     self.DECODER_ONLY = base_model.DECODER_ONLY
     self.GENERATES = base_model.GENERATES
+    self.SCORES_RESPONSES = base_model.SCORES_RESPONSES
 
   def __getattr__(self, name: str) -> Any:
     # The base model's config, dummy_batch, module, ... (only for names this

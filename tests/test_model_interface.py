@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from t5x_lite.models import base, preference
+from t5x_lite.models import base, classification, preference, reward
 
 import families
 from conftest import REPO
 
 CAPABILITIES = {'FRESH_PARAMS': tuple, 'DECODER_ONLY': bool, 'GENERATES': bool,
-                'computes_vocab_logits': bool}
+                'SCORES_RESPONSES': bool, 'computes_vocab_logits': bool}
 
 
 def _models():
@@ -24,6 +24,8 @@ def _models():
   models['dpo_gpt'] = preference.DPOModel(families.tiny('gpt'))
   models['dpo_t5_precomputed'] = preference.DPOModel(
       families.tiny('t5'), reference_logps_path='/nonexistent.npz')
+  models['reward_gpt'] = reward.RewardModel(classification.GptClassificationModel(
+      families.config('gpt_cls'), num_classes=1))
   return models
 
 
@@ -39,7 +41,8 @@ def test_the_model_implements_the_interface(name):
   assert {'denominators', 'frozen'} <= set(signature.parameters)
   assert model.GENERATES == (name.startswith(('t5', 'gpt', 'bart', 'dpo'))
                              and not name.endswith('cls'))
-  assert model.DECODER_ONLY == (name in ('gpt', 'gpt_scanned', 'gpt_cls', 'dpo_gpt'))
+  assert model.DECODER_ONLY == (name in ('gpt', 'gpt_scanned', 'gpt_cls', 'dpo_gpt', 'reward_gpt'))
+  assert model.SCORES_RESPONSES == name.startswith('reward')
 
 
 @pytest.mark.parametrize('name', ['bert', 'gpt', 'bert_cls', 'dpo_gpt'])

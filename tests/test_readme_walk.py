@@ -34,6 +34,8 @@ def clone(tmp_path_factory):
   env = run_env()  # the suite's compilation and corpus caches
   env.update({k: v for k, v in WALK.environment(path).items()
               if k in ('PATH', 'PYTHONPATH') or k.startswith('T5X_LITE_')})
+  for k in ('MAKEFLAGS', 'MAKELEVEL', 'MFLAGS'):  # a newcomer's shell is not inside make
+    env.pop(k, None)
   return path, env
 
 

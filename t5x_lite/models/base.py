@@ -12,6 +12,8 @@ plus the capabilities callers may ask about without probing:
   DECODER_ONLY           inputs and targets are one token stream.
   GENERATES              `predict_batch` generates tokens (else it predicts
                          a class or a score).
+  SCORES_RESPONSES       `score` of a (prompt, response) example is a scalar
+                         reward (infer reads {"prompt", "response"} lines).
   computes_vocab_logits  whether a train step computes logits over the
                          vocabulary (for FLOP counts).
   max_length             the longest sequence its position embeddings
@@ -43,6 +45,7 @@ class BaseModel(abc.ABC):
   FRESH_PARAMS: Tuple[str, ...] = ()
   DECODER_ONLY: bool = False
   GENERATES: bool = False
+  SCORES_RESPONSES: bool = False
   # The model whose frozen params this one's params adapt (LoRA), or None.
   base_model: Optional['BaseModel'] = None
   config: Any

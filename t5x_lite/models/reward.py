@@ -79,7 +79,6 @@ class RewardModel(base.BaseModel):
       TRL suggests 0.01).
   """
   GENERATES = False
-  # `score` of single (prompt, response) examples is a reward (infer, RL).
   SCORES_RESPONSES = True
 
   def __init__(self, model: Any, margin: float = 0.0,
