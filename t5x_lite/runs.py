@@ -23,11 +23,13 @@ import numpy as np
 import optax
 import seqio
 
+from t5x_lite import rollouts
 from t5x_lite import trainer as trainer_lib
 from t5x_lite.data import pipeline
 from t5x_lite.data import registry
 from t5x_lite.errors import UserError
 from t5x_lite.models.base import BaseModel
+from t5x_lite.models.policy import PolicyModel
 from t5x_lite.partitioning import Partitioner
 
 
@@ -141,6 +143,10 @@ class Run:
   def trainer(self, optimizer: optax.GradientTransformation, num_microbatches: int = 1,
               batch_shapes: Optional[Mapping[str, jax.ShapeDtypeStruct]] = None
               ) -> trainer_lib.Trainer:
-    """The trainer of this run (for `batch_shapes`, default the dataset's)."""
-    return trainer_lib.Trainer(self.model, optimizer, self.partitioner,
-                               dict(batch_shapes or self.batch_shapes), num_microbatches)
+    """The trainer of this run (for `batch_shapes`, default the dataset's);
+    for a `PolicyModel`, the RL iteration's `rollouts.RolloutTrainer`."""
+    shapes = dict(batch_shapes or self.batch_shapes)
+    if isinstance(self.model, PolicyModel):
+      return rollouts.RolloutTrainer(self.model, optimizer, self.partitioner, shapes,
+                                     num_microbatches, self.task.output_features['inputs'].vocabulary)
+    return trainer_lib.Trainer(self.model, optimizer, self.partitioner, shapes, num_microbatches)

@@ -13,7 +13,6 @@ if __name__ == '__main__':  # a run starts here: tune the host before jax and Te
 
 import dataclasses
 import json
-import math
 import os
 import resource
 import signal
@@ -251,9 +250,7 @@ def train(*,
     ckpt.close()
     raise
   step_fn = trainer.train_step
-  # Tokens the model reads per step: every *input_tokens stream (encoder and decoder).
-  tokens_per_batch = sum(math.prod(v.shape) for k, v in run.batch_shapes.items()
-                         if k.endswith('input_tokens'))
+  tokens_per_batch = trainer.tokens_per_batch
 
   preemption = _Preemption()
   history, last_metrics, last_eval = [], {}, {}

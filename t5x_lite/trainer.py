@@ -7,6 +7,7 @@ which family it trains.
 """
 
 import dataclasses
+import math
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -253,11 +254,17 @@ class Trainer:
     return grads, metrics
 
   def _step(self, state: TrainState, batch: dict[str, jax.Array]):
-    """One update; skipped (params and optimizer state unchanged, as optax's
+    """One update (see `_update`) and the step count."""
+    dropout_rng = jax.random.fold_in(state.rng, state.step)
+    params, opt_state, metrics = self._update(state, batch, dropout_rng)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  def _update(self, state: TrainState, batch: dict[str, jax.Array], dropout_rng: jax.Array):
+    """(params, optimizer state, metrics) after one update on `batch`;
+    skipped (params and optimizer state unchanged, as optax's
     `apply_if_finite` does) when the loss, the gradients or the new params are
     not finite, so no NaN or Inf ever reaches the state. `nonfinite_steps` is
-    1 for a skipped step."""
-    dropout_rng = jax.random.fold_in(state.rng, state.step)
+    1 for a skipped update."""
     grads, metrics = self._grads(state, batch, dropout_rng)
     with jax.named_scope('optimizer'):
       updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
@@ -270,7 +277,7 @@ class Trainer:
       params, new_opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
     metrics = dict(metrics, learning_rate=optimizers.learning_rate(opt_state),
                    grad_norm=grad_norm, nonfinite_steps=1.0 - finite.astype(jnp.float32))
-    return state.replace(step=state.step + 1, params=params, opt_state=new_opt_state), metrics
+    return params, new_opt_state, metrics
 
   def compile(self) -> float:
     """Compiles the train step for the state and batch shapes; returns seconds."""
@@ -296,6 +303,13 @@ class Trainer:
             out_shardings=self.partitioner.replicated)
     with self.partitioner.activate():
       return self._compiled_eval(state, batch)
+
+  @property
+  def tokens_per_batch(self) -> int:
+    """Tokens the model reads per step: every *input_tokens stream (encoder
+    and decoder)."""
+    return sum(math.prod(v.shape) for k, v in self.batch_shapes.items()
+               if k.endswith('input_tokens'))
 
   def memory(self) -> 'StepMemory':
     """XLA's memory estimate of the compiled train step, per device."""

@@ -50,6 +50,9 @@ instructions (glue_sst2_instruct, ...), SNI train / held-out mixtures and
 Preference pairs (`t5x_lite.tasks.preferences`): DPO tasks over local pair files
 (`register_preference_task`; HH-RLHF, LLaMA-Factory sharegpt, plain
 prompt / chosen / rejected) and the shared samples' `preference_mixture`.
+
+RL prompts (`t5x_lite.tasks.rl`): `rl_letters`, the verifiable synthetic
+task; any task with 'inputs' serves as prompts.
 """
 
 from t5x_lite.errors import UserError
@@ -74,3 +77,4 @@ from t5x_lite.tasks import glue_cls
 from t5x_lite.tasks import downstream
 from t5x_lite.tasks import instructions
 from t5x_lite.tasks import preferences
+from t5x_lite.tasks import rl

@@ -276,3 +276,25 @@ class PreferenceEncDecFeatureConverter(PreferenceFeatureConverter):
     return {'decoder_input_tokens': seqio.utils.make_autoregressive_inputs(targets, bos_id=0),
             'decoder_target_tokens': targets,
             'decoder_loss_weights': _fit(tf.ones_like(response, tf.float32), lengths['targets'])}
+
+
+class PromptFeatureConverter:
+  """Prompts for RL rollouts (`models.policy`): `prompt_tokens` (the task's
+  'inputs', 0-padded to the 'inputs' length) and `prompt_length`, the
+  prompt's length before trimming, so that a run refuses a prompt longer
+  than its feature length instead of cutting it. Other features are dropped;
+  prompts are not packed."""
+
+  def __init__(self, pack: bool = False):
+    if pack:
+      raise UserError('RL prompts are not packed; set runs.Data.pack = False.')
+
+  def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]):
+    length = task_feature_lengths['inputs']
+
+    def convert(ex):
+      prompt = tf.cast(ex['inputs'], tf.int32)
+      return {'prompt_tokens': _fit(prompt, length),
+              'prompt_length': tf.size(prompt, out_type=tf.int32)}
+
+    return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)

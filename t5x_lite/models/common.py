@@ -272,6 +272,13 @@ class TokenLossModel(Model):
     """[B,T,V] float32 logits; dropout iff `dropout_rng` and a rate > 0."""
     return self._apply(params, batch, dropout_rng).astype(jnp.float32)
 
+  def logits_and_hidden(self, params, batch: Batch,
+                        dropout_rng: Optional[Array] = None) -> Tuple[Array, Array]:
+    """([B,T,V] float32 logits, [B,T,D] final hidden states) in one pass, for
+    a head beside the LM head; decoder-only networks (GPT, Llama)."""
+    logits, hidden = self._apply(params, batch, dropout_rng, method='logits_and_hidden')
+    return logits.astype(jnp.float32), hidden
+
   def _weights(self, batch: Batch) -> Array:
     weights = batch.get('decoder_loss_weights')
     if weights is None:

@@ -48,7 +48,7 @@ one token per step, each row from its own prompt length.
 """
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Tuple
 
 from flax import linen as nn
 import jax
@@ -168,6 +168,12 @@ class GPTNetwork(nn.Module):
         decoder_positions, decoder_causal_attention, decoder_attention_mask,
         enable_dropout=enable_dropout)
     return self.token_embedder.attend(x)
+
+  def logits_and_hidden(self, *args, **kwargs) -> Tuple[Array, Array]:
+    """(`__call__`'s logits, the `hidden_states` under them): one pass for
+    a head beside the LM head (RL's value head)."""
+    x = self.hidden_states(*args, **kwargs)
+    return self.token_embedder.attend(x), x
 
   def cached_decode(self, decoder_input_tokens, decoder_positions,
                     cache_length: int, prefix_lengths=None) -> Array:

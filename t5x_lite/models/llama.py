@@ -189,6 +189,11 @@ class LlamaNetwork(nn.Module):
         enable_dropout=enable_dropout)
     return self._logits(x)
 
+  def logits_and_hidden(self, *args, **kwargs) -> Tuple[Array, Array]:
+    """(`__call__`'s logits, the `hidden_states` under them)."""
+    x = self.hidden_states(*args, **kwargs)
+    return self._logits(x), x
+
   def hidden_states(self,
                     decoder_input_tokens,
                     decoder_target_tokens=None,
