@@ -264,7 +264,7 @@ def train(*,
   with tqdm_logging.logging_redirect_tqdm():  # warnings too
     try:
       while step < train_steps:
-        batch = run.partitioner.shard_batch(pipeline.next_numpy(data_iterator))
+        batch = run.partitioner.shard_batch(_next_batch(data_iterator, run))
         state, metrics = step_fn(state, batch)
         step += 1
         data_position += 1
@@ -316,6 +316,15 @@ def train(*,
       f"{last_metrics.get('tokens_per_second', 0):,.0f} tokens/s, "
       f"{last_metrics.get('seconds_per_step', 0):.3f} s/step, peak RSS {peak_rss / 2**30:.2f} GiB")
   return dict(last_metrics, **last_eval)
+
+
+def _next_batch(data_iterator, run: runs.Run) -> dict:
+  """The next batch; a training split that yields none is one line."""
+  try:
+    return pipeline.next_numpy(data_iterator)
+  except StopIteration:
+    raise UserError(f"'{run.data.mixture_or_task_name}' has no examples in its "
+                    f"'{run.data.split}' split; check its files, or set MIXTURE_OR_TASK_NAME.") from None
 
 
 def check_host_memory(trainer: trainer_lib.Trainer) -> None:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from t5x_lite.models import base, classification, preference, reward
+from t5x_lite import rewards
+from t5x_lite.models import base, classification, policy, preference, reward
 
 import families
 from conftest import REPO
@@ -26,6 +27,8 @@ def _models():
       families.tiny('t5'), reference_logps_path='/nonexistent.npz')
   models['reward_gpt'] = reward.RewardModel(classification.GptClassificationModel(
       families.config('gpt_cls'), num_classes=1))
+  models['gpt_policy'] = policy.PolicyModel(families.tiny('gpt'), algorithm='ppo',
+                                            reward=rewards.CharacterSetFraction())
   return models
 
 
@@ -41,7 +44,8 @@ def test_the_model_implements_the_interface(name):
   assert {'denominators', 'frozen'} <= set(signature.parameters)
   assert model.GENERATES == (name.startswith(('t5', 'gpt', 'bart', 'dpo'))
                              and not name.endswith('cls'))
-  assert model.DECODER_ONLY == (name in ('gpt', 'gpt_scanned', 'gpt_cls', 'dpo_gpt', 'reward_gpt'))
+  assert model.DECODER_ONLY == (name in ('gpt', 'gpt_scanned', 'gpt_cls', 'dpo_gpt', 'reward_gpt',
+                                       'gpt_policy'))
   assert model.SCORES_RESPONSES == name.startswith('reward')
 
 

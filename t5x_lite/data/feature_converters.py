@@ -284,6 +284,7 @@ class PromptFeatureConverter:
   prompt's length before trimming, so that a run refuses a prompt longer
   than its feature length instead of cutting it. Other features are dropped;
   prompts are not packed."""
+  TRIM_OUTPUT_FEATURES = False  # (the task's features reach it uncut)
 
   def __init__(self, pack: bool = False):
     if pack:
