@@ -215,8 +215,8 @@ class RolloutTrainer(trainer_lib.Trainer):
     lengths = np.asarray(jax.device_get(prompts['prompt_length']))
     if lengths.size and lengths.max() > self.prompt_length:
       raise UserError(f'a prompt of {int(lengths.max())} tokens is longer than '
-                      f"TASK_FEATURE_LENGTHS['inputs'] = {self.prompt_length}; raise it or "
-                      'shorten the prompts (they are never cut).')
+                      f"TASK_FEATURE_LENGTHS['inputs'] = {self.prompt_length}; raise it, or "
+                      "set LONG_PROMPTS = 'skip' or 'keep_end' (policy.PolicyModel.long_prompts).")
 
   def iteration(self, state: trainer_lib.TrainState, prompts: dict):
     """(state, metrics) after one iteration on the prompt batch (sharded)."""

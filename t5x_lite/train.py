@@ -285,8 +285,10 @@ def train(*,
           metrics['seconds_per_step'] = elapsed / interval_steps
           metrics['tokens_per_second'] = tokens_per_batch * interval_steps / elapsed
           writer.write(step, metrics)
+          shown = ({'reward': metrics['reward_mean']} if 'reward_mean' in metrics  # RL
+                   else {'acc': metrics.get('accuracy', float('nan'))})
           bar.set_postfix(loss=f"{metrics['loss']:.3f}",
-                          acc=f"{metrics.get('accuracy', float('nan')):.3f}",
+                          **{k: f'{v:.3f}' for k, v in shown.items()},
                           tok_s=f"{metrics['tokens_per_second']:,.0f}")
           last_metrics, history = metrics, []
           interval_start, interval_steps = time.perf_counter(), 0

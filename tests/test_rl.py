@@ -25,6 +25,7 @@ from t5x_lite.errors import UserError
 from t5x_lite.models import classification
 from t5x_lite.models import decoder
 from t5x_lite.models import encoder_decoder
+from t5x_lite.models import llama
 from t5x_lite.models import policy
 from t5x_lite.models import reward as reward_lib
 
@@ -42,6 +43,10 @@ def _gpt_config(**overrides):
 def _network(family):
   if family == 'gpt':
     return decoder.DecoderModel(_gpt_config())
+  if family == 'llama':
+    return llama.LlamaModel(llama.LlamaConfig(
+        vocab_size=384, emb_dim=32, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64,
+        num_layers=2, max_positions=32, tie_word_embeddings=False))
   return encoder_decoder.EncoderDecoderModel(encoder_decoder.T5Config(
       **SIZE, num_encoder_layers=2, num_decoder_layers=2))
 
@@ -88,12 +93,12 @@ def test_decoder_only_sequence_layout_by_hand():
   assert generation['decoder_prompt_lengths'].tolist() == [2, 1]
 
 
-@pytest.mark.parametrize('family', ['gpt', 't5'])
-def test_teacher_forced_logps_are_the_samplers(family):
+@pytest.mark.parametrize('family,algorithm', [('gpt', 'grpo'), ('t5', 'grpo'), ('llama', 'ppo')])
+def test_teacher_forced_logps_are_the_samplers(family, algorithm):
   """The log-probs of the sampled responses, re-read teacher-forced through
   `sequence_batch`, sum to the sampler's own (temperature 1, no filtering):
   generation and scoring see the same sequences."""
-  model = _policy(family)
+  model = _policy(family, algorithm, samples=1 if algorithm == 'ppo' else 4)
   prompts = {'prompt_tokens': jnp.array([[20, 21, 22, 0], [30, 0, 0, 0], [40, 41, 42, 43]]),
              'prompt_length': jnp.array([3, 1, 4])}
   params = jax.tree_util.tree_map(
@@ -105,6 +110,8 @@ def test_teacher_forced_logps_are_the_samplers(family):
   assert bool(jnp.all(responses == tokens))  # (no pad id sampled with these seeds)
   stats = model.token_stats(params, {**prompts, 'responses': responses})
   np.testing.assert_allclose(jnp.sum(stats['logps'] * mask, axis=1), sampled, rtol=1e-5)
+  if algorithm == 'ppo':  # the value head starts at 0 (zero-initialised kernel)
+    assert stats['values'].shape == responses.shape and not bool(jnp.any(stats['values']))
 
 
 # ----------------------------------------------------------------------------
@@ -260,3 +267,19 @@ def test_an_empty_prompt_set_is_one_line(tmp_path):
         metric_fns=[])
   with pytest.raises(UserError, match="'rl_test_empty_prompts' has no examples in its 'train'"):
     _train(_policy(), str(tmp_path), 2, task=name)
+
+
+@pytest.mark.parametrize('long_prompts,tokens,lengths', [
+    ('error', [[5, 6, 7, 0, 0], [1, 2, 3, 4, 5]], [3, 8]),
+    ('skip', [[5, 6, 7, 0, 0]], [3]),
+    ('keep_end', [[5, 6, 7, 0, 0], [4, 5, 6, 7, 8]], [3, 5]),
+])
+def test_long_prompts_stop_skip_or_keep_their_end(long_prompts, tokens, lengths):
+  from t5x_lite.data import feature_converters  # pylint: disable=g-import-not-at-top
+  ds = tf.data.Dataset.from_generator(
+      lambda: iter([{'inputs': np.int32([5, 6, 7])}, {'inputs': np.int32([1, 2, 3, 4, 5, 6, 7, 8])}]),
+      output_signature={'inputs': tf.TensorSpec([None], tf.int32)})
+  converter = feature_converters.PromptFeatureConverter(long_prompts=long_prompts)
+  rows = list(converter(ds, {'inputs': 5}).as_numpy_iterator())
+  assert [r['prompt_tokens'].tolist() for r in rows] == tokens
+  assert [int(r['prompt_length']) for r in rows] == lengths

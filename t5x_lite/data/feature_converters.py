@@ -280,21 +280,35 @@ class PreferenceEncDecFeatureConverter(PreferenceFeatureConverter):
 
 class PromptFeatureConverter:
   """Prompts for RL rollouts (`models.policy`): `prompt_tokens` (the task's
-  'inputs', 0-padded to the 'inputs' length) and `prompt_length`, the
-  prompt's length before trimming, so that a run refuses a prompt longer
-  than its feature length instead of cutting it. Other features are dropped;
-  prompts are not packed."""
-  TRIM_OUTPUT_FEATURES = False  # (the task's features reach it uncut)
+  'inputs', 0-padded to the 'inputs' length) and `prompt_length`. Other
+  features are dropped; prompts are not packed.
 
-  def __init__(self, pack: bool = False):
+  A prompt longer than the 'inputs' length (the task's features reach the
+  converter uncut) is, by `long_prompts`: 'error', kept with its real length
+  in `prompt_length`, so that the run stops in one line; 'skip', dropped (as
+  TRL filters them); 'keep_end', cut to its last tokens (a dialogue's latest
+  turns).
+  """
+  TRIM_OUTPUT_FEATURES = False
+  LONG_PROMPTS = ('error', 'skip', 'keep_end')
+
+  def __init__(self, pack: bool = False, long_prompts: str = 'error'):
     if pack:
       raise UserError('RL prompts are not packed; set runs.Data.pack = False.')
+    if long_prompts not in self.LONG_PROMPTS:
+      raise UserError(f'long_prompts={long_prompts!r} is unknown; use one of '
+                      f'{", ".join(self.LONG_PROMPTS)}.')
+    self.long_prompts = long_prompts
 
   def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]):
     length = task_feature_lengths['inputs']
+    if self.long_prompts == 'skip':
+      ds = ds.filter(lambda ex: tf.size(ex['inputs']) <= length)
 
     def convert(ex):
       prompt = tf.cast(ex['inputs'], tf.int32)
+      if self.long_prompts == 'keep_end':
+        prompt = prompt[-length:]
       return {'prompt_tokens': _fit(prompt, length),
               'prompt_length': tf.size(prompt, out_type=tf.int32)}
 

@@ -72,7 +72,8 @@ def get_dataset(mixture_or_task_name: str,
       dict(task_feature_lengths), split=split, shuffle=shuffle, seed=seed,
       num_epochs=num_epochs, use_cached=False,
       # A converter that checks lengths itself sees the features uncut.
-      trim_output_features=getattr(feature_converter_cls, 'TRIM_OUTPUT_FEATURES', True),
+      trim_output_features=getattr(getattr(feature_converter_cls, 'func', feature_converter_cls),
+                                   'TRIM_OUTPUT_FEATURES', True),
       shard_info=seqio.ShardInfo(index=shard_id, num_shards=num_shards))
   ds = feature_converter_cls(pack=pack)(ds, dict(task_feature_lengths))
   ds = ds.batch(batch_size // num_shards, drop_remainder=drop_remainder)

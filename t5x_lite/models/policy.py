@@ -37,6 +37,7 @@ rloo) or `returns`, `old_values` (ppo).
 """
 
 import dataclasses
+import functools
 from typing import Any, Mapping, Optional, Tuple
 
 import flax.linen as nn
@@ -106,6 +107,8 @@ class PolicyModel(base.BaseModel):
     value_coef, value_clip: the value loss's weight and clip range (ppo).
     gamma, lam: GAE's discount and λ (ppo).
     whiten_advantages: normalise PPO's advantages over the rollout batch.
+    long_prompts: what a prompt longer than the 'inputs' length does:
+      'error', 'skip' or 'keep_end' (`PromptFeatureConverter`).
   """
 
   def __init__(self, model: Any, algorithm: str = 'grpo',
@@ -113,7 +116,8 @@ class PolicyModel(base.BaseModel):
                clip_epsilon: float = 0.2, kl_coef: float = 0.05,
                kl_target: Optional[float] = None, kl_horizon: float = 10000.0,
                value_coef: float = 0.1, value_clip: float = 0.2,
-               gamma: float = 1.0, lam: float = 0.95, whiten_advantages: bool = True):
+               gamma: float = 1.0, lam: float = 0.95, whiten_advantages: bool = True,
+               long_prompts: str = 'error'):
     if algorithm not in ALGORITHMS:
       raise UserError(f'RL algorithm={algorithm!r} is unknown; use one of {", ".join(ALGORITHMS)}.')
     if algorithm != 'ppo' and rollout.samples_per_prompt < 2:
@@ -145,7 +149,9 @@ class PolicyModel(base.BaseModel):
         (VALUE_HEAD,) if self.has_value_head else ())
     self.DECODER_ONLY = model.DECODER_ONLY  # pylint: disable=invalid-name
     self.GENERATES = model.GENERATES  # pylint: disable=invalid-name
-    self.FEATURE_CONVERTER_CLS = feature_converters.PromptFeatureConverter  # pylint: disable=invalid-name
+    feature_converters.PromptFeatureConverter(long_prompts=long_prompts)  # checks it
+    self.FEATURE_CONVERTER_CLS = functools.partial(  # pylint: disable=invalid-name
+        feature_converters.PromptFeatureConverter, long_prompts=long_prompts)
 
   @property
   def has_value_head(self) -> bool:
