@@ -42,7 +42,8 @@ from t5x_lite.partitioning import Partitioner
 def _file_task(mixture_or_task_name: str,
                vocabulary: Optional[seqio.Vocabulary]) -> seqio.Task:
   """The task whose format INPUT_FILE's lines take (a mixture's first task; a
-  preference task as prompt -> chosen response, what its DPO run tuned)."""
+  preference task as prompt -> chosen response, what its DPO run tuned; a
+  prompt task as prompt -> response, what its RL run tuned)."""
   tasks = registry.tasks_of(mixture_or_task_name)
   if len(tasks) > 1:
     print(f"{mixture_or_task_name} is a mixture: INPUT_FILE is read as its first task, "
@@ -52,6 +53,9 @@ def _file_task(mixture_or_task_name: str,
   if 'chosen' in features and 'targets' not in features:
     task = task.replace(output_features={'inputs': features['inputs'],
                                          'targets': features['chosen']})
+  elif set(features) == {'inputs'}:  # prompts only (an RL task): prompt -> response
+    task = task.replace(output_features={'inputs': features['inputs'], 'targets': seqio.Feature(
+        features['inputs'].vocabulary, add_eos=True)})
   return task
 
 
@@ -133,6 +137,11 @@ def infer(*,
       num_examples=num_examples, seed=seed, vocabulary=vocabulary)
   if input_file:
     task = _file_task(mixture_or_task_name, vocabulary)
+    missing = sorted(set(task.output_features) - set(task_feature_lengths))
+    if missing and infer_inputs.kind(task) != 'classification':
+      raise UserError(f'TASK_FEATURE_LENGTHS has no length for {missing} of '
+                      f"'{task.name}'; set it, e.g. {{..., 'targets': 64}} (the longest "
+                      'response).')
     runs.check_vocab(model, pipeline.output_vocab_size(task))
     how = _check_head(model, task)
     lines = infer_inputs.read(input_file, raw_inputs)  # the file's mistakes before the load

@@ -3,6 +3,7 @@ own log-probs, GRPO / RLOO / PPO of a tiny GPT and GRPO of a tiny T5 learning
 the verifiable task, PPO against a learned reward model, resume, non-finite
 rewards and one-line errors."""
 
+import json
 import os
 import shutil
 
@@ -15,6 +16,7 @@ import tensorflow as tf
 
 import t5x_lite.tasks  # pylint: disable=unused-import
 from conftest import read_metrics
+from t5x_lite import infer as infer_lib
 from t5x_lite import optimizers
 from t5x_lite import rewards
 from t5x_lite import rollouts
@@ -134,6 +136,15 @@ def test_policy_learns_the_verifiable_task(family, algorithm, steps, tmp_path):
     assert key in rows[-1]
   if algorithm == 'ppo':
     assert {'value_loss', 'explained_variance'} <= set(rows[-1])
+    # The checkpoint (policy + value head) generates with the plain model.
+    prompts = tmp_path / 'prompts.txt'
+    prompts.write_text('bcdfg\nxyz12\n')
+    written = infer_lib.infer(
+        model=model.model, mixture_or_task_name='rl_letters', batch_size=2,
+        task_feature_lengths={'inputs': 12, 'targets': 8}, checkpoint_path=str(tmp_path),
+        model_dir=str(tmp_path / 'infer'), input_file=str(prompts))
+    outputs = [json.loads(line)['outputs'] for line in open(written)]
+    assert len(outputs) == 2 and VOWELS('', outputs[0]) >= 0.5, outputs
 
 
 # ----------------------------------------------------------------------------
