@@ -40,7 +40,6 @@ from t5x_lite import host
 from t5x_lite import ops
 from t5x_lite import progress
 from t5x_lite import runs
-from t5x_lite import trainer as trainer_lib
 from t5x_lite.errors import UserError
 
 GiB = 2**30
@@ -189,10 +188,7 @@ def _loop_factor(trainer: Any, compiled: Any) -> float:
   to be in the same proportion to their matmuls as in the whole step)."""
   if not re.search(r'\bwhile\(', compiled.as_text() or ''):
     return 1.0
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in trainer.batch_shapes.items()}
-  step = trainer._step  # pylint: disable=protected-access
-  with trainer.partitioner.activate():
-    jaxpr = jax.make_jaxpr(step)(trainer.abstract_state(), batch).jaxpr
+  jaxpr = trainer.step_jaxpr()
   once = _dot_flops(jaxpr, repeat_scans=False)
   return _dot_flops(jaxpr, repeat_scans=True) / once if once else 1.0
 
@@ -218,9 +214,9 @@ def precompile(topology: str, *, config: runs.TrainConfig, train_steps: int) -> 
       if 'RESOURCE_EXHAUSTED' in str(e):
         raise _out_of_memory(e, tpu.hbm_bytes_per_device) from None
       raise
-    compiled = trainer.train_step
+    compiled = trainer.compiled_step
     loop_factor = _loop_factor(trainer, compiled)
-  memory = trainer_lib.StepMemory.of(compiled)
+  memory = trainer.memory()
   cost = compiled.cost_analysis()
   flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops']) * loop_factor
   return Report(mesh=dict(partitioner.mesh.shape),

@@ -198,6 +198,7 @@ class RolloutTrainer(trainer_lib.Trainer):
                        donate_argnums=0).lower(state, scored, kl).compile()
     self._compiled = (rollout, score, update)
     self._compiled_step = update
+    self._update_args = (state, scored, kl)
     return time.perf_counter() - start
 
   # --- one iteration ---------------------------------------------------------
@@ -251,7 +252,15 @@ class RolloutTrainer(trainer_lib.Trainer):
     return self.iteration
 
   def memory(self) -> trainer_lib.StepMemory:
-    """XLA's memory estimate of the update phase (the largest), per device."""
+    """XLA's memory estimate, per device, of the phase that needs the most."""
     if self._compiled is None:
       self.compile()
-    return trainer_lib.StepMemory.of(self._compiled[2])
+    return max((trainer_lib.StepMemory.of(c) for c in self._compiled),
+               key=lambda m: m.total_bytes)
+
+  def step_jaxpr(self):
+    """The jaxpr of the update phase (the compiled step's FLOPs are its)."""
+    if self._compiled is None:
+      self.compile()
+    with self.partitioner.activate():
+      return jax.make_jaxpr(self._update_all)(*self._update_args).jaxpr

@@ -313,7 +313,20 @@ class Trainer:
 
   def memory(self) -> 'StepMemory':
     """XLA's memory estimate of the compiled train step, per device."""
-    return StepMemory.of(self.train_step)
+    return StepMemory.of(self.compiled_step)
+
+  @property
+  def compiled_step(self) -> Any:
+    """The compiled XLA program of the step (its cost and memory analyses)."""
+    if self._compiled_step is None:
+      self.compile()
+    return self._compiled_step
+
+  def step_jaxpr(self) -> Any:
+    """The jaxpr of the step, for shapes only (precompile's FLOP count)."""
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in self.batch_shapes.items()}
+    with self.partitioner.activate():
+      return jax.make_jaxpr(self._step)(self.abstract_state(), batch).jaxpr
 
   @property
   def train_step(self) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict]]:

@@ -45,6 +45,8 @@ CASES = {
     't5_base v3:4x4': ('gin/t5_base_span.gin', 'v3:4x4', _TINY_T5),
     't5_base v4:2x2x2': ('gin/t5_base_span.gin', 'v4:2x2x2', _TINY_T5),
     'gpt2_small v5e:4x4': ('gin/gpt2_small_lm.gin', 'v5e:4x4', _TINY_GPT),
+    # An RL iteration: rollout, scoring and update phases (memory: the largest).
+    'gpt_grpo v5e:2x2': ('gin/gpt_grpo.gin', 'v5e:2x2', ('decoder.GPTConfig.num_layers=1',)),
 }
 
 # Compiles every case in one process; prints one JSON line of figures per case.
@@ -98,6 +100,7 @@ def test_says_what_it_compiles_and_how_long_it_took(compiled, reports):
     ('t5_base v3:4x4', 32, 'TPU v3', 16, 123e12 / 2),
     ('t5_base v4:2x2x2', 8, 'TPU v4', 32, 275e12),           # one megacore device per chip
     ('gpt2_small v5e:4x4', 16, 'TPU v5 lite', 16, 197e12),
+    ('gpt_grpo v5e:2x2', 4, 'TPU v5 lite', 16, 197e12),
 ])
 def test_compiles_for_the_slice(reports, name, devices, kind, hbm_gib, peak):
   r = reports[name]
