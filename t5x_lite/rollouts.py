@@ -46,6 +46,16 @@ from t5x_lite.partitioning import Partitioner
 _SAMPLING = 0x524C
 
 
+def policy_of(model: Any) -> Optional[PolicyModel]:
+  """The `PolicyModel` a run trains: the model itself, or the base of a
+  LoRA model around one (its adapters train, the base stays frozen and is
+  the reference); None for any other model."""
+  for m in (model, model.base_model):
+    if isinstance(m, PolicyModel):
+      return m
+  return None
+
+
 def response_mask(responses: jax.Array, eos_id: int) -> tuple[jax.Array, jax.Array]:
   """(responses with every token after the end set to 0, [N, R] float mask of
   the real tokens): a response ends at its first EOS (kept) or 0 (not kept)."""
@@ -58,14 +68,20 @@ def response_mask(responses: jax.Array, eos_id: int) -> tuple[jax.Array, jax.Arr
 class RolloutTrainer(trainer_lib.Trainer):
   """A `Trainer` whose step is one RL iteration (module docstring).
 
+  `model` is a `PolicyModel`, or a `lora.LoraModel` around one: then the
+  adapters (and the value head, a new module) train, the frozen base is the
+  reference, and the KL coefficient stays fixed.
   `vocabulary` decodes prompts and responses for a Python reward function.
   """
 
-  def __init__(self, model: PolicyModel, optimizer: optax.GradientTransformation,
+  def __init__(self, model: Any, optimizer: optax.GradientTransformation,
                partitioner: Partitioner, batch_shapes: dict[str, jax.ShapeDtypeStruct],
                num_microbatches: int = 1, vocabulary: Optional[seqio.Vocabulary] = None):
+    self.policy = policy_of(model)
+    if self.policy is not model and self.policy.kl_target is not None:
+      raise UserError('a LoRA policy keeps KL_COEF fixed; set KL_TARGET = None.')
     super().__init__(model, optimizer, partitioner, batch_shapes, num_microbatches)
-    r = model.rollout
+    r = self.policy.rollout
     prompts, self.prompt_length = batch_shapes['prompt_tokens'].shape
     self.rows = prompts * r.samples_per_prompt
     dp = partitioner.data_parallel_size
@@ -78,8 +94,8 @@ class RolloutTrainer(trainer_lib.Trainer):
     self.vocabulary = vocabulary
     self.eos_id = 1 if vocabulary is None else vocabulary.eos_id
     self.reward_model, self.reward_params = None, None
-    if isinstance(model.reward, rewards.RewardModelReward):
-      self.reward_model = model.reward.model
+    if isinstance(self.policy.reward, rewards.RewardModelReward):
+      self.reward_model = self.policy.reward.model
     elif vocabulary is None:
       raise UserError('a reward function reads text: the run needs the task\'s vocabulary.')
     self._compiled = None
@@ -87,13 +103,13 @@ class RolloutTrainer(trainer_lib.Trainer):
   @property
   def tokens_per_batch(self) -> int:
     """Tokens of an iteration's rollouts (prompt + response buffers)."""
-    return self.rows * (self.prompt_length + self.model.rollout.max_response_length)
+    return self.rows * (self.prompt_length + self.policy.rollout.max_response_length)
 
   # --- the reward model ----------------------------------------------------
 
   def _load_reward_model(self) -> Any:
     """The reward model's params, sharded; one line when they cannot serve."""
-    rm, policy = self.reward_model, self.model
+    rm, policy = self.reward_model, self.policy
     length = self.prompt_length + policy.rollout.max_response_length
     if not rm.DECODER_ONLY or rm.config.vocab_size != policy.config.vocab_size:
       raise UserError(f'the reward model ({type(rm.model).__name__}, vocab_size '
@@ -106,7 +122,7 @@ class RolloutTrainer(trainer_lib.Trainer):
     shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
               for k, v in rm.dummy_batch(self.rows, length).items()}
     abstract, shardings = trainer_lib.abstract_params(rm, self.partitioner, shapes)
-    path = self.model.reward.checkpoint_path
+    path = self.policy.reward.checkpoint_path
     try:
       params = checkpoints.restore_params(path, abstract)
     except UserError as e:
@@ -116,29 +132,40 @@ class RolloutTrainer(trainer_lib.Trainer):
 
   # --- the jitted phases -----------------------------------------------------
 
+  def _params(self, state: trainer_lib.TrainState) -> Any:
+    """The policy's params (a LoRA policy's: the base with the adapters)."""
+    return self.model.inference_params(state.params, state.frozen) if (
+        self.policy is not self.model) else state.params
+
+  def _frozen(self, state: trainer_lib.TrainState) -> dict:
+    """The policy's frozen state: the state's, or a LoRA policy's from its base."""
+    return state.frozen if self.policy is self.model else self.policy.frozen_state(
+        self.policy.inference_params(state.frozen[trainer_lib.BASE], None))
+
   def _rollout(self, state: trainer_lib.TrainState, prompts: dict, rng: jax.Array):
-    g = self.model.rollout.samples_per_prompt
+    g = self.policy.rollout.samples_per_prompt
     batch = {k: jnp.repeat(v, g, axis=0) for k, v in prompts.items()}
-    responses, mask = response_mask(self.model.sample(state.params, batch, rng), self.eos_id)
+    responses, mask = response_mask(self.policy.sample(self._params(state), batch, rng),
+                                    self.eos_id)
     return {**batch, 'responses': responses, 'response_mask': mask}
 
   def _score(self, state: trainer_lib.TrainState, batch: dict, scores: jax.Array,
              reward_params: Any):
-    model, mask = self.model, batch['response_mask']
+    model, mask, frozen = self.policy, batch['response_mask'], self._frozen(state)
     if self.reward_model is not None:
       features, _ = model.sequence_batch(batch)
       scores = self.reward_model.score(reward_params,
                                        {'decoder_target_tokens': features['decoder_target_tokens']})
-    stats = model.token_stats(state.params, batch)
-    ref_logps = model.token_stats(state.frozen['reference'], batch, policy_only=True)['logps']
-    targets = model.advantages(scores, stats, ref_logps, mask, state.frozen['kl_coef'])
+    stats = model.token_stats(self._params(state), batch)
+    ref_logps = model.token_stats(frozen['reference'], batch, policy_only=True)['logps']
+    targets = model.advantages(scores, stats, ref_logps, mask, frozen['kl_coef'])
     lengths = jnp.sum(mask, axis=1)
     metrics = {
         'reward_mean': jnp.mean(scores), 'reward_std': jnp.std(scores),
         'kl': jnp.mean(jnp.sum(rl.kl_k1(stats['logps'], ref_logps) * mask, axis=1)),
         'entropy': rl.masked_mean(stats['entropy'], mask),
         'response_length': jnp.mean(lengths),
-        'kl_coef': state.frozen['kl_coef'],
+        'kl_coef': frozen['kl_coef'],
     }
     if model.has_value_head:
       metrics['explained_variance'] = rl.explained_variance(
@@ -147,7 +174,7 @@ class RolloutTrainer(trainer_lib.Trainer):
     return rollout, metrics
 
   def _update_all(self, state: trainer_lib.TrainState, rollout: dict, kl: jax.Array):
-    r = self.model.rollout
+    r = self.policy.rollout
     rng = jax.random.fold_in(state.rng, state.step)
     order = jnp.concatenate([jax.random.permutation(jax.random.fold_in(rng, e), self.rows)
                              for e in range(r.epochs)])
@@ -164,9 +191,10 @@ class RolloutTrainer(trainer_lib.Trainer):
     state, history = jax.lax.scan(one, state, (jnp.arange(order.shape[0]), order))
     metrics = {k: jnp.mean(v) for k, v in history.items()}
     metrics['nonfinite_steps'] = jnp.max(history['nonfinite_steps'])
-    kl_coef = self.model.next_kl_coef(state.frozen['kl_coef'], kl, self.rows)
-    return state.replace(step=state.step + 1,
-                         frozen={**state.frozen, 'kl_coef': kl_coef}), metrics
+    if self.policy is self.model:  # (a LoRA policy's coefficient is fixed)
+      kl_coef = self.policy.next_kl_coef(state.frozen['kl_coef'], kl, self.rows)
+      state = state.replace(frozen={**state.frozen, 'kl_coef': kl_coef})
+    return state.replace(step=state.step + 1), metrics
 
   def compile(self) -> float:
     """Compiles the three phases for the state and prompt batch; returns seconds."""
@@ -230,7 +258,7 @@ class RolloutTrainer(trainer_lib.Trainer):
     batch = jax.block_until_ready(rollout_fn(state, prompts, key))
     if self.reward_model is None:
       host = jax.device_get({k: batch[k] for k in ('prompt_tokens', 'responses')})
-      values = rewards.host_rewards(self.model.reward, self._decode(host['prompt_tokens']),
+      values = rewards.host_rewards(self.policy.reward, self._decode(host['prompt_tokens']),
                                     self._decode(host['responses']))
       scores = jax.device_put(values, self.batch_sharding)
     else:
@@ -239,7 +267,7 @@ class RolloutTrainer(trainer_lib.Trainer):
     middle = time.perf_counter()
     state, update_metrics = jax.block_until_ready(update_fn(state, rollout, metrics['kl']))
     end = time.perf_counter()
-    r = self.model.rollout
+    r = self.policy.rollout
     seconds = {'rollout_seconds': middle - start, 'update_seconds': end - middle}
     generated = float(metrics['response_length']) * self.rows
     seconds['rollout_tokens_per_second'] = generated / seconds['rollout_seconds']

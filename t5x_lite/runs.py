@@ -29,7 +29,6 @@ from t5x_lite.data import pipeline
 from t5x_lite.data import registry
 from t5x_lite.errors import UserError
 from t5x_lite.models.base import BaseModel
-from t5x_lite.models.policy import PolicyModel
 from t5x_lite.partitioning import Partitioner
 
 
@@ -144,9 +143,10 @@ class Run:
               batch_shapes: Optional[Mapping[str, jax.ShapeDtypeStruct]] = None
               ) -> trainer_lib.Trainer:
     """The trainer of this run (for `batch_shapes`, default the dataset's);
-    for a `PolicyModel`, the RL iteration's `rollouts.RolloutTrainer`."""
+    for a `PolicyModel` (or LoRA around one), the RL iteration's
+    `rollouts.RolloutTrainer`."""
     shapes = dict(batch_shapes or self.batch_shapes)
-    if isinstance(self.model, PolicyModel):
+    if rollouts.policy_of(self.model) is not None:
       return rollouts.RolloutTrainer(self.model, optimizer, self.partitioner, shapes,
                                      num_microbatches, self.task.output_features['inputs'].vocabulary)
     return trainer_lib.Trainer(self.model, optimizer, self.partitioner, shapes, num_microbatches)
