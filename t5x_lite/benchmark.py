@@ -101,6 +101,7 @@ import numpy as np
 from t5x_lite import gin_utils
 from t5x_lite import host
 from t5x_lite import ops
+from t5x_lite import rollouts
 from t5x_lite import runs
 from t5x_lite import trainer as trainer_lib
 from t5x_lite.data import pipeline
@@ -464,6 +465,10 @@ def main(argv: Sequence[str]) -> None:
   gin_utils.parse_gin(*gin_utils.parse_flags(argv))
   import t5x_lite.tasks  # pylint: disable=g-import-not-at-top,unused-import  (the built-in tasks)
   config = gin.get_configurable(runs.TrainConfig)()
+  if rollouts.policy_of(config.model) is not None:
+    raise UserError('an RL run is timed per iteration by train itself (rollout_seconds, '
+                    'update_seconds and their tokens/s in metrics.jsonl); see '
+                    'benchmarks/rl_table.py.')
   run = config.build()
   result = {'mode': ','.join(modes), 'device': device_description()}
   params = None
