@@ -26,19 +26,18 @@ import random
 import re
 import string
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import gin
-import jax
-import jax.numpy as jnp
-import numpy as np
 from rouge_score import rouge_scorer
 
+from t5x_lite import generation
 from t5x_lite import gin_utils
 from t5x_lite.errors import UserError
-
-# Generate: a list of prompts -> a list of continuations (one each).
-GenerateFn = Callable[[Sequence[str]], list[str]]
+# The model generator and params loading, for callers that import them from here.
+from t5x_lite.generation import GenerateFn
+from t5x_lite.generation import load_params as _params  # pylint: disable=unused-import
+from t5x_lite.generation import ModelGenerator  # pylint: disable=unused-import
 
 KEYWORDS = ('image', 'images', 'graph', 'graphs', 'picture', 'pictures', 'file', 'files',
             'map', 'maps', 'draw', 'plot', 'go to', 'video', 'audio', 'music',
@@ -235,56 +234,6 @@ def instance_filter_reason(inp: str, out: str, seen: set) -> Optional[str]:
   return None
 
 
-# ---- the model as a generator ----
-
-class ModelGenerator:
-  """Prompts -> continuations with a decoder-only model, `batch_size` rows per
-  `predict_batch` call, compiled once per (method, length)."""
-
-  def __init__(self, model: Any, params: Any, vocabulary: Any, *, batch_size: int,
-               prompt_length: int, max_decode_length: int, temperature: float,
-               top_p: float, top_k: int, seed: int):
-    self.model, self.params, self.vocab = model, params, vocabulary
-    self.batch_size, self.prompt_length = batch_size, prompt_length
-    self.max_decode_length = max_decode_length
-    self.sample_options = dict(temperature=temperature, top_p=top_p, top_k=top_k)
-    self.rng = jax.random.PRNGKey(seed)
-    self._fns = {}
-
-  def _fn(self, method: str, length: int):
-    if (method, length) not in self._fns:
-      options = self.sample_options if method == 'sample' else {}
-      eos = self.vocab.eos_id
-
-      def fn(params, batch, rng):
-        return self.model.predict_batch(params, batch, rng, method=method,
-                                        max_decode_length=length, eos_id=eos, **options)[0]
-      self._fns[(method, length)] = jax.jit(fn)
-    return self._fns[(method, length)]
-
-  def __call__(self, prompts: Sequence[str], method: str = 'sample',
-               max_decode_length: Optional[int] = None) -> list[str]:
-    length = max_decode_length or self.max_decode_length
-    fn = self._fn(method, length)
-    out = []
-    for start in range(0, len(prompts), self.batch_size):
-      chunk = list(prompts[start:start + self.batch_size])
-      tokens = np.zeros((self.batch_size, self.prompt_length), np.int32)
-      lengths = np.ones((self.batch_size,), np.int32)
-      for i, prompt in enumerate(chunk):
-        ids = self.vocab.encode(prompt)[-(self.prompt_length - 1):]  # keep the end
-        tokens[i, 1:1 + len(ids)] = ids
-        lengths[i] = len(ids)
-      self.rng, rng = jax.random.split(self.rng)
-      batch = {'decoder_input_tokens': tokens, 'decoder_prompt_lengths': lengths}
-      ids = np.asarray(fn(self.params, batch, rng))
-      for row in ids[:len(chunk)]:
-        row = list(row)
-        row = row[:row.index(self.vocab.eos_id)] if self.vocab.eos_id in row else row
-        out.append(self.vocab.decode([int(t) for t in row if t > 0]))
-    return out
-
-
 # ---- the loop ----
 
 def _counter(keys: Sequence[str]) -> dict:
@@ -374,24 +323,6 @@ def generate_data(seed_tasks: Sequence[dict], generate: GenerateFn, *, num_round
   return machine, rows, stats
 
 
-def _params(model: Any, checkpoint_path: Optional[str], batch_size: int, length: int,
-            seed: int) -> Any:
-  if checkpoint_path is None:
-    print('warning: CHECKPOINT_PATH is None; using a random-init model (smoke run; give a '
-          'checkpoint for real data).')
-    from flax import linen as nn  # pylint: disable=g-import-not-at-top
-    batch = model.dummy_batch(batch_size, length)
-    return nn.unbox(model.init(jax.random.PRNGKey(seed), batch))['params']
-  from t5x_lite import evaluation  # pylint: disable=g-import-not-at-top
-  from t5x_lite.partitioning import Partitioner  # pylint: disable=g-import-not-at-top
-  if not os.path.exists(checkpoint_path):
-    raise UserError(f'CHECKPOINT_PATH {checkpoint_path} does not exist; give a checkpoint '
-                    'step directory (MODEL_DIR/checkpoints/<step>) or None for a smoke run.')
-  shapes = {k: jax.ShapeDtypeStruct(v.shape, jnp.int32)
-            for k, v in model.dummy_batch(batch_size, length).items()}
-  return evaluation.load_params(model, Partitioner(), checkpoint_path, shapes)
-
-
 @gin.configurable
 def self_instruct(*,
                   model: Any,
@@ -416,9 +347,7 @@ def self_instruct(*,
   `generate` (prompts -> continuations) replaces the model when given.
   Returns the stats (with the output paths under 'files').
   """
-  if model.max_length and prompt_length + max_decode_length - 1 > model.max_length:
-    raise UserError(f'PROMPT_LENGTH {prompt_length} + MAX_DECODE_LENGTH {max_decode_length} '
-                    f'exceeds the model max_positions={model.max_length}; lower one.')
+  generation.check_lengths(model, prompt_length, max_decode_length)
   start = time.time()
   if seed_tasks is None:
     from t5x_lite.tasks import instructions  # pylint: disable=g-import-not-at-top
@@ -428,16 +357,12 @@ def self_instruct(*,
                       'holding self_instruct/seed_tasks.jsonl, or point --gin.SEED_TASKS at '
                       'a seed_tasks.jsonl.')
   tasks = load_seed_tasks(seed_tasks)
-  classify = None
+  classify = generator = None
   if generate is None:
-    if vocabulary is None:
-      from t5x_lite.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
-      vocabulary = vocab_lib.embedded_bpe_vocabulary()
-    params = _params(model, checkpoint_path, batch_size, prompt_length, seed)
-    generator = ModelGenerator(model, params, vocabulary, batch_size=batch_size,
-                               prompt_length=prompt_length,
-                               max_decode_length=max_decode_length,
-                               temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    generator = generation.model_generator(
+        model, checkpoint_path, vocabulary=vocabulary, batch_size=batch_size,
+        prompt_length=prompt_length, max_decode_length=max_decode_length,
+        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     generate = generator
     classify = lambda prompts: generator(prompts, method='greedy', max_decode_length=4)
   machine, rows, stats = generate_data(tasks, generate, num_rounds=num_rounds,
@@ -448,6 +373,7 @@ def self_instruct(*,
   tasks_path = os.path.join(output_dir, 'self_instruct_tasks.jsonl')
   stats_path = os.path.join(output_dir, 'self_instruct_stats.json')
   stats['seconds'] = round(time.time() - start, 2)
+  stats['generation'] = generator.usage() if generator else None
   stats['files'] = {'data': data_path, 'tasks': tasks_path, 'stats': stats_path}
   with open(data_path, 'w', encoding='utf-8') as f:
     f.writelines(json.dumps(r) + '\n' for r in rows)
