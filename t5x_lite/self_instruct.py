@@ -31,11 +31,11 @@ from typing import Any, Optional, Sequence
 import gin
 from rouge_score import rouge_scorer
 
-from t5x_lite import generation
+from t5x_lite import generation as generation_lib
 from t5x_lite import gin_utils
 from t5x_lite.errors import UserError
-# The model generator and params loading, for callers that import them from here.
 from t5x_lite.generation import GenerateFn
+# The model generator and params loading, for callers that import them from here.
 from t5x_lite.generation import load_params as _params  # pylint: disable=unused-import
 from t5x_lite.generation import ModelGenerator  # pylint: disable=unused-import
 
@@ -347,7 +347,7 @@ def self_instruct(*,
   `generate` (prompts -> continuations) replaces the model when given.
   Returns the stats (with the output paths under 'files').
   """
-  generation.check_lengths(model, prompt_length, max_decode_length)
+  generation_lib.check_lengths(model, prompt_length, max_decode_length)
   start = time.time()
   if seed_tasks is None:
     from t5x_lite.tasks import instructions  # pylint: disable=g-import-not-at-top
@@ -359,7 +359,7 @@ def self_instruct(*,
   tasks = load_seed_tasks(seed_tasks)
   classify = generator = None
   if generate is None:
-    generator = generation.model_generator(
+    generator = generation_lib.model_generator(
         model, checkpoint_path, vocabulary=vocabulary, batch_size=batch_size,
         prompt_length=prompt_length, max_decode_length=max_decode_length,
         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)

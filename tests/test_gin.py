@@ -15,9 +15,11 @@ from conftest import REPO, run_env
 from t5x_lite import gin_utils
 from t5x_lite.errors import UserError
 
-# Self-Instruct gins configure generation, not training: tests/test_self_instruct.py builds them.
+# Generator gins configure generation, not training: their own tests build them
+# (tests/test_self_instruct.py, tests/test_evol_instruct.py).
+GENERATOR_GINS = ('self_instruct', 'evol_instruct')
 GIN_FILES = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, 'gin', '*.gin'))
-                   if 'self_instruct' not in p)
+                   if not any(name in p for name in GENERATOR_GINS))
 
 # (vocab, emb, heads, head_dim, mlp, layers) of T5.1.1 and its parameter count
 # (embedding + untied output layer + 2 x 12 layers + relative position biases).
