@@ -5,6 +5,8 @@ the benchmark's way.
 
 Writes MODEL_DIR/eval/metrics.json (task -> metrics, the GLUE / SuperGLUE
 averages) and one `<task>.jsonl` of predictions per task, and prints the table.
+SYSTEM_MESSAGE (gin) puts a system message before every instruction prompt
+that has none of its own (`t5x_lite.data.system_messages`).
 """
 
 if __name__ == '__main__':  # a run starts here: tune the host before jax and TensorFlow load
@@ -21,6 +23,7 @@ from t5x_lite import evaluation
 from t5x_lite import gin_utils
 from t5x_lite import runs
 from t5x_lite.data import registry
+from t5x_lite.data import system_messages
 from t5x_lite.partitioning import Partitioner
 
 
@@ -48,6 +51,7 @@ def evaluate(*,
       decode=decode, num_examples=num_examples, few_shot_k=few_shot_k, seed=seed,
       vocabulary=vocabulary)
   todo = evaluation.eval_tasks(mixture_or_task_name, split)
+  system_messages.check_applies(todo)
   if mode == 'rank' and len(todo) > 1:  # a mixture: rank the tasks that have label words
     skipped = [t.name for t in todo if not registry.label_words(t)]
     todo = [t for t in todo if t.name not in skipped]

@@ -23,7 +23,7 @@ from macros:
 
 `ResumableLog` makes a long run restartable: it appends finished rows to a
 JSONL as they finish, and the same command run again finds them and skips
-that work.
+that work; `generate_logged` runs a list of prompts through one.
 """
 
 import json
@@ -163,6 +163,10 @@ def model_generator(model: Any, checkpoint_path: Optional[str], *, vocabulary: A
 
   `vocabulary` None is the embedded BPE vocabulary (the GPT family's).
   """
+  if not model.DECODER_ONLY:
+    raise UserError(f'the data generators sample decoder-only models (GPT, Llama); '
+                    f'{type(model).__name__} is not one: include a decoder model gin and its '
+                    'checkpoint.')
   check_lengths(model, prompt_length, max_decode_length)
   if vocabulary is None:
     from t5x_lite.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
@@ -258,3 +262,26 @@ class ResumableLog:
       os.fsync(f.fileno())
     for row in rows:
       self._rows[self.key(row)] = row
+
+
+def generate_logged(generate: GenerateFn, prompts: Sequence[str], log: ResumableLog,
+                    chunk_size: int, keys: Optional[Sequence[Mapping[str, Any]]] = None
+                    ) -> list[str]:
+  """The continuation of each prompt, through `log`: a prompt whose key is in
+  the log gets the text written there; the others are generated `chunk_size`
+  at a time, each chunk appended to the log as it finishes, so a run cut short
+  loses at most one chunk. `keys` holds each prompt's key fields (default
+  {'index': position}); rows are the key fields and 'text'.
+  """
+  keys = [dict(k) for k in keys] if keys is not None else [{'index': i} for i in
+                                                            range(len(prompts))]
+  if len(keys) != len(prompts):
+    raise ValueError(f'{len(keys)} keys for {len(prompts)} prompts')
+  todo = [i for i, k in enumerate(keys) if log.key(k) not in log]
+  for start in range(0, len(todo), chunk_size):
+    chunk = todo[start:start + chunk_size]
+    texts = list(generate([prompts[i] for i in chunk]))
+    if len(texts) != len(chunk):
+      raise ValueError(f'the generator gave {len(texts)} continuations for {len(chunk)} prompts')
+    log.append([{**keys[i], 'text': text} for i, text in zip(chunk, texts)])
+  return [log.get(log.key(k))['text'] for k in keys]

@@ -16,6 +16,7 @@ from gin import config_parser
 from t5x_lite import ops
 from t5x_lite.data import bart_noise
 from t5x_lite.data import settings as data_settings
+from t5x_lite.data import system_messages
 from t5x_lite.errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -304,8 +305,9 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str], *,
               check_required: bool = True) -> None:
   """Parses gin files (each may `include` configs/...) and then the overrides,
   and applies the run's kernel setting (see `kernels`) and data settings (the
-  bound `glue_sources.data_settings` and `bart_noise.bart_denoise` arguments,
-  passed to `t5x_lite.data.settings.use`). `check_required=False` leaves a
+  bound `glue_sources.data_settings`, `bart_noise.bart_denoise` and
+  `system_messages.data_settings` arguments, passed to
+  `t5x_lite.data.settings.use`). `check_required=False` leaves a
   `%gin.REQUIRED` value unset (for a reader of the data settings only, such as
   `show_task`, which needs no checkpoint path)."""
   for search_path in (os.getcwd(), REPO_ROOT):
@@ -337,8 +339,12 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str], *,
     ops.set_kernels(kernels())
   except ValueError as e:
     raise UserError(f'gin: ops.kernels.name: {e}') from None
+  system = data_settings.system_message_settings(
+      **_bound(data_settings.system_message_settings))
+  if system.message is None and system.sample_from is not None:
+    system_messages.get_set(system.sample_from)  # an unknown set is one line now
   data_settings.use(glue=data_settings.data_settings(**_bound(data_settings.data_settings)),
-                    bart_denoise=_bound(bart_noise.bart_denoise))
+                    bart_denoise=_bound(bart_noise.bart_denoise), system_messages=system)
 
 
 def call_configured(fn: Callable, argv: Sequence[str]) -> None:

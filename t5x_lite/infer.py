@@ -9,10 +9,14 @@ never read): each line is formatted as the task formats its rows (T5's
 'sst2 sentence:' prefix, a classifier's text pair, an instruction template
 with its system prompt), or fed as is with `--raw_inputs` (gin RAW_INPUTS);
 see `t5x_lite.infer_inputs` for the file format. Otherwise the inputs are the
-task's split. Each output line is {"inputs" (the text the model reads),
-"outputs" (generated text: a continuation for a language model; a
-classifier's label word), "score"}, plus "line" (the file's line number) or
-"targets" (a split's), in input order, written to MODEL_DIR/infer/<name>.jsonl.
+task's split. SYSTEM_MESSAGE (gin) puts a system message before every
+instruction prompt that has none of its own, through the instruction template
+(`t5x_lite.data.system_messages`); a task whose inputs are not instruction
+prompts, or `--raw_inputs`, refuses it. Each output line is {"inputs" (the
+text the model reads), "outputs" (generated text: a continuation for a
+language model; a classifier's label word), "score"}, plus "line" (the file's
+line number) or "targets" (a split's), in input order, written to
+MODEL_DIR/infer/<name>.jsonl.
 A reward model (`SCORES_RESPONSES`) reads INPUT_FILE lines {"prompt",
 "response"} and writes {"line", "inputs" (the prompt it read), "targets" (the
 response), "outputs" and "score" (both the reward)}.
@@ -35,6 +39,7 @@ from t5x_lite import infer_inputs
 from t5x_lite import runs
 from t5x_lite.data import pipeline
 from t5x_lite.data import registry
+from t5x_lite.data import system_messages
 from t5x_lite.errors import UserError
 from t5x_lite.partitioning import Partitioner
 
@@ -144,6 +149,11 @@ def infer(*,
                       'response).')
     runs.check_vocab(model, pipeline.output_vocab_size(task))
     how = _check_head(model, task)
+    if raw_inputs and system_messages.chooser() is not None:
+      raise UserError('SYSTEM_MESSAGE is not put before --raw_inputs lines (each is the model '
+                      'input as it is); write it into the lines, or drop --raw_inputs.')
+    system_messages.check_applies(
+        [task], lambda t: how == 'text_to_text' and infer_inputs.takes_system_message(t))
     lines = infer_inputs.read(input_file, raw_inputs)  # the file's mistakes before the load
     examples = infer_inputs.response_examples if how == 'reward' else infer_inputs.examples
     groups = examples(task, lines, evaluator.lengths, input_file, raw_inputs)
@@ -155,6 +165,7 @@ def infer(*,
     task = run.task
     if not isinstance(task, seqio.Task):
       task = evaluation.eval_tasks(mixture_or_task_name, split)[0]
+    system_messages.check_applies([task])
     params = evaluation.load_params(model, partitioner, checkpoint_path,
                                     evaluator.batch_shapes(task))
     rows = [{'inputs': r['inputs'], 'targets': r['target'], 'outputs': r['prediction'],

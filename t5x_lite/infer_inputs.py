@@ -29,7 +29,13 @@ Empty lines are skipped. What each line becomes, by the task's source:
                          prompt (`t5x_lite.data.instructions.render_prompt`;
                          an SNI task puts its task file's definition first,
                          the line being the instance), tokenized and cut as
-                         the task does (the end kept).
+                         the task does (the end kept). A line without a
+                         system message of its own (a chat 'system' turn, an
+                         Alpaca 'system' field) or of its task gets the run's
+                         (infer's SYSTEM_MESSAGE; `t5x_lite.data.
+                         system_messages`), as do TFDS-shaped instruction
+                         rows (the Flan-style GLUE tasks) through the task's
+                         preprocessors.
   anything else          (corpora: span corruption, LM, denoising) the line is
                          the model input as is.
 
@@ -52,6 +58,7 @@ import tensorflow as tf
 
 from t5x_lite.data import glue_sources
 from t5x_lite.data import instructions
+from t5x_lite.data import system_messages
 from t5x_lite.errors import UserError
 
 
@@ -212,8 +219,16 @@ def _row_examples(task: seqio.Task, rows: Sequence[dict],
   return list(ds.as_numpy_iterator())
 
 
-def _instruction_prompt(source, line: Line, path: str, task_name: str) -> str:
-  """The rendered prompt of an instruction task for one line."""
+def _instruction_prompt(task: seqio.Task, line: Line, path: str) -> str:
+  """The rendered prompt of an instruction task for one line, with the run's
+  system message where it has none of its own (`system_messages.apply`)."""
+  prompt, system = _rendered(task, line, path)
+  return system_messages.apply(prompt, system, system_messages.task_type_for(task))
+
+
+def _rendered(task: seqio.Task, line: Line, path: str) -> tuple[str, str]:
+  """(the prompt of one line by the task's template, its system message)."""
+  source, task_name = task.source, task.name
   options = source.options
   system, fmt = options.get('system'), options.get('format')
   r = line.record
@@ -233,22 +248,24 @@ def _instruction_prompt(source, line: Line, path: str, task_name: str) -> str:
       raise UserError(f"{_where(path, line)}: 'messages' must be a list of "
                       '{role, content} ending with the user\'s turn.')
     if turns[0].get('role') == 'system':
-      own = turns[0]['content']
-      system = f'{system.strip()}\n\n{own}' if system else own
+      system = instructions.join_system(system, turns[0]['content'])
       turns = turns[1:]
     roles = [t.get('role') for t in turns]
     if len(turns) % 2 != 1 or roles != ['user', 'assistant'] * (len(turns) // 2) + ['user']:
       raise UserError(f'{_where(path, line)}: messages must alternate user / assistant after '
                       f'an optional system message and end with the user; got {roles}.')
     history = [(turns[i]['content'], turns[i + 1]['content']) for i in range(0, len(turns) - 1, 2)]
-    return instructions.render_prompt(turns[-1]['content'], system=system, history=history)
+    return (instructions.render_prompt(turns[-1]['content'], system=system, history=history),
+            system)
   if fmt == 'sni':  # the task file's definition and demonstrations lead
     with open(source.train_files()[0], encoding='utf-8') as f:
       definition = instructions.sni_instruction(
           json.load(f), options.get('num_positive_examples', 2))
-    return instructions.render_prompt(definition, field('input', True), system)
+    return instructions.render_prompt(definition, field('input', True), system), system
+  if fmt == 'alpaca' and 'system' in r:
+    system = instructions.join_system(system, field('system'))
   context = field('context') if fmt == 'dolly' and 'context' in r else field('input')
-  return instructions.render_prompt(field('instruction', True), context, system)
+  return instructions.render_prompt(field('instruction', True), context, system), system
 
 
 def _encode(feature: seqio.Feature, text: str, length: Optional[int],
@@ -267,6 +284,11 @@ def _is_instruction_source(source) -> bool:
   """An instruction (or preference) file source of `t5x_lite.tasks.instructions`
   (known by its KIND: this layer does not import the task registry)."""
   return getattr(source, 'KIND', None) in ('instruction', 'preference')
+
+
+def takes_system_message(task: seqio.Task) -> bool:
+  """Whether a file's lines for `task` get the run's system message."""
+  return _is_instruction_source(task.source) or system_messages.puts_system_message(task)
 
 
 def formats_inputs(task: seqio.Task) -> bool:
@@ -307,7 +329,7 @@ def examples(task: seqio.Task, lines: Sequence[Line], lengths: Mapping[str, int]
   if _is_instruction_source(task.source):
     out = []
     for l in lines:
-      prompt = _instruction_prompt(task.source, l, path, task.name)
+      prompt = _instruction_prompt(task, l, path)
       out.append([{'inputs': _encode(features['inputs'], prompt, lengths.get('inputs'),
                                      keep_end=True),
                    'inputs_pretokenized': prompt}])

@@ -36,6 +36,7 @@ import json
 import sys
 from typing import Any, Mapping, Optional, Sequence
 
+import gin
 import numpy as np
 import seqio
 import tensorflow as tf
@@ -255,6 +256,7 @@ def main(argv: Sequence[str]) -> None:
         '--gin_file', '--gin_bindings'):
       raise UserError(f"unknown argument '{arg}'; {USAGE[len('usage: '):]}")
   files, bindings = gin_utils.parse_flags(gin_args, require_file=False)
+  gin.clear_config()  # only these flags configure what is shown
   gin_utils.parse_gin(files, list(_GIN_IMPORTS) + bindings, check_required=False)
   if flags.list:
     for name in sorted(seqio.TaskRegistry.names()) + sorted(seqio.MixtureRegistry.names()):

@@ -78,3 +78,4 @@ from t5x_lite.tasks import downstream
 from t5x_lite.tasks import instructions
 from t5x_lite.tasks import preferences
 from t5x_lite.tasks import rl
+from t5x_lite.tasks import back_translation

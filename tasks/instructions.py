@@ -47,6 +47,15 @@ scored with the GLUE task's metrics after mapping the text back to a class.
 
 Mixtures mix by number of training examples, each task's count capped at
 `cap` (Flan's examples-proportional mixing; default MIXING_CAP).
+
+System messages (Orca): a run's `system_messages.data_settings` (gin
+SYSTEM_MESSAGES = 'orca' in configs/runs/instruct.gin, SYSTEM_MESSAGE in
+infer / eval) puts a system message before every prompt that has none of its
+own, through the template's system block (see
+`t5x_lite.data.system_messages`); it is part of 'inputs', so the WIT loss
+weights it as prompt. Sampled messages are drawn by task type: the SNI tasks
+are Orca's 'niv2' collection, the others' type is told from each prompt
+(`register_instruction_task(..., task_type=...)` fixes it).
 """
 
 import functools
@@ -62,6 +71,7 @@ from t5x_lite import metrics
 from t5x_lite.data import glue_sources
 from t5x_lite.data import instructions
 from t5x_lite.data import sources
+from t5x_lite.data import system_messages
 from t5x_lite.data import vocab as vocab_lib
 from t5x_lite.errors import UserError
 from t5x_lite.tasks import glue
@@ -100,8 +110,13 @@ def output_features(gpt: bool = False, vocabulary: Optional[seqio.Vocabulary] = 
 
 @seqio.map_over_dataset
 def to_inputs_targets(x):
-  """{'prompt', 'response', 'references'} -> {'inputs', 'targets', 'references'}."""
-  return {'inputs': x['prompt'], 'targets': x['response'], 'references': x['references']}
+  """{'prompt', 'response', 'references', 'system'} -> {'inputs', 'targets',
+  'references', 'system'} ('system' is the prompt's own system message, read
+  and dropped by `system_messages.add_system_message`)."""
+  out = {'inputs': x['prompt'], 'targets': x['response'], 'references': x['references']}
+  if 'system' in x:
+    out['system'] = x['system']
+  return out
 
 
 def fit_features(dataset, lengths, output_features, keep_end=('inputs',)):
@@ -255,6 +270,7 @@ class InstructionSource(sources.FunctionSource):
         'response': tf.constant([e['response'] for e in examples], tf.string),
         'references': tf.ragged.constant([e['references'] for e in examples],
                                          dtype=tf.string),
+        'system': tf.constant([e.get('system', '') for e in examples], tf.string),
     }).map(lambda x: dict(x, references=tf.reshape(x['references'], [-1])))
 
 
@@ -265,7 +281,8 @@ def register_instruction_task(name: str, paths, format: str = 'alpaca',  # pylin
                               num_positive_examples: int = 2,
                               metric_fns: Sequence[Callable] = GENERATION_METRICS,
                               gpt: Optional[bool] = None,
-                              missing_hint: Optional[str] = None) -> seqio.Task:
+                              missing_hint: Optional[str] = None,
+                              task_type: Optional[str] = None) -> seqio.Task:
   """Registers (or replaces) an instruction task over local files.
 
   Args:
@@ -282,6 +299,9 @@ def register_instruction_task(name: str, paths, format: str = 'alpaca',  # pylin
     metric_fns: seqio metric fns over (references, generated text).
     gpt: overrides the family chosen by the name.
     missing_hint: what a missing file's error adds (where the files come from).
+    task_type: the task type the run's sampled system messages are drawn by
+      (`t5x_lite.data.system_messages.TASK_TYPES`); None tells it from each
+      prompt.
 
   Returns:
     The seqio.Task.
@@ -293,7 +313,8 @@ def register_instruction_task(name: str, paths, format: str = 'alpaca',  # pylin
   seqio.TaskRegistry.remove(name)
   return seqio.TaskRegistry.add(
       name, source=source,
-      preprocessors=[to_inputs_targets, seqio.preprocessors.tokenize, trim_and_add_eos],
+      preprocessors=[to_inputs_targets, system_messages.with_task_type(task_type),
+                     seqio.preprocessors.tokenize, trim_and_add_eos],
       output_features=output_features(gpt, vocabulary),
       postprocess_fn=references_postprocessor,
       metric_fns=list(metric_fns))
@@ -410,7 +431,8 @@ def _add_glue_instruction(benchmark: str, config: str, gpt: bool) -> str:
       name,
       source=glue_sources.make_source(benchmark, config, splits=('train', 'validation'),
                                       name=name),
-      preprocessors=[glue_instruction_text(benchmark, config), seqio.preprocessors.tokenize,
+      preprocessors=[glue_instruction_text(benchmark, config),
+                     system_messages.with_task_type(None), seqio.preprocessors.tokenize,
                      trim_and_add_eos],
       output_features=output_features(gpt),
       postprocess_fn=post,
@@ -497,7 +519,7 @@ def register_shared_samples(directory: Optional[str] = None) -> list:
     sni = {}
     for f in sorted(sni_files):
       task = add(_sni_name(f) + sfx, os.path.join(sni_dir, f), 'sni',
-                 num_validation=SNI_NUM_VALIDATION)
+                 num_validation=SNI_NUM_VALIDATION, task_type='niv2')
       sni[_sni_name(f)[len('sni_'):]] = task.name
       names.append(task.name)
     train = [sni[t] for t in SNI_TRAIN_TASKS]

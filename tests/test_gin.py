@@ -16,8 +16,9 @@ from t5x_lite import gin_utils
 from t5x_lite.errors import UserError
 
 # Generator gins configure generation, not training: their own tests build them
-# (tests/test_self_instruct.py, tests/test_evol_instruct.py).
-GENERATOR_GINS = ('self_instruct', 'evol_instruct')
+# (tests/test_self_instruct.py, tests/test_back_translate.py, tests/test_evol_instruct.py,
+# tests/test_orca.py).
+GENERATOR_GINS = ('self_instruct', 'back_translate', 'evol_instruct', 'orca')
 GIN_FILES = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, 'gin', '*.gin'))
                    if not any(name in p for name in GENERATOR_GINS))
 

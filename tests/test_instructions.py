@@ -92,7 +92,8 @@ def test_readers_on_hand_written_files(tmp_path):
   [ex] = instructions.read_examples(dolly, 'dolly', system='You are helpful.')
   assert ex == {'prompt': 'You are helpful.\n\n### Instruction:\nSummarise.\n\n### Input:\n'
                           'A long text.\n\n### Response:\n',
-                'response': 'Short.', 'task': 'summarization', 'references': ['Short.']}
+                'response': 'Short.', 'task': 'summarization', 'references': ['Short.'],
+                'system': 'You are helpful.'}
 
   chat = _write(tmp_path / 'chat.json', json.dumps([{'messages': [
       {'role': 'system', 'content': 'Be terse.'},
@@ -105,7 +106,12 @@ def test_readers_on_hand_written_files(tmp_path):
 
   alpaca = _write(tmp_path / 'a.jsonl', '{"instruction": "Say hi.", "output": "hi"}\n')
   [ex] = instructions.read_examples(alpaca, 'alpaca')
-  assert '### Input' not in ex['prompt'] and ex['response'] == 'hi'
+  assert '### Input' not in ex['prompt'] and ex['response'] == 'hi' and ex['system'] == ''
+  own = _write(tmp_path / 'own.jsonl', '{"instruction": "Say hi.", "output": "hi", '
+               '"system": "Be terse."}\n')
+  [ex] = instructions.read_examples(own, 'alpaca', system='Think.')
+  assert ex['prompt'] == 'Think.\n\nBe terse.\n\n### Instruction:\nSay hi.\n\n### Response:\n'
+  assert ex['system'] == 'Think.\n\nBe terse.'
 
 
 @pytest.mark.parametrize('name,format,text,line', [

@@ -1,15 +1,17 @@
 """Instruction data from local files, rendered into (prompt, response) pairs.
 
-Every reader yields dicts {'prompt', 'response', 'references', 'task'}:
-'prompt' is the rendered text the model is conditioned on, 'response' the
-text it learns to produce, 'references' every acceptable response (for
-evaluation; `[response]` except for Super-NaturalInstructions), and 'task'
-a name (the file's task, category or format).
+Every reader yields dicts {'prompt', 'response', 'references', 'task',
+'system'}: 'prompt' is the rendered text the model is conditioned on,
+'response' the text it learns to produce, 'references' every acceptable
+response (for evaluation; `[response]` except for Super-NaturalInstructions),
+'task' a name (the file's task, category or format) and 'system' the system
+message the prompt starts with ('' for none).
 
 Formats (`FORMATS`):
 
-  alpaca         a JSON list or JSONL of {instruction, input, output}
-                 (Stanford Alpaca, Alpaca-GPT4, LLaMA-Factory's demos).
+  alpaca         a JSON list or JSONL of {instruction, input, output} and
+                 an optional 'system' message (Stanford Alpaca, Alpaca-GPT4,
+                 LLaMA-Factory's demos, `t5x_lite.orca`'s output).
   dolly          JSONL of {instruction, context, response, category}
                  (databricks-dolly-15k); 'task' is the category.
   chat           a JSON list or JSONL of {messages: [{role, content}, ...]},
@@ -34,10 +36,12 @@ without its one-sentence preamble (short prompts suit small models):
     ### Response:
 
 The '### Input' block is left out when the input is empty; the response
-follows the final newline. An optional system instruction (Orca-style, e.g.
+follows the final newline. An optional system message (Orca-style, e.g.
 "You are a helpful assistant. Think step by step.") is put before the whole
-prompt, followed by a blank line. Chat turns before the last one are written
-as earlier '### Instruction' / '### Response' blocks.
+prompt, followed by a blank line (`with_system`); a task's system prompt
+comes before a record's own (a chat 'system' turn, an Alpaca 'system' field).
+Chat turns before the last one are written as earlier '### Instruction' /
+'### Response' blocks.
 
 Super-NaturalInstructions examples put Tk-Instruct's task description in the
 instruction slot and the instance in the input slot:
@@ -88,14 +92,28 @@ def render_prompt(instruction: str, input_text: str = '',
   Returns:
     The prompt, ending with '### Response:\n'.
   """
-  parts = [system.strip() + '\n\n'] if system and system.strip() else []
+  parts = []
   for user, assistant in history:
     parts.append(f'### Instruction:\n{user.strip()}\n\n### Response:\n{assistant.strip()}\n\n')
   parts.append(f'### Instruction:\n{instruction.strip()}\n\n')
   if input_text and input_text.strip():
     parts.append(f'### Input:\n{input_text.strip()}\n\n')
   parts.append('### Response:\n')
-  return ''.join(parts)
+  return with_system(''.join(parts), system)
+
+
+def with_system(prompt: str, system: Optional[str]) -> str:
+  """The template's system block: `system` (stripped) and a blank line before
+  `prompt`; `prompt` alone when `system` is empty."""
+  if system and system.strip():
+    return f'{system.strip()}\n\n{prompt}'
+  return prompt
+
+
+def join_system(task_system: Optional[str], own: Optional[str]) -> str:
+  """A task's system prompt followed by a record's own system message."""
+  parts = [t.strip() for t in (task_system, own) if t and t.strip()]
+  return '\n\n'.join(parts)
 
 
 def sni_instruction(task: Mapping[str, Any], num_positive_examples: int = 2) -> str:
@@ -186,20 +204,32 @@ def _field(record: Any, key: str, path: str, lineno: int, required: bool = True)
   return value
 
 
-def _example(prompt: str, response: str, task: str, references=None) -> dict:
+def _example(prompt: str, response: str, task: str, references=None,
+             system: Optional[str] = None) -> dict:
   return {'prompt': prompt, 'response': response, 'task': task,
-          'references': list(references) if references else [response]}
+          'references': list(references) if references else [response],
+          'system': (system or '').strip()}
 
 
 def _task_name(path: str) -> str:
   return os.path.splitext(os.path.basename(path))[0]
 
 
-def read_alpaca(path: str, system: Optional[str] = None) -> Iterator[dict]:
+def alpaca_rows(path: str, require_output: bool = True) -> Iterator[tuple]:
+  """(line number, {'instruction', 'input', 'output', 'system'}) per record
+  of an Alpaca file; absent optional fields are ''."""
   for lineno, r in _json_records(path):
-    yield _example(render_prompt(_field(r, 'instruction', path, lineno),
-                                 _field(r, 'input', path, lineno, required=False), system),
-                   _field(r, 'output', path, lineno), _task_name(path))
+    yield lineno, {'instruction': _field(r, 'instruction', path, lineno),
+                   'input': _field(r, 'input', path, lineno, required=False),
+                   'output': _field(r, 'output', path, lineno, required=require_output),
+                   'system': _field(r, 'system', path, lineno, required=False)}
+
+
+def read_alpaca(path: str, system: Optional[str] = None) -> Iterator[dict]:
+  for _, r in alpaca_rows(path):
+    sys_text = join_system(system, r['system'])
+    yield _example(render_prompt(r['instruction'], r['input'], sys_text), r['output'],
+                   _task_name(path), system=sys_text)
 
 
 def read_dolly(path: str, system: Optional[str] = None) -> Iterator[dict]:
@@ -207,7 +237,8 @@ def read_dolly(path: str, system: Optional[str] = None) -> Iterator[dict]:
     category = _field(r, 'category', path, lineno, required=False)
     yield _example(render_prompt(_field(r, 'instruction', path, lineno),
                                  _field(r, 'context', path, lineno, required=False), system),
-                   _field(r, 'response', path, lineno), category or _task_name(path))
+                   _field(r, 'response', path, lineno), category or _task_name(path),
+                   system=system)
 
 
 def read_chat(path: str, system: Optional[str] = None) -> Iterator[dict]:
@@ -224,15 +255,14 @@ def read_chat(path: str, system: Optional[str] = None) -> Iterator[dict]:
       turns.append((role, content))
     sys_text = system
     if turns[0][0] == 'system':
-      own = turns.pop(0)[1]
-      sys_text = f'{system.strip()}\n\n{own}' if system else own
+      sys_text = join_system(system, turns.pop(0)[1])
     roles = [t[0] for t in turns]
     if len(turns) < 2 or len(turns) % 2 or roles != ['user', 'assistant'] * (len(turns) // 2):
       raise UserError(f'{path}:{lineno}: messages must alternate user / assistant after an '
                       f'optional system message and end with the assistant; got {roles}.')
     pairs = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns), 2)]
     yield _example(render_prompt(pairs[-1][0], system=sys_text, history=pairs[:-1]),
-                   pairs[-1][1], _task_name(path))
+                   pairs[-1][1], _task_name(path), system=sys_text)
 
 
 def read_sni(path: str, system: Optional[str] = None,
@@ -267,7 +297,7 @@ def read_sni(path: str, system: Optional[str] = None,
       raise UserError(f'{path}:{lineno}: instance {i} needs a string input and a non-empty '
                       'list of string outputs; fix or remove it.')
     yield _example(render_prompt(instruction, inst['input'], system), outputs[0], name,
-                   references=outputs)
+                   references=outputs, system=system)
 
 
 def read_self_instruct(path: str, system: Optional[str] = None) -> Iterator[dict]:
@@ -280,7 +310,8 @@ def read_self_instruct(path: str, system: Optional[str] = None) -> Iterator[dict
     for inst in instances:
       yield _example(render_prompt(instruction, _field(inst, 'input', path, lineno, False),
                                    system),
-                     _field(inst, 'output', path, lineno), r.get('name') or _task_name(path))
+                     _field(inst, 'output', path, lineno), r.get('name') or _task_name(path),
+                     system=system)
 
 
 _READERS = {'alpaca': read_alpaca, 'dolly': read_dolly, 'chat': read_chat,

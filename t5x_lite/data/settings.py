@@ -81,19 +81,57 @@ def data_settings(source='tfds', glue_dir=None, super_glue_dir=None,
                       squad_files, cnn_dailymail_files, translation_files)
 
 
+@dataclasses.dataclass(frozen=True)
+class SystemMessageSettings:
+  message: Optional[str] = None
+  sample_from: Optional[str] = None
+  seed: int = 0
+  by_task_type: bool = True
+
+
+def system_message_settings(message=None, sample_from=None, seed=0, by_task_type=True):
+  """The system message of instruction prompts; bind its arguments in gin.
+
+  Args:
+    message: one system message for every prompt (infer / eval's
+      SYSTEM_MESSAGE); wins over `sample_from`.
+    sample_from: else the name of a set to sample one per example from
+      ('orca': Orca's 16; instruction tuning's SYSTEM_MESSAGES).
+    seed: the sampling seed.
+    by_task_type: draw from the messages of each example's task type (else
+      from all the set's messages).
+
+  Returns:
+    A SystemMessageSettings.
+  """
+  for name, value in (('message', message), ('sample_from', sample_from)):
+    if value is not None and not isinstance(value, str):
+      raise UserError(f'system_messages.data_settings.{name} must be a string or None, not '
+                      f'{type(value).__name__}.')
+  if isinstance(seed, bool) or not isinstance(seed, int):
+    raise UserError(f'system_messages.data_settings.seed must be an integer, not {seed!r}.')
+  return SystemMessageSettings(message, sample_from or None, seed, bool(by_task_type))
+
+
 _GLUE = DataSettings()
 _BART_DENOISE: Mapping[str, Any] = {}
+_SYSTEM_MESSAGES = SystemMessageSettings()
 
 
 def use(glue: Optional[DataSettings] = None,
-        bart_denoise: Optional[Mapping[str, Any]] = None) -> None:
+        bart_denoise: Optional[Mapping[str, Any]] = None,
+        system_messages: Optional[SystemMessageSettings] = None) -> None:
   """Sets the run's data settings; an argument left out (None) is the default."""
-  global _GLUE, _BART_DENOISE
+  global _GLUE, _BART_DENOISE, _SYSTEM_MESSAGES
   if glue is not None and not isinstance(glue, DataSettings):
     raise UserError(f'glue settings must be a DataSettings (from glue_sources.data_settings), '
                     f'not {type(glue).__name__}.')
+  if system_messages is not None and not isinstance(system_messages, SystemMessageSettings):
+    raise UserError('system message settings must be a SystemMessageSettings (from '
+                    f'system_messages.data_settings), not {type(system_messages).__name__}.')
   _GLUE = glue or DataSettings()
   _BART_DENOISE = dict(bart_denoise or {})
+  _SYSTEM_MESSAGES = system_messages or SystemMessageSettings()
 
 
 def glue() -> DataSettings:
@@ -104,3 +142,8 @@ def glue() -> DataSettings:
 def bart_denoise() -> dict[str, Any]:
   """The keyword arguments of `bart_noise.bart_denoise` in this run."""
   return dict(_BART_DENOISE)
+
+
+def system_messages() -> SystemMessageSettings:
+  """The system message of this run's instruction prompts."""
+  return _SYSTEM_MESSAGES
