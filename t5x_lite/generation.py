@@ -285,3 +285,26 @@ def generate_logged(generate: GenerateFn, prompts: Sequence[str], log: Resumable
       raise ValueError(f'the generator gave {len(texts)} continuations for {len(chunk)} prompts')
     log.append([{**keys[i], 'text': text} for i, text in zip(chunk, texts)])
   return [log.get(log.key(k))['text'] for k in keys]
+
+
+class LoggedGenerator:
+  """A GenerateFn whose calls go through a ResumableLog (key fields 'call' and
+  'index'): the n-th call of stage `name` is logged as call '<name>:<n>'.
+
+  For a run whose prompts follow from its settings and from earlier
+  continuations (seeded sampling of prompts, parsing of what came back), the
+  same command run again replays the logged calls, reaching the same state,
+  and generates from the first prompt the log lacks. Keyword arguments
+  (`method`, `max_decode_length`) go to the wrapped generator.
+  """
+
+  def __init__(self, generate: GenerateFn, log: ResumableLog, chunk_size: int, name: str):
+    self.generate, self.log, self.chunk_size, self.name = generate, log, chunk_size, name
+    self.calls = 0
+
+  def __call__(self, prompts: Sequence[str], **kwargs) -> list[str]:
+    self.calls += 1
+    fn = (lambda batch: self.generate(batch, **kwargs)) if kwargs else self.generate
+    call = f'{self.name}:{self.calls}'
+    return generate_logged(fn, prompts, self.log, self.chunk_size,
+                           [{'call': call, 'index': i} for i in range(len(prompts))])

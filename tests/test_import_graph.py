@@ -19,8 +19,7 @@ ZOO = 't5x_lite.models'
 ENTRY_POINTS = frozenset(f'{PACKAGE}.{name}' for name in (
     'train', 'eval', 'infer', 'benchmark', 'precompile', 'precompute_reference',
     'self_instruct', 'orca', 'evol_instruct', 'back_translate', 'import_hf', 'export_hf',
-    'layout_bench',
-    'decode_bench', 'show_task'))
+    'layout_bench', 'decode_bench', 'show_task'))
 # Modules below the model zoo: they work on arrays and param trees, never on a model.
 BELOW_ZOO = tuple(f'{PACKAGE}.{name}' for name in (
     'checkpoints', 'decoding', 'data', 'layers', 'ops'))

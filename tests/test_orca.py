@@ -382,3 +382,52 @@ def test_orca_end_to_end_then_trains_the_instruct_gin(teacher, tmp_path):
       '--gin.train_script.train.progress_bar=False'])
   metrics = conftest.read_metrics(str(model_dir))
   assert metrics[-1]['step'] == 2 and math.isfinite(metrics[-1]['loss'])
+
+
+def test_orca_with_an_imported_hugging_face_teacher(tmp_path):
+  """A GPT-2 directory with its own tokenizer, through import_hf's checkpoint and
+  model.gin: the teacher's greedy responses equal transformers' greedy
+  generation from the same prompt tokens."""
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  from t5x_lite import import_hf  # pylint: disable=g-import-not-at-top
+  text = [m for m in sm.ORCA_MESSAGES if m] + [SENTIMENT, HAIKU, LARGER]
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(text * 5, trainers.BpeTrainer(
+      vocab_size=400, special_tokens=['<|endoftext|>'],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  hf_dir, imported = tmp_path / 'gpt2', tmp_path / 'imported'
+  theirs = transformers.GPT2TokenizerFast(tokenizer_object=tok, eos_token='<|endoftext|>',
+                                          bos_token='<|endoftext|>')
+  theirs.save_pretrained(hf_dir)
+  config = transformers.GPT2Config(vocab_size=tok.get_vocab_size(), n_embd=32, n_layer=2,
+                                   n_head=2, n_positions=64, eos_token_id=0, bos_token_id=0,
+                                   initializer_range=0.5)  # argmaxes far from ties
+  torch.manual_seed(0)
+  hf_model = transformers.GPT2LMHeadModel(config).eval()
+  hf_model.save_pretrained(hf_dir)
+  import_hf.import_hf(str(hf_dir), str(imported))
+  rows = [{'instruction': 'Classify the sentiment of the review.', 'input': 'I loved it.'},
+          {'instruction': 'Write a haiku about rain.'}]
+  path = _write(tmp_path / 'in.jsonl', rows)
+  out_dir = tmp_path / 'orca'
+  main_in_process(orca, [
+      '--gin_file=configs/runs/orca.gin', f"--gin_file={imported / 'model.gin'}",
+      f"--gin.CHECKPOINT_PATH='{imported / 'checkpoint'}'", f"--gin.OUTPUT_DIR='{out_dir}'",
+      f"--gin.INSTRUCTIONS='{path}'", "--gin.DECODE_METHOD='greedy'", '--gin.BATCH_SIZE=2',
+      '--gin.PROMPT_LENGTH=40', '--gin.MAX_DECODE_LENGTH=8'])
+  with open(out_dir / 'orca_log.jsonl') as f:
+    texts = [json.loads(line)['text'] for line in list(f)[1:]]
+  prompts = [p['prompt'] for p in orca.plan(orca.read_instructions(path))]
+  for prompt, got in zip(prompts, texts):
+    ids = [0] + theirs(prompt)['input_ids'][-39:]  # BOS, then the prompt's end
+    with torch.no_grad():
+      out = hf_model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                              eos_token_id=0, pad_token_id=0)[0, len(ids):].tolist()
+    want = out[:out.index(0)] if 0 in out else out
+    assert got == theirs.decode(want)
+  assert len(texts) == 2 and any(texts)

@@ -193,6 +193,42 @@ def test_generate_data_with_stub(tmp_path):
 
 
 @pytest.mark.usefixtures('shared_seeds')
+def test_an_interrupted_run_resumes_from_its_log(tmp_path):
+  """Stopped in its second round, the same command replays the logged
+  continuations, generates only the rest and writes what an uninterrupted run
+  writes; other settings are one line."""
+  calls = []
+
+  def generate(prompts):
+    calls.append(len(prompts))
+    return [_stub(p) for p in prompts]
+
+  def stops_at_the_fourth_call(prompts):
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+    return generate(prompts)
+
+  run = lambda out, fn, **kw: si.self_instruct(
+      model=decoder.DecoderModel(decoder.GPTConfig()), checkpoint_path=None,
+      output_dir=str(tmp_path / out), seed_tasks=SEEDS, num_rounds=2, prompts_per_round=3,
+      batch_size=2, generate=fn, **kw)
+  whole = run('whole', generate)
+  everything = list(calls)
+  assert len(everything) > 3  # generate and classify calls, in batches of 2
+  calls.clear()
+  with pytest.raises(KeyboardInterrupt):
+    run('cut', stops_at_the_fourth_call)
+  calls.clear()
+  again = run('cut', generate)
+  assert sum(calls) < sum(everything) and again['resumed'] > 0
+  for name in ('data', 'tasks'):
+    assert open(again['files'][name]).read() == open(whole['files'][name]).read()
+  assert again['instructions'] == whole['instructions']
+  with pytest.raises(UserError, match='differing: seed'):
+    run('cut', generate, seed=1)
+
+
+@pytest.mark.usefixtures('shared_seeds')
 def test_random_init_gpt_end_to_end(tmp_path, capsys):
   cfg = decoder.GPTConfig(vocab_size=8192, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
                           num_layers=1, max_positions=320)
