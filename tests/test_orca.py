@@ -273,6 +273,26 @@ def test_infer_with_a_system_message(teacher, tmp_path):
     main_in_process(infer_lib, flags + ['--raw_inputs'])
 
 
+def test_eval_with_a_system_message(teacher, tmp_path):
+  """eval puts SYSTEM_MESSAGE before each validation prompt that has none of its
+  own, as infer does."""
+  from t5x_lite import eval as eval_lib  # pylint: disable=g-import-not-at-top
+  rows = [{'instruction': 'Add the numbers.', 'input': '2 3', 'output': '5'},
+          {'instruction': 'Say hi.', 'system': 'Be terse.', 'output': 'hi'}]
+  path = _write(tmp_path / 'valid.jsonl', rows)
+  ti.register_instruction_task('orca_eval_gpt', path, 'alpaca', validation_paths=path)
+  flags = ['--gin_file=configs/runs/eval.gin', '--gin_file=gin/gpt_instruct_wit.gin',
+           *TINY_FLAGS, f"--gin.MODEL_DIR='{tmp_path}'", f"--gin.CHECKPOINT_PATH='{teacher}'",
+           "--gin.MIXTURE_OR_TASK_NAME='orca_eval_gpt'",
+           "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 4}", '--gin.BATCH_SIZE=2',
+           f"--gin.SYSTEM_MESSAGE='{SYSTEM}'"]
+  main_in_process(eval_lib, flags)
+  with open(tmp_path / 'eval' / 'orca_eval_gpt.jsonl') as f:
+    got = [json.loads(line) for line in f]
+  assert [r['inputs'] for r in got] == [
+      EXPECTED, 'Be terse.\n\n### Instruction:\nSay hi.\n\n### Response:\n']
+
+
 def test_orca_rows_and_stats_with_a_stub_teacher(tmp_path):
   rows = [{'instruction': 'Classify the sentiment of the review.', 'input': 'I loved every minute.',
            'output': 'old'},
